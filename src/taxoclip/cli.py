@@ -1,0 +1,214 @@
+"""The `taxoclip` command: parses arguments and calls the library. Heavy imports happen inside the
+command that needs them, so `taxoclip --help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="iNat JSON, CUB folder, image folder, or CSV of classes/images")
+    parser.add_argument("--format", choices=["inat", "cub", "folder", "csv"], help="override format detection")
+    parser.add_argument("--root", help="folder that image paths in a JSON/CSV source are relative to")
+    parser.add_argument("--classes", help="CSV of class metadata (for an image folder, or to replace the source's)")
+    parser.add_argument("--class-column", help="the CSV column naming the class (default: detected)")
+    parser.add_argument("--split", help="keep only this split (train, valid, test)")
+
+
+def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
+    from_styles = ["auto", "paper", "scientific", "common", "taxonomic", "taxonomic_common"]
+    parser.add_argument(
+        "--style",
+        default="auto",
+        choices=from_styles,
+        help="caption style for the 'txt' field (default: auto, the columns that best separate classes)",
+    )
+    parser.add_argument("--max-columns", type=int, default=3, help="most metadata columns auto may combine (default 3)")
+
+
+def load_dataset(args: argparse.Namespace):
+    from taxoclip.sources import load_source
+
+    return load_source(
+        args.source,
+        format=args.format,
+        root=args.root,
+        classes=args.classes,
+        class_column=args.class_column,
+        split=args.split,
+    )
+
+
+def cmd_classes(args: argparse.Namespace) -> int:
+    dataset = load_dataset(args)
+    dataset.classes.to_csv(args.output)
+    counts = {split: sum(1 for s in dataset.samples if s.split == split) for split in dataset.splits}
+    print(f"{len(dataset.classes)} classes -> {args.output}; images per split: {counts or 'none'}")
+    return 0
+
+
+def cmd_captions(args: argparse.Namespace) -> int:
+    from taxoclip.captions import build_captions, write_caption_config, write_captions_csv
+
+    dataset = load_dataset(args)
+    captions = build_captions(dataset.classes, args.style, max_columns=args.max_columns)
+    write_captions_csv(dataset.classes, captions, args.output)
+    config_path = Path(args.output).with_suffix(".json")
+    write_caption_config(captions, config_path)
+    print(f"auto chose {captions.choice.describe()}")
+    print(f"style {args.style}: {captions.collisions()} classes share a caption")
+    print(f"{len(dataset.classes)} captions -> {args.output} (configuration in {config_path})")
+    return 0
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    from taxoclip.captions import build_captions
+    from taxoclip.shards import ShardOptions, write_shards
+
+    dataset = load_dataset(args)
+    captions = build_captions(dataset.classes, args.style, max_columns=args.max_columns)
+    options = ShardOptions(
+        seed=args.seed,
+        max_count=args.shard_size,
+        max_bytes=int(args.shard_mb * 1e6) if args.shard_mb else None,
+        resize=args.resize,
+        workers=args.workers or ShardOptions().workers,
+        progress=not args.quiet,
+    )
+    manifest = write_shards(dataset, args.output, captions, options, overwrite=args.overwrite)
+    print_shard_summary(manifest, args.output)
+    return 0
+
+
+def print_shard_summary(manifest: dict, out: str) -> None:
+    totals, run = manifest["totals"], manifest.get("run", {})
+    for split, entry in manifest["splits"].items():
+        print(f"{split}: {entry['count']} images in {entry['classes']} classes, {len(entry['shards'])} shards")
+    print(
+        f"input {totals['input']} = written {totals['written']} + rejected {totals['rejected']}"
+        + (f" ({', '.join(f'{n} {r}' for r, n in totals['reject_reasons'].items())})" if totals["rejected"] else "")
+    )
+    if run:
+        print(
+            f"{run['shards_written']} shards written, {run['shards_resumed']} kept from an earlier run, "
+            f"{run['images_per_second']} images/s"
+        )
+    for reject in manifest["rejects"][:10]:
+        print(f"  rejected {reject['path']}: {reject['reason']}")
+    if totals["rejected"] > 10:
+        print(f"  ... and {totals['rejected'] - 10} more, listed in {Path(out) / 'manifest.json'}")
+    print(f"shards and manifest.json in {out}")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from taxoclip.shards import verify_shards
+
+    report = verify_shards(args.directory, decode=args.decode, progress=not args.quiet)
+    for problem in report.problems:
+        print(f"problem: {problem}")
+    status = "OK" if report.ok else f"FAILED ({len(report.problems)} problems)"
+    print(f"verify {status}: {report.samples} samples in {report.shards} shards")
+    return 0 if report.ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from taxoclip.demo import run_demo
+
+    return run_demo(data=args.data, out=args.output, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="taxoclip", description="Turn labelled organism photos into a vision-language species identifier."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = commands.add_parser("classes", help="write the class table (one row per class, every rank) as CSV")
+    add_source_arguments(p)
+    p.add_argument("-o", "--output", required=True, help="CSV to write")
+    p.set_defaults(handler=cmd_classes)
+
+    p = commands.add_parser("captions", help="write every class's captions (all styles) as CSV")
+    add_source_arguments(p)
+    add_caption_arguments(p)
+    p.add_argument("-o", "--output", required=True, help="CSV to write (its .json sibling gets the configuration)")
+    p.set_defaults(handler=cmd_captions)
+
+    p = commands.add_parser(
+        "shards",
+        help="pack images and captions as WebDataset shards ('shards verify DIR' checks them)",
+        epilog="Check written shards with: taxoclip shards verify DIR",
+    )
+    add_source_arguments(p)
+    add_caption_arguments(p)
+    p.add_argument("-o", "--output", required=True, help="folder for the shards and manifest.json")
+    p.add_argument("--shard-size", type=int, default=1000, help="most samples per shard (default 1000)")
+    p.add_argument("--shard-mb", type=float, help="most megabytes per shard (with --shard-size, whichever comes first)")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
+    p.add_argument("--resize", type=int, help="re-encode as JPEG with the shorter side at most this many pixels")
+    p.add_argument("--workers", type=int, help="processes writing shards (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards made from other inputs")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_shards)
+
+    p = commands.add_parser("demo", help="the whole path on real flower photos, with a summary")
+    p.add_argument("--data", help="flowers102 folder (default: $TAXOCLIP_DATA/flowers102 or ../shared/data/flowers102)")
+    p.add_argument(
+        "-o", "--output", default="runs/demo", help="folder for everything the demo makes (default runs/demo)"
+    )
+    p.add_argument("--quick", action="store_true", help="a few classes only, for a smoke test")
+    p.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def build_verify_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="taxoclip shards verify", description="re-read shards and check them against their manifest"
+    )
+    parser.add_argument("directory", help="folder written by 'taxoclip shards'")
+    parser.add_argument("--decode", action="store_true", help="also decode every image")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=cmd_verify, command="shards verify")
+    return parser
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("taxoclip")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from taxoclip.errors import TaxoclipError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # "shards verify DIR" reads naturally, but "shards SOURCE" takes a positional too, so verify
+    # gets a parser of its own rather than an argparse sub-subcommand.
+    if argv[:2] == ["shards", "verify"]:
+        parser, argv = build_verify_parser(), argv[2:]
+    else:
+        parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return handler(args)
+    except TaxoclipError as error:
+        print(f"taxoclip {args.command}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to continue where it stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
