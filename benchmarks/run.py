@@ -18,7 +18,8 @@ sys.path.insert(0, str(HERE))
 
 
 def main() -> int:
-    import bench_shards  # noqa: F401  (registers its benchmarks)
+    import bench_features  # noqa: F401  (each bench_* module registers its benchmarks)
+    import bench_shards  # noqa: F401
     from common import BENCHMARKS, print_table
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -114,6 +114,39 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_features(args: argparse.Namespace) -> int:
+    from taxoclip.features import extract_features
+
+    cache = extract_features(
+        args.data,
+        args.tower,
+        args.output,
+        split=args.split,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        pretrained=not args.random_weights,
+        progress=not args.quiet,
+        format=args.format,
+        root=args.root,
+        classes=args.classes,
+        class_column=args.class_column,
+    )
+    meta = cache.meta
+    if cache.computed_now:
+        print(
+            f"{meta['count']} embeddings of width {meta['tower']['width']} in {meta['seconds']} s "
+            f"({meta['count'] / max(meta['seconds'], 1e-9):.1f} images/s)"
+        )
+    else:
+        print(f"served from the cache in {args.output} (same tower and data)")
+    print(f"per split: {meta['split_counts']}; rejected: {meta['rejected']}")
+    for reject in meta["rejects"][:10]:
+        print(f"  rejected {reject.get('path', reject['key'])}: {reject['reason']}")
+    print(f"tower {meta['tower']['name']} (id {meta['tower']['id']}) -> {args.output}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from taxoclip.demo import run_demo
 
@@ -154,6 +187,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace shards made from other inputs")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_shards)
+
+    p = commands.add_parser("features", help="embed every image once with a locked image tower (cached, resumable)")
+    p.add_argument("data", help="a shard folder (from 'taxoclip shards') or any source")
+    p.add_argument(
+        "--tower",
+        default="efficientnet-lite0",
+        help="image tower: efficientnet-lite0, timm:NAME, open_clip:ARCH[/TAG] (default efficientnet-lite0)",
+    )
+    p.add_argument("-o", "--output", required=True, help="cache folder")
+    p.add_argument("--split", help="embed only this split")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, help="decoding processes (default: half the cores)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--random-weights", action="store_true", help="the tower's architecture with random weights")
+    p.add_argument("--format", choices=["inat", "cub", "folder", "csv"], help="source format, when not shards")
+    p.add_argument("--root", help="image root of a JSON/CSV source")
+    p.add_argument("--classes", help="class CSV for an image folder source")
+    p.add_argument("--class-column", help="the CSV column naming the class")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_features)
 
     p = commands.add_parser("demo", help="the whole path on real flower photos, with a summary")
     p.add_argument("--data", help="flowers102 folder (default: $TAXOCLIP_DATA/flowers102 or ../shared/data/flowers102)")

@@ -56,7 +56,8 @@ def resize_shorter_side(data: bytes, size: int, quality: int = 90) -> bytes:
         return out.getvalue()
 
 
-def decode_rgb(data: bytes) -> Image.Image:
-    """Decode image bytes into an RGB PIL image."""
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
+def decode_image(data: bytes) -> Image.Image:
+    """Open image bytes lazily (so a JPEG can still be decoded at reduced scale); raises on bad data."""
+    if not data:
+        raise BadImage("empty file")
+    return Image.open(io.BytesIO(data))

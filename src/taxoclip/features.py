@@ -1,0 +1,431 @@
+"""The image-feature cache: one pass of the locked image tower over the data, stored for good.
+
+LiT never changes the image tower, so its embeddings are computed once and every later step
+(training, evaluation, baselines) reads them. A cache folder holds:
+
+  features.npy   float16 (N, width), memory-mappable
+  labels.npy     int32 class index per row
+  splits.npy     uint8 split code per row (names in meta.json)
+  keys.json      sample key per row (row = position)
+  meta.json      cache key, tower, data it came from, class table, captions, rejects, timing
+
+The cache key covers the tower id (name + weights + preprocessing) and the data (the shard
+manifest, or every image path, size and mtime of a source), so a changed input is never served
+stale features. Work is done in units (one shard, or 1,000 images of a source); each finished unit
+is saved under ``parts/``, so a killed run resumes where it stopped. Under ``torchrun`` each rank
+takes every world_size-th unit and rank 0 merges the parts (a filesystem shared by the ranks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from taxoclip.errors import TaxoclipError
+from taxoclip.images import IMAGE_KEYS, decode_image
+from taxoclip.shards import MANIFEST, iter_tar_samples, read_manifest
+from taxoclip.taxonomy import KNOWN_SPLITS, ClassTable
+from taxoclip.towers import ImageTower, Preprocess, create_image_tower
+
+CACHE_VERSION = 1
+SOURCE_UNIT = 1000  # images per resumable unit when reading a source folder directly
+
+
+@dataclass
+class Unit:
+    """A resumable piece of work: a shard, or a slice of a source's samples."""
+
+    name: str
+    count: int
+    shard: str | None = None  # tar path
+    samples: list[tuple[str, str, int, str]] = field(default_factory=list)  # (key, path, label, split)
+
+
+@dataclass
+class DataPlan:
+    units: list[Unit]
+    data_id: str
+    classes: list[dict[str, str]]
+    captions: dict | None
+    description: dict
+    rejects: list[dict] = field(default_factory=list)
+
+
+def plan_from_shards(shard_dir: Path, split: str | None) -> DataPlan:
+    manifest = read_manifest(shard_dir)
+    shards = [s for s in manifest["shards"] if split is None or s["split"] == split]
+    if not shards:
+        raise TaxoclipError(f"{shard_dir}: no shards{f' for split {split!r}' if split else ''}")
+    units = [Unit(s["name"].removesuffix(".tar"), s["count"], shard=str(shard_dir / s["name"])) for s in shards]
+    data_id = hashlib.sha256(json.dumps([manifest["plan_id"], [s["sha256"] for s in shards]]).encode()).hexdigest()
+    return DataPlan(
+        units,
+        data_id[:16],
+        manifest["classes"],
+        manifest.get("captions"),
+        {"kind": "shards", "path": str(shard_dir), "plan_id": manifest["plan_id"], "split": split},
+    )
+
+
+def plan_from_source(path: str, split: str | None, **source_options) -> DataPlan:
+    from taxoclip.captions import build_captions
+    from taxoclip.sources import load_source
+
+    dataset = load_source(path, split=split, **source_options)
+    if not dataset.samples:
+        raise TaxoclipError(f"{path}: class metadata only, no images to embed")
+    index_of = dataset.classes.index_of()
+    samples = sorted(dataset.samples, key=lambda s: (s.split, s.path))
+    digest = hashlib.sha256(json.dumps(dataset.classes.to_json()).encode())
+    rows, rejects = [], []
+    for position, sample in enumerate(samples):
+        key = f"{sample.split}-{position:07d}"
+        try:
+            stat = os.stat(sample.path)
+        except OSError as error:
+            rejects.append({"key": key, "path": sample.path, "reason": f"cannot read: {error.strerror}"})
+            continue
+        digest.update(f"{sample.path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{sample.class_id}\n".encode())
+        rows.append((key, sample.path, index_of[sample.class_id], sample.split))
+    units = [
+        Unit(f"part-{i // SOURCE_UNIT:06d}", len(rows[i : i + SOURCE_UNIT]), samples=rows[i : i + SOURCE_UNIT])
+        for i in range(0, len(rows), SOURCE_UNIT)
+    ]
+    captions = build_captions(dataset.classes)
+    return DataPlan(
+        units,
+        digest.hexdigest()[:16],
+        dataset.classes.to_json(),
+        {"config": captions.config(), "by_class": captions.by_class},
+        {"kind": "source", "path": str(path), "split": split},
+        rejects,
+    )
+
+
+def plan_data(path: str | Path, split: str | None = None, **source_options) -> DataPlan:
+    path = Path(path)
+    if (path / MANIFEST).exists():
+        return plan_from_shards(path, split)
+    return plan_from_source(str(path), split, **source_options)
+
+
+class UnitImages(IterableDataset):
+    """Decodes and preprocesses the images of the given units, split across DataLoader workers."""
+
+    def __init__(self, units: list[Unit], preprocess: Preprocess):
+        self.units, self.preprocess = units, preprocess
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        mine = self.units if info is None else self.units[info.id :: info.num_workers]
+        for unit in mine:
+            for key, data, label, split in unit_items(unit):
+                item = {"unit": unit.name, "key": key, "label": label, "split": split, "pixels": None, "reason": ""}
+                try:
+                    item["pixels"] = self.preprocess.to_uint8(decode_image(data))
+                except Exception as error:  # any decoder failure is a counted reject, never fatal
+                    item["reason"] = f"cannot decode ({type(error).__name__}: {error})"
+                yield item
+
+
+def unit_items(unit: Unit) -> Iterator[tuple[str, bytes, int, str]]:
+    if unit.shard:
+        for sample in iter_tar_samples(Path(unit.shard)):
+            image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+            meta = json.loads(sample["json"])
+            yield (
+                sample["__key__"].decode(),
+                sample.get(image_key, b"") if image_key else b"",
+                int(sample["cls"]),
+                meta["split"],
+            )
+    else:
+        for key, path, label, split in unit.samples:
+            try:
+                with open(path, "rb") as handle:
+                    data = handle.read()
+            except OSError:
+                data = b""
+            yield key, data, label, split
+
+
+def collate(items: list[dict]) -> dict:
+    good = [i for i in items if i["pixels"] is not None]
+    return {
+        "pixels": torch.stack([i["pixels"] for i in good]) if good else None,
+        "good": good,
+        "bad": [i for i in items if i["pixels"] is None],
+    }
+
+
+@dataclass
+class FeatureCache:
+    """Cached image embeddings with their labels, splits and keys; ``features`` is memory-mapped."""
+
+    path: Path
+    features: np.ndarray
+    labels: np.ndarray
+    split_codes: np.ndarray
+    keys: list[str]
+    meta: dict
+    computed_now: bool = False  # False when this call served it from an earlier run
+
+    @property
+    def split_names(self) -> list[str]:
+        return self.meta["split_names"]
+
+    def split_mask(self, split: str) -> np.ndarray:
+        if split not in self.split_names:
+            raise TaxoclipError(f"{self.path}: no split {split!r} (have {', '.join(self.split_names)})")
+        return self.split_codes == self.split_names.index(split)
+
+    def split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(features as float32, labels) of one split."""
+        mask = self.split_mask(split)
+        return np.asarray(self.features[mask], dtype=np.float32), self.labels[mask]
+
+    @property
+    def classes(self) -> ClassTable:
+        return ClassTable.from_json(self.meta["classes"])
+
+    def row_of(self) -> dict[str, int]:
+        return {key: row for row, key in enumerate(self.keys)}
+
+
+def load_features(path: str | Path) -> FeatureCache:
+    path = Path(path)
+    meta_path = path / "meta.json"
+    if not meta_path.exists():
+        raise TaxoclipError(f"{path}: not a feature cache (no meta.json); make one with 'taxoclip features'")
+    meta = json.loads(meta_path.read_text())
+    return FeatureCache(
+        path,
+        np.load(path / "features.npy", mmap_mode="r"),
+        np.load(path / "labels.npy"),
+        np.load(path / "splits.npy"),
+        json.loads((path / "keys.json").read_text()),
+        meta,
+    )
+
+
+def cache_key(tower: ImageTower, plan: DataPlan) -> str:
+    payload = {"tower": tower.describe(), "data": plan.data_id, "version": CACHE_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def distributed_context() -> tuple[int, int]:
+    """(rank, world size); joins the process group torchrun set up, if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def extract_features(
+    data: str | Path,
+    tower: str | ImageTower,
+    out: str | Path,
+    *,
+    split: str | None = None,
+    batch_size: int = 64,
+    workers: int | None = None,
+    device: str | None = None,
+    pretrained: bool = True,
+    progress: bool = True,
+    **source_options,
+) -> FeatureCache:
+    """Embed every image of ``data`` (a shard folder or any source) with ``tower`` into ``out``.
+
+    Returns the cache; a second call with the same inputs returns it without running the tower.
+    """
+    out = Path(out)
+    plan = plan_data(data, split, **source_options)
+    tower = tower if isinstance(tower, ImageTower) else create_image_tower(tower, pretrained=pretrained)
+    key = cache_key(tower, plan)
+    existing = out / "meta.json"
+    if existing.exists():
+        meta = json.loads(existing.read_text())
+        if meta.get("cache_key") == key:
+            return load_features(out)
+        if progress:
+            print(f"{out}: cached features are for other inputs or another tower; computing them again")
+        for name in ("meta.json", "features.npy", "labels.npy", "splits.npy", "keys.json"):
+            (out / name).unlink(missing_ok=True)
+    parts = out / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+
+    rank, world = distributed_context()
+    started = time.perf_counter()
+    todo = [u for i, u in enumerate(plan.units) if i % world == rank and not part_done(parts, u, key)]
+    run_units(
+        todo,
+        tower,
+        parts,
+        key,
+        batch_size=batch_size,
+        workers=workers,
+        device=pick_device(device),
+        progress=progress and rank == 0,
+    )
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        merge_parts(plan, tower, key, out, seconds=time.perf_counter() - started)
+    if world > 1:
+        torch.distributed.barrier()
+    cache = load_features(out)
+    cache.computed_now = True
+    return cache
+
+
+def part_done(parts: Path, unit: Unit, key: str) -> bool:
+    record = parts / f"{unit.name}.json"
+    if not record.exists() or not (parts / f"{unit.name}.npy").exists():
+        return False
+    try:
+        return json.loads(record.read_text()).get("cache_key") == key
+    except json.JSONDecodeError:
+        return False
+
+
+def default_workers() -> int:
+    # Decoding overlaps with the forward pass; with few cores one worker leaves the rest to torch.
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+@torch.no_grad()
+def run_units(
+    units: list[Unit],
+    tower: ImageTower,
+    parts: Path,
+    key: str,
+    *,
+    batch_size: int,
+    workers: int | None,
+    device: torch.device,
+    progress: bool,
+) -> None:
+    if not units:
+        return
+    tower = tower.for_inference(device)
+    workers = default_workers() if workers is None else workers
+    loader = DataLoader(
+        UnitImages(units, tower.preprocess),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
+    expected = {u.name: u.count for u in units}
+    buffers: dict[str, dict[str, list]] = {
+        u.name: {"features": [], "keys": [], "labels": [], "splits": [], "rejects": [], "seen": 0} for u in units
+    }
+    bar = tqdm(total=sum(expected.values()), unit="img", desc="features", disable=not progress, smoothing=0.05)
+    for batch in loader:
+        if batch["pixels"] is not None:
+            embeddings = tower.embed(batch["pixels"].to(device, non_blocking=True)).cpu().numpy().astype(np.float16)
+            for item, embedding in zip(batch["good"], embeddings, strict=True):
+                buffer = buffers[item["unit"]]
+                buffer["features"].append(embedding)
+                buffer["keys"].append(item["key"])
+                buffer["labels"].append(item["label"])
+                buffer["splits"].append(item["split"])
+        for item in batch["bad"]:
+            buffers[item["unit"]]["rejects"].append({"key": item["key"], "reason": item["reason"]})
+        touched = {i["unit"] for i in batch["good"] + batch["bad"]}
+        for name in touched:
+            buffer = buffers[name]
+            buffer["seen"] = len(buffer["keys"]) + len(buffer["rejects"])
+            if buffer["seen"] == expected[name]:
+                save_part(parts, name, buffer, key, tower.width)
+                buffers[name] = {}
+        bar.update(len(batch["good"]) + len(batch["bad"]))
+    bar.close()
+    unfinished = [n for n, b in buffers.items() if b]
+    if unfinished:
+        raise TaxoclipError(
+            f"units {', '.join(unfinished)} yielded fewer images than their manifest says; "
+            "run 'taxoclip shards verify' on the shards"
+        )
+
+
+def save_part(parts: Path, name: str, buffer: dict, key: str, width: int) -> None:
+    features = np.stack(buffer["features"]) if buffer["features"] else np.zeros((0, width), np.float16)
+    temporary = parts / f"{name}.tmp.npy"
+    np.save(temporary, features)
+    os.replace(temporary, parts / f"{name}.npy")
+    record = {
+        "cache_key": key,
+        "keys": buffer["keys"],
+        "labels": buffer["labels"],
+        "splits": buffer["splits"],
+        "rejects": buffer["rejects"],
+    }
+    (parts / f"{name}.json.tmp").write_text(json.dumps(record))
+    os.replace(parts / f"{name}.json.tmp", parts / f"{name}.json")  # the record last: it marks the part done
+
+
+def ordered_splits(names: set[str]) -> list[str]:
+    return [s for s in KNOWN_SPLITS if s in names] + sorted(names - set(KNOWN_SPLITS))
+
+
+def merge_parts(plan: DataPlan, tower: ImageTower, key: str, out: Path, *, seconds: float) -> None:
+    records = [json.loads((out / "parts" / f"{u.name}.json").read_text()) for u in plan.units]
+    total = sum(len(r["keys"]) for r in records)
+    features = np.lib.format.open_memmap(
+        out / "features.npy.tmp.npy", mode="w+", dtype=np.float16, shape=(total, tower.width)
+    )
+    row = 0
+    for unit, _record in zip(plan.units, records, strict=True):
+        part = np.load(out / "parts" / f"{unit.name}.npy")
+        features[row : row + len(part)] = part
+        row += len(part)
+    features.flush()
+    del features
+    split_names = ordered_splits({s for r in records for s in r["splits"]})
+    splits = np.array([split_names.index(s) for r in records for s in r["splits"]], dtype=np.uint8)
+    np.save(out / "labels.npy", np.array([lbl for r in records for lbl in r["labels"]], dtype=np.int32))
+    np.save(out / "splits.npy", splits)
+    (out / "keys.json").write_text(json.dumps([k for r in records for k in r["keys"]]))
+    os.replace(out / "features.npy.tmp.npy", out / "features.npy")
+    rejects = plan.rejects + [r for record in records for r in record["rejects"]]
+    meta = {
+        "version": CACHE_VERSION,
+        "cache_key": key,
+        "tower": tower.describe(),
+        "data": plan.description | {"data_id": plan.data_id},
+        "count": total,
+        "split_names": split_names,
+        "split_counts": {name: int((splits == i).sum()) for i, name in enumerate(split_names)},
+        "rejected": len(rejects),
+        "rejects": rejects,
+        "classes": plan.classes,
+        "captions": plan.captions,
+        "seconds": round(seconds, 2),
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks the cache complete
+    shutil.rmtree(out / "parts", ignore_errors=True)
