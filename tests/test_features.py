@@ -47,7 +47,6 @@ def test_cache_contents_match_the_shards(shards, tmp_path, tower):
     assert cache.classes.ids == ["1", "2", "3", "10"]
     # Each row is the tower's embedding of that sample's image.
 
-
     sample = next(iter_tar_samples(sorted(shards.glob("*.tar"))[0]))
     pixels = tower.preprocess.to_uint8(decode_image(sample["jpg"]))[None]
     row = cache.row_of()[sample["__key__"].decode()]

@@ -147,6 +147,97 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_config_from(args: argparse.Namespace):
+    from taxoclip.train.lit import TrainConfig
+
+    return TrainConfig(
+        features=args.features,
+        output=args.output,
+        text_tower=args.text_tower,
+        styles=[s.strip() for s in args.styles.split(",")],
+        eval_style=args.eval_style or args.styles.split(",")[0],
+        loss=args.loss,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        lr=args.lr,
+        text_lr=args.text_lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup,
+        grad_clip=args.grad_clip,
+        text_layers=None if args.text_layers in ("all", "-1") else int(args.text_layers),
+        image_projection=args.image_projection,
+        embed_dim=args.embed_dim,
+        projection_init=args.projection_init,
+        holdout=args.holdout,
+        holdout_seed=args.holdout_seed,
+        seed=args.seed,
+        device=args.device,
+        image_in_loop=args.image_in_loop,
+        shards=args.shards,
+        unlock_image=args.unlock_image,
+        progress=not args.quiet,
+    )
+
+
+def cmd_train_lit(args: argparse.Namespace) -> int:
+    from taxoclip.train.lit import train_lit
+
+    final = train_lit(train_config_from(args))
+    if "top1" in final:
+        print(f"final zero-shot on valid: top-1 {100 * final['top1']:.1f}%, top-5 {100 * final['top5']:.1f}%")
+    print(f"model, metrics.csv and plots in {args.output} (open it with taxoclip.load)")
+    return 0
+
+
+def cmd_train_sweep(args: argparse.Namespace) -> int:
+    from taxoclip.train.sweep import warmup_sweep
+
+    warmups = [int(w) for w in args.warmups.split(",")] if args.warmups else None
+    table = warmup_sweep(train_config_from(args), warmups)
+    print(table)
+    return 0
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--features", required=True, help="feature cache from 'taxoclip features' (train + valid)")
+    p.add_argument("-o", "--output", required=True, help="model directory to write")
+    p.add_argument(
+        "--text-tower", default="minilm-l6", help="minilm-l6, hf:NAME_OR_PATH, open_clip:ARCH (default minilm-l6)"
+    )
+    p.add_argument("--styles", default="paper", help="caption styles to train on, comma-separated, sampled per step")
+    p.add_argument("--eval-style", help="caption style for evaluation (default: the first training style)")
+    p.add_argument(
+        "--loss",
+        default="class",
+        choices=["class", "clip"],
+        help="class: same-class images are positives (default); clip: standard CLIP loss",
+    )
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of projections and temperature")
+    p.add_argument("--text-lr", type=float, default=1e-4, help="learning rate of the text tower's trainable blocks")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup", type=int, default=20, help="linear warm-up steps before the cosine decay")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--text-layers", default="2", help="top text blocks that train (0 = projection only, all)")
+    p.add_argument("--image-projection", action="store_true", help="a trainable linear map on the image side")
+    p.add_argument("--embed-dim", type=int, help="shared embedding width (with --image-projection)")
+    p.add_argument(
+        "--projection-init",
+        default="ridge",
+        choices=["ridge", "random"],
+        help="start the text projection from a ridge fit to class-mean image embeddings (default)",
+    )
+    p.add_argument("--holdout", type=int, default=0, help="classes left out of training, to measure unseen classes")
+    p.add_argument("--holdout-seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--image-in-loop", action="store_true", help="run the image tower every step (the slow baseline)")
+    p.add_argument("--unlock-image", action="store_true", help="train the image tower too (needs --shards)")
+    p.add_argument("--shards", help="the shards, for --image-in-loop / --unlock-image")
+    p.add_argument("-q", "--quiet", action="store_true")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from taxoclip.demo import run_demo
 
@@ -207,6 +298,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-column", help="the CSV column naming the class")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_features)
+
+    p = commands.add_parser("train", help="train a model: 'train lit' (LiT) or 'train sweep' (warm-up study)")
+    trainers = p.add_subparsers(dest="trainer", metavar="TRAINER", required=True)
+    q = trainers.add_parser("lit", help="tune a text tower against the locked image tower's cached embeddings")
+    add_train_arguments(q)
+    q.set_defaults(handler=cmd_train_lit)
+    q = trainers.add_parser("sweep", help="the paper's warm-up study: one LiT run per warm-up, compared")
+    add_train_arguments(q)
+    q.add_argument("--warmups", help="warm-up steps to compare, comma-separated (default: 0.5, 1, 2 epochs)")
+    q.set_defaults(handler=cmd_train_sweep)
 
     p = commands.add_parser("demo", help="the whole path on real flower photos, with a summary")
     p.add_argument("--data", help="flowers102 folder (default: $TAXOCLIP_DATA/flowers102 or ../shared/data/flowers102)")

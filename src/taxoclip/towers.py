@@ -20,6 +20,7 @@ the weights or the preprocessing change (the feature cache is keyed by it).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -149,7 +150,13 @@ class ImageTower(nn.Module):
         return torch.cat(outputs)
 
     def describe(self) -> dict:
-        return {"name": self.name, "id": self.id, "width": self.width, "preprocess": asdict(self.preprocess)}
+        return {
+            "name": self.name,
+            "id": self.id,
+            "width": self.width,
+            "preprocess": asdict(self.preprocess),
+            "pretrained": getattr(self, "pretrained", True),
+        }
 
 
 def create_image_tower(name: str, *, pretrained: bool = True) -> ImageTower:
@@ -158,8 +165,11 @@ def create_image_tower(name: str, *, pretrained: bool = True) -> ImageTower:
     if not pretrained:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return build_image_tower(name, pretrained=False)
-    return build_image_tower(name, pretrained=True)
+            tower = build_image_tower(name, pretrained=False)
+    else:
+        tower = build_image_tower(name, pretrained=True)
+    tower.pretrained = pretrained
+    return tower
 
 
 def build_image_tower(name: str, *, pretrained: bool) -> ImageTower:
@@ -300,6 +310,32 @@ class TextTower(nn.Module):
     def describe(self) -> dict:
         return {"name": self.name, "width": self.width, "max_length": self.max_length}
 
+    # Partial training. LiT's captions never change, so whatever part of the tower is frozen can
+    # run once per caption (``prefix``) and only the trainable top runs every step (``from_prefix``).
+
+    def blocks(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def set_trainable(self, top_layers: int | None) -> int:
+        """Train only the top ``top_layers`` blocks (None: everything, 0: nothing); returns how
+        many blocks are frozen. Frozen parts get requires_grad False."""
+        blocks = self.blocks()
+        frozen = 0 if top_layers is None else max(0, len(blocks) - top_layers)
+        for parameter in self.parameters():
+            parameter.requires_grad = frozen == 0
+        for block in list(blocks)[frozen:]:
+            for parameter in block.parameters():
+                parameter.requires_grad = True
+        self.frozen_blocks = frozen
+        return frozen
+
+    def prefix(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the frozen part makes of ``tokens`` (by default: the tokens themselves)."""
+        return tokens
+
+    def from_prefix(self, prefix: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self(prefix)
+
 
 class HFTextTower(TextTower):
     """A transformers encoder with mean (or CLS) pooling over its last hidden state."""
@@ -316,10 +352,58 @@ class HFTextTower(TextTower):
 
     def forward(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+        return self.pool(hidden, tokens["attention_mask"])
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":
             return hidden[:, 0]
-        mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-6)
+
+    def blocks(self) -> nn.ModuleList:
+        encoder = getattr(self.model, "encoder", None)
+        layers = getattr(encoder, "layer", None) or getattr(encoder, "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise TaxoclipError(f"{self.name}: cannot find the encoder's layers to train only some of them")
+        return layers
+
+    @contextlib.contextmanager
+    def only_blocks(self, start: int, stop: int | None, embeddings_output: torch.Tensor | None = None):
+        """Run the model with only blocks[start:stop]; optionally replace the embeddings' output.
+        The model still builds its own attention masks, whatever its transformers version."""
+        encoder, full = self.model.encoder, self.blocks()
+        name = "layer" if hasattr(encoder, "layer") else "layers"
+        hook = None
+        if embeddings_output is not None:
+            hook = self.model.embeddings.register_forward_hook(lambda module, args, output: embeddings_output)
+        setattr(encoder, name, nn.ModuleList(list(full)[start:stop]))
+        try:
+            yield
+        finally:
+            setattr(encoder, name, full)
+            if hook is not None:
+                hook.remove()
+
+    def prefix(self, tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        frozen = getattr(self, "frozen_blocks", 0)
+        if frozen == 0:
+            return tokens
+        was_training = self.training
+        self.eval()
+        with torch.no_grad(), self.only_blocks(0, frozen):
+            hidden = self.model(
+                input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+            ).last_hidden_state
+        self.train(was_training)
+        return {"hidden": hidden, "attention_mask": tokens["attention_mask"]}
+
+    def from_prefix(self, prefix: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "hidden" not in prefix:
+            return self(prefix)
+        mask = prefix["attention_mask"]
+        with self.only_blocks(self.frozen_blocks, None, embeddings_output=prefix["hidden"]):
+            hidden = self.model(input_ids=torch.zeros_like(mask), attention_mask=mask).last_hidden_state
+        return self.pool(hidden, mask)
 
 
 class OpenClipTextTower(TextTower):
@@ -346,6 +430,19 @@ class OpenClipTextTower(TextTower):
     def forward(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model.encode_text(tokens["input_ids"])
 
+    def blocks(self) -> nn.ModuleList:
+        return self.model.transformer.resblocks
+
+    def set_trainable(self, top_layers: int | None) -> int:
+        frozen = super().set_trainable(top_layers)
+        if frozen:  # the final norm and projection sit above the blocks: they train with the top
+            for module in (self.model.ln_final,):
+                for parameter in module.parameters():
+                    parameter.requires_grad = True
+            if isinstance(self.model.text_projection, nn.Parameter):
+                self.model.text_projection.requires_grad = True
+        return frozen
+
 
 def create_text_tower(name: str, *, pretrained: bool = True, max_length: int = 77) -> TextTower:
     """A text tower by name (see the module docstring); ``pretrained=False``: random weights, the
@@ -353,8 +450,11 @@ def create_text_tower(name: str, *, pretrained: bool = True, max_length: int = 7
     if not pretrained:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return build_text_tower(name, pretrained=False, max_length=max_length)
-    return build_text_tower(name, pretrained=True, max_length=max_length)
+            tower = build_text_tower(name, pretrained=False, max_length=max_length)
+    else:
+        tower = build_text_tower(name, pretrained=True, max_length=max_length)
+    tower.pretrained = pretrained
+    return tower
 
 
 def build_text_tower(name: str, *, pretrained: bool, max_length: int) -> TextTower:

@@ -1,0 +1,1 @@
+"""Trainers: LiT (``lit.py``) and the pieces every trainer shares (``common.py``)."""

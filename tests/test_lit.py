@@ -1,0 +1,220 @@
+import itertools
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import taxoclip
+import taxoclip.train.lit as lit_module
+from taxoclip import TaxoclipError
+from taxoclip.losses import class_contrastive_loss, clip_loss, unique_targets
+from taxoclip.train.common import warmup_cosine
+from taxoclip.train.lit import TrainConfig, train_lit
+
+
+def test_same_class_images_are_not_negatives():
+    """Two images of one class with identical embeddings: the CLIP loss counts the other as a
+    negative and cannot reach its floor; the class-aware loss can."""
+    torch.manual_seed(0)
+    text = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    labels = torch.tensor([0, 0, 1, 2])
+    image = text[labels]
+    classes, targets = unique_targets(labels)
+    assert classes.tolist() == [0, 1, 2] and targets.tolist() == [0, 0, 1, 2]
+    scale = torch.tensor(100.0)
+    class_loss = class_contrastive_loss(image, text, targets, scale)
+    clip = clip_loss(image, text[labels], scale)
+    # CLIP's best case here is log(2) on the duplicated pair; the class-aware loss goes to ~log(2)/4 at most.
+    assert clip > 0.3 and class_loss < clip / 2
+
+
+def test_class_loss_decreases_when_images_move_to_their_caption():
+    torch.manual_seed(0)
+    text = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
+    labels = torch.tensor([0, 1, 1, 2, 3, 3])
+    noisy = torch.nn.functional.normalize(text[labels] + 0.8 * torch.randn(6, 16), dim=-1)
+    _, targets = unique_targets(labels)
+    far = class_contrastive_loss(noisy, text, targets, torch.tensor(10.0))
+    near = class_contrastive_loss(text[labels], text, targets, torch.tensor(10.0))
+    assert near < far
+
+
+def test_warmup_then_cosine():
+    values = [warmup_cosine(s, 10, 100) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert values[10] == pytest.approx(1.0) and values[99] < 0.01
+    assert all(a >= b for a, b in itertools.pairwise(values))
+
+
+def config(features, out, text_tower, **overrides):
+    settings = dict(
+        features=str(features),
+        output=str(out),
+        text_tower=text_tower,
+        batch_size=32,
+        epochs=3,
+        warmup_steps=2,
+        lr=3e-3,
+        text_lr=1e-3,
+        progress=False,
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def test_training_learns_and_the_model_directory_classifies(colour_features, tiny_text_tower, tmp_path):
+    final = train_lit(config(colour_features, tmp_path / "m", tiny_text_tower))
+    assert final["top1"] >= 0.9
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "classes.csv",
+        "captions.json",
+        "class_embeddings.npy",
+        "metrics.csv",
+        "metrics.jsonl",
+        "accuracy.png",
+        "loss.png",
+    ):
+        assert (tmp_path / "m" / name).exists(), name
+    model = taxoclip.load(tmp_path / "m")
+    from taxoclip.features import load_features
+
+    cache = load_features(colour_features)
+    x, y = cache.split("valid")
+    predictions = model.probabilities_from_features(x).argmax(-1).numpy()
+    assert (predictions == y).mean() == pytest.approx(final["top1"])
+    assert model.classes.ids == ["1", "2", "3", "4", "5", "6"]
+
+
+def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(colour_features, tiny_text_tower, tmp_path, monkeypatch):
+    train_lit(config(colour_features, tmp_path / "clean", tiny_text_tower))
+    original = lit_module.save_checkpoint
+    calls = []
+
+    def save_then_die(*args, **kwargs):
+        original(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+
+    monkeypatch.setattr(lit_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_lit(config(colour_features, tmp_path / "resumed", tiny_text_tower))
+    monkeypatch.setattr(lit_module, "save_checkpoint", original)
+    train_lit(config(colour_features, tmp_path / "resumed", tiny_text_tower))
+
+    clean = load_file(str(tmp_path / "clean" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert clean.keys() == resumed.keys()
+    for key in clean:
+        assert torch.equal(clean[key], resumed[key]), key
+    read = lambda p: [line.split(",")[1:2] + line.split(",")[4:] for line in p.read_text().splitlines()]  # noqa: E731
+    assert read(tmp_path / "clean" / "metrics.csv") == read(tmp_path / "resumed" / "metrics.csv")
+
+
+def test_resuming_with_other_settings_is_refused(colour_features, tiny_text_tower, tmp_path):
+    train_lit(config(colour_features, tmp_path / "m", tiny_text_tower, epochs=1))
+    with pytest.raises(TaxoclipError, match="other settings"):
+        train_lit(config(colour_features, tmp_path / "m", tiny_text_tower, epochs=1, lr=0.5))
+
+
+def test_holdout_reports_unseen_classes_and_clip_loss_runs(colour_features, tiny_text_tower, tmp_path):
+    final = train_lit(config(colour_features, tmp_path / "m", tiny_text_tower, holdout=2, loss="clip", epochs=2))
+    assert {"seen_top1", "unseen_top1", "unseen_count"} <= final.keys()
+    assert final["unseen_count"] == 10  # 2 held-out classes x 5 valid photos
+
+
+def test_caption_styles_sampled_and_text_layers(colour_features, tiny_text_tower, tmp_path):
+    final = train_lit(
+        config(
+            colour_features,
+            tmp_path / "m",
+            tiny_text_tower,
+            styles=["paper", "scientific"],
+            text_layers=None,
+            image_projection=True,
+            embed_dim=16,
+            projection_init="random",
+            epochs=4,
+        )
+    )
+    assert final["top1"] > 1 / 6
+
+
+def test_image_in_loop_matches_the_cached_path(colour_features, colour_shards, tiny_text_tower, tmp_path):
+    cached = train_lit(config(colour_features, tmp_path / "a", tiny_text_tower, epochs=2))
+    in_loop = train_lit(
+        config(
+            colour_features, tmp_path / "b", tiny_text_tower, epochs=2, image_in_loop=True, shards=str(colour_shards)
+        )
+    )
+    assert in_loop["top1"] >= cached["top1"] - 0.1
+
+
+def test_unlocked_image_tower_trains_and_is_saved(colour_features, colour_shards, tiny_text_tower, tmp_path):
+    final = train_lit(
+        config(colour_features, tmp_path / "m", tiny_text_tower, epochs=1, unlock_image=True, shards=str(colour_shards))
+    )
+    assert "top1" in final and (tmp_path / "m" / "image_tower.safetensors").exists()
+
+
+def test_two_processes_under_torchrun_match_one(colour_features, tiny_text_tower, tmp_path):
+    arguments = [
+        "train",
+        "lit",
+        "--features",
+        str(colour_features),
+        "--text-tower",
+        tiny_text_tower,
+        "--batch-size",
+        "32",
+        "--epochs",
+        "2",
+        "--warmup",
+        "2",
+        "--lr",
+        "3e-3",
+        "--text-lr",
+        "1e-3",
+        "-q",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(
+        [sys.executable, "-m", "taxoclip.cli", *arguments, "-o", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29531",
+            "-m",
+            "taxoclip.cli",
+            *arguments,
+            "-o",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert double.returncode == 0, double.stderr[-2000:]
+    one = load_file(str(tmp_path / "one" / "model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "model.safetensors"))
+    for key in one:
+        assert torch.allclose(one[key], two[key], atol=1e-4, rtol=1e-3), key
+    assert np.isclose(float(one["logit_scale"]), float(two["logit_scale"]))
