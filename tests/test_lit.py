@@ -218,3 +218,14 @@ def test_two_processes_under_torchrun_match_one(colour_features, tiny_text_tower
     for key in one:
         assert torch.allclose(one[key], two[key], atol=1e-4, rtol=1e-3), key
     assert np.isclose(float(one["logit_scale"]), float(two["logit_scale"]))
+
+
+def test_warmup_sweep_writes_one_table_and_plot(colour_features, tiny_text_tower, tmp_path):
+    from taxoclip.train.sweep import default_warmups, warmup_sweep
+
+    base = config(colour_features, tmp_path / "sweep", tiny_text_tower, epochs=2)
+    assert default_warmups(base) == [1, 3, 6]  # 96 train photos / batch 32 = 3 steps per epoch
+    table = warmup_sweep(base, [1, 4])
+    assert "| 1 |" in table and "| 4 |" in table
+    for name in ("sweep.png", "sweep.md", "sweep.csv", "sweep.json", "warmup-1/metrics.csv", "warmup-4/config.json"):
+        assert (tmp_path / "sweep" / name).exists(), name
