@@ -19,6 +19,7 @@ sys.path.insert(0, str(HERE))
 
 def main() -> int:
     import bench_features  # noqa: F401  (each bench_* module registers its benchmarks)
+    import bench_gpu  # noqa: F401
     import bench_lit  # noqa: F401
     import bench_shards  # noqa: F401
     from common import BENCHMARKS, print_table

@@ -161,12 +161,12 @@ def unit_items(unit: Unit) -> Iterator[tuple[str, bytes, int, str]]:
 
 
 def collate(items: list[dict]) -> dict:
+    """One uint8 tensor for the batch's pixels, plus the items' metadata without pixels: each
+    tensor that crosses from a worker costs a shared-memory handle, so only one per batch."""
+    bad = [i for i in items if i["pixels"] is None]
     good = [i for i in items if i["pixels"] is not None]
-    return {
-        "pixels": torch.stack([i["pixels"] for i in good]) if good else None,
-        "good": good,
-        "bad": [i for i in items if i["pixels"] is None],
-    }
+    pixels = torch.stack([i.pop("pixels") for i in good]) if good else None
+    return {"pixels": pixels, "good": good, "bad": bad}
 
 
 @dataclass
@@ -310,9 +310,13 @@ def part_done(parts: Path, unit: Unit, key: str) -> bool:
         return False
 
 
-def default_workers() -> int:
-    # Decoding overlaps with the forward pass; with few cores one worker leaves the rest to torch.
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
+def default_workers(device: torch.device | None = None) -> int:
+    """Decoding processes. On CPU they share the cores with the forward pass (half each); with a
+    GPU doing the forward, decoding is the bottleneck and gets all cores but two."""
+    cores = os.cpu_count() or 2
+    if device is not None and device.type == "cuda":
+        return max(1, min(32, cores - 2))
+    return max(1, min(8, cores // 2))
 
 
 @torch.no_grad()
@@ -330,7 +334,7 @@ def run_units(
     if not units:
         return
     tower = tower.for_inference(device)
-    workers = default_workers() if workers is None else workers
+    workers = default_workers(device) if workers is None else workers
     loader = DataLoader(
         UnitImages(units, tower.preprocess),
         batch_size=batch_size,

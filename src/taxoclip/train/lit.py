@@ -325,15 +325,17 @@ class ShardBatches:
 
         units = list(self.plan.units)
         np.random.default_rng(epoch).shuffle(units)
+        device = next(self.tower.parameters()).device
         loader = DataLoader(
             UnitImages(units, self.tower.preprocess),
             batch_size=self.batch_size,
-            num_workers=default_workers(),
+            num_workers=default_workers(device),
             collate_fn=collate,
+            pin_memory=device.type == "cuda",
         )
-        device = next(self.tower.parameters()).device
+        excluded = set(held_out.tolist())
         for batch in loader:
-            keep = [i for i, item in enumerate(batch["good"]) if item["label"] not in set(held_out.tolist())]
+            keep = [i for i, item in enumerate(batch["good"]) if item["label"] not in excluded]
             pixels = batch["pixels"][keep].to(device)
             labels = torch.tensor([batch["good"][i]["label"] for i in keep])
             if any(p.requires_grad for p in self.tower.parameters()):  # unlocked: the tower trains
@@ -351,10 +353,10 @@ def embed_split(shards: str, tower, split: str) -> torch.Tensor:
     from taxoclip.features import UnitImages, collate, default_workers, plan_from_shards
 
     plan = plan_from_shards(Path(shards), split)
-    loader = DataLoader(
-        UnitImages(plan.units, tower.preprocess), batch_size=64, num_workers=default_workers(), collate_fn=collate
-    )
     device = next(tower.parameters()).device
+    loader = DataLoader(
+        UnitImages(plan.units, tower.preprocess), batch_size=64, num_workers=default_workers(device), collate_fn=collate
+    )
     was_training = tower.training
     tower.eval()
     outputs = [tower.embed(batch["pixels"].to(device)).cpu() for batch in loader if batch["pixels"] is not None]
