@@ -47,7 +47,7 @@ def test_warmup_then_cosine():
     values = [warmup_cosine(s, 10, 100) for s in range(100)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert values[10] == pytest.approx(1.0) and values[99] < 0.01
-    assert all(a >= b for a, b in itertools.pairwise(values))
+    assert all(a >= b for a, b in itertools.pairwise(values[10:]))  # non-increasing after the warm-up
 
 
 def config(features, out, text_tower, **overrides):
