@@ -86,9 +86,32 @@ class SpeciesModel:
         pixels = torch.stack([tower.preprocess.to_uint8(image) for image in images])
         return self.probabilities_from_features(tower.embed(pixels))
 
-    def set_captions(self, captions: list[str]) -> None:
-        """Classify against other captions (another style, or a template ensemble's mean)."""
-        self.class_embeddings = self.model.encode_captions(captions).cpu()
+    def image_embeddings(self, features) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model.encode_image_features(torch.as_tensor(np.asarray(features, np.float32)))
+
+    @property
+    def scale(self) -> float:
+        return float(self.model.scale().detach())
+
+    @property
+    def image_tower_name(self) -> str:
+        return self.config["lit"]["image_tower"]
+
+    @property
+    def image_pretrained(self) -> bool:
+        return self.config["lit"].get("image_pretrained", True)
+
+    def use_style(self, style: str) -> None:
+        """Classify with another caption style, or ``templates`` (a CLIP-style prompt ensemble);
+        the class embeddings are cached in the model directory."""
+        from taxoclip.towers import fingerprint
+        from taxoclip.zeroshot import caption_sets, class_embeddings_cached
+
+        by_class = json.loads((self.path / "captions.json").read_text())["by_class"]
+        sets = caption_sets(by_class, self.classes, style)
+        tag = f"lit|{fingerprint(self.model)}"  # a retrained model in the same folder gets new embeddings
+        self.class_embeddings = class_embeddings_cached(self.model.encode_captions, sets, self.path, tag=tag)
 
 
 def load(path: str | Path) -> SpeciesModel:

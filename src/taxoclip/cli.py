@@ -238,6 +238,38 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true")
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from taxoclip.report import EvalConfig, run_evaluation
+
+    config = EvalConfig(
+        model=args.model,
+        data=args.data,
+        output=args.output,
+        style=args.style,
+        split=args.split,
+        baselines=not args.no_baselines,
+        shots=tuple(int(s) for s in args.shots.split(",")) if args.shots else (),
+        group_by=[c.strip() for c in args.group_by.split(",")] if args.group_by else [],
+        random_weights=args.random_weights,
+        progress=not args.quiet,
+    )
+    report = run_evaluation(config)
+    metrics = report["metrics"]
+    print(
+        f"{metrics['images']} images, {metrics['classes_scored']} classes: top-1 {100 * metrics['top1']:.1f}%, "
+        f"top-5 {100 * metrics['top5']:.1f}%"
+    )
+    for rank, values in metrics["per_rank"].items():
+        print(
+            f"  {rank:8s} {100 * values['rollup']:5.1f}% (summed up the tree), "
+            f"{100 * values['top1_lineage']:5.1f}% (top-1 lineage)"
+        )
+    if "unseen_top1" in metrics:
+        print(f"  seen classes {100 * metrics['seen_top1']:.1f}%, unseen {100 * metrics['unseen_top1']:.1f}%")
+    print(f"report: {args.output}/report.html (and report.md, metrics.json, CSVs, plots)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from taxoclip.demo import run_demo
 
@@ -308,6 +340,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(q)
     q.add_argument("--warmups", help="warm-up steps to compare, comma-separated (default: 0.5, 1, 2 epochs)")
     q.set_defaults(handler=cmd_train_sweep)
+
+    p = commands.add_parser("eval", help="evaluate a model at every rank, with baselines, as a report")
+    p.add_argument("--model", required=True, help="a model directory (taxoclip train) or open_clip:NAME (e.g. BioCLIP)")
+    p.add_argument(
+        "--data", required=True, help="a feature cache, shards, or a source (embedded with the model's tower)"
+    )
+    p.add_argument("-o", "--output", required=True, help="report folder")
+    p.add_argument(
+        "--style", help="caption style, or 'templates' for a CLIP-style prompt ensemble (default: the model's)"
+    )
+    p.add_argument("--split", default="valid", help="split to evaluate (default valid)")
+    p.add_argument("--no-baselines", action="store_true", help="skip probe / nearest class mean / Transfer Init")
+    p.add_argument("--shots", default="1,5,10", help="training images per class for the data-efficiency curve")
+    p.add_argument("--group-by", help="class-table columns to report accuracy by (default: supercategory or a rank)")
+    p.add_argument("--random-weights", action="store_true", help="open_clip architecture with random weights")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(handler=cmd_eval)
 
     p = commands.add_parser("demo", help="the whole path on real flower photos, with a summary")
     p.add_argument("--data", help="flowers102 folder (default: $TAXOCLIP_DATA/flowers102 or ../shared/data/flowers102)")

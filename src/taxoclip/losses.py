@@ -22,7 +22,7 @@ def class_contrastive_loss(
     text -> image: for each caption, the mean log-probability of its images among all B images
     (several positives, none of them pushed apart).
     """
-    logits = logit_scale * image @ text.T  # (B, U)
+    logits = (logit_scale * image @ text.T).float()  # (B, U); the softmax in float32 under autocast
     image_to_text = F.cross_entropy(logits, targets)
     log_prob = logits.T.log_softmax(dim=1)  # (U, B): each caption's distribution over the images
     positives = F.one_hot(targets, num_classes=text.shape[0]).T.to(log_prob.dtype)  # (U, B)
@@ -33,7 +33,7 @@ def class_contrastive_loss(
 def clip_loss(image: torch.Tensor, text_per_image: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """The standard CLIP loss: image i's positive is caption i, every other caption a negative
     (even when it is the same class's caption)."""
-    logits = logit_scale * image @ text_per_image.T
+    logits = (logit_scale * image @ text_per_image.T).float()
     labels = torch.arange(len(image), device=image.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 

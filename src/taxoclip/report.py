@@ -1,0 +1,531 @@
+"""`taxoclip eval`: score a model on cached image embeddings, run the baselines on the same
+embeddings, and write a report directory a person can open:
+
+  report.md, report.html    the tables and plots
+  metrics.json              every number
+  per_class.csv, per_rank.csv, confused_pairs.csv, groups-<column>.csv, comparison.csv
+  confusion.png, accuracy_by_rank.png, long_tail.png, data_efficiency.png
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from taxoclip import baselines
+from taxoclip.errors import TaxoclipError
+from taxoclip.evaluate import ROLLUP_RANKS, Evaluation, RankCodes
+from taxoclip.features import FeatureCache, extract_features, load_features
+from taxoclip.taxonomy import ClassTable
+
+CONFUSION_MAX_GROUPS = 300  # beyond this a species-level matrix is unreadable: use a coarser rank
+
+
+@dataclass
+class EvalConfig:
+    model: str  # a model directory, or open_clip:NAME
+    data: str  # a feature cache, shards or a source
+    output: str
+    style: str | None = None  # caption style or "templates"; default: the model's own
+    split: str = "valid"
+    baselines: bool = True
+    shots: tuple[int, ...] = (1, 5, 10)
+    group_by: list[str] = field(default_factory=list)
+    random_weights: bool = False  # open_clip architecture with random weights (tests, no network)
+    chunk: int = 4096
+    progress: bool = True
+
+
+def load_classifier(config: EvalConfig, cache_classes: ClassTable, cache_captions: list[dict] | None):
+    if config.model.startswith("open_clip:"):
+        from taxoclip.captions import build_captions
+        from taxoclip.zeroshot import OpenClipZeroShot
+
+        by_class = cache_captions or build_captions(cache_classes).by_class
+        return OpenClipZeroShot(
+            config.model,
+            cache_classes,
+            by_class,
+            config.style or "paper",
+            pretrained=not config.random_weights,
+            cache_dir=Path(config.output) / "cache",
+        )
+    from taxoclip.bundle import load
+
+    model = load(config.model)
+    if config.style:
+        model.use_style(config.style)
+    return model
+
+
+def features_for(config: EvalConfig, tower_name: str, pretrained: bool) -> FeatureCache:
+    data = Path(config.data)
+    if (data / "meta.json").exists():
+        cache = load_features(data)
+        if cache.meta["tower"]["name"] != tower_name:
+            raise TaxoclipError(
+                f"{data} holds embeddings of {cache.meta['tower']['name']}, but the model uses "
+                f"{tower_name}; pass the shards or photos instead and they will be embedded"
+            )
+        return cache
+    return extract_features(
+        data, tower_name, Path(config.output) / "features", pretrained=pretrained, progress=config.progress
+    )
+
+
+def run_evaluation(config: EvalConfig) -> dict:
+    started = time.perf_counter()
+    out = Path(config.output)
+    out.mkdir(parents=True, exist_ok=True)
+    tower_name, pretrained, classifier = resolve_tower(config)
+    cache = features_for(config, tower_name, pretrained)
+    classes = cache.classes
+    if classifier is None:
+        classifier = load_classifier(config, classes, (cache.meta.get("captions") or {}).get("by_class"))
+    if classifier.classes.ids != classes.ids:
+        raise TaxoclipError(
+            "the model's classes differ from the data's class table; evaluate on data made from the same class metadata"
+        )
+    rows = np.flatnonzero(cache.split_mask(config.split))
+    labels = cache.labels[rows].astype(np.int64)
+    train_counts = (
+        np.bincount(cache.labels[cache.split_mask("train")], minlength=len(classes))
+        if "train" in cache.split_names
+        else None
+    )
+    seen = seen_classes(classifier, len(classes))
+    group_by = config.group_by or default_groups(classes)
+
+    # The model, chunk by chunk: memory stays bounded however many images and classes.
+    evaluation = Evaluation(classes, group_by=group_by, seen=seen)
+    scoring_started = time.perf_counter()
+    for start in range(0, len(rows), config.chunk):
+        chunk = rows[start : start + config.chunk]
+        logits = classifier.logits_from_features(np.asarray(cache.features[chunk], np.float32))
+        evaluation.add(logits.softmax(-1), torch.from_numpy(labels[start : start + config.chunk]))
+    scoring_seconds = time.perf_counter() - scoring_started
+    metrics = evaluation.result()
+    name = "LiT zero-shot" if not config.model.startswith("open_clip:") else f"{config.model} zero-shot"
+    comparison = [summary_row(name, "all", metrics)]
+
+    efficiency = []
+    if config.baselines and train_counts is not None:
+        comparison, efficiency = run_baselines(
+            config, cache, classifier, rows, labels, classes, comparison, metrics["top1"]
+        )
+
+    report = {
+        "model": config.model,
+        "data": str(cache.path),
+        "split": config.split,
+        "style": config.style or "model default",
+        "metrics": metrics,
+        "comparison": comparison,
+        "data_efficiency": efficiency,
+        "timing": {
+            "scoring_seconds": round(scoring_seconds, 3),
+            "total_seconds": round(time.perf_counter() - started, 1),
+            "images": len(rows),
+            "classes": len(classes),
+        },
+    }
+    write_report(out, report, evaluation, classes, train_counts)
+    return report
+
+
+def resolve_tower(config: EvalConfig):
+    """(image tower name, pretrained?, the classifier if it had to be loaded to know the tower)."""
+    if config.model.startswith("open_clip:"):
+        return config.model, not config.random_weights, None
+    from taxoclip.bundle import load
+
+    if not (Path(config.model) / "config.json").exists():
+        raise TaxoclipError(f"{config.model}: not a model directory (no config.json) nor an open_clip: name")
+    model = load(config.model)
+    if config.style:
+        model.use_style(config.style)
+    return model.image_tower_name, model.image_pretrained, model
+
+
+def seen_classes(classifier, n_classes: int) -> np.ndarray | None:
+    held_out = (
+        getattr(classifier, "config", {}).get("training", {}).get("held_out") if hasattr(classifier, "config") else None
+    )
+    if not held_out:
+        return None
+    seen = np.ones(n_classes, dtype=bool)
+    seen[held_out] = False
+    return seen
+
+
+def default_groups(classes: ClassTable) -> list[str]:
+    """Supercategory when the table has one, else the coarsest rank that splits the classes."""
+    if any(row.get("supercategory") for row in classes):
+        return ["supercategory"]
+    for rank in ROLLUP_RANKS:
+        if len({row.get(rank.column) for row in classes if row.get(rank.column)}) > 1:
+            return [rank.column]
+    return []
+
+
+def summary_row(method: str, shots: str, metrics: dict) -> dict:
+    per_rank = metrics["per_rank"]
+    return {
+        "method": method,
+        "train images per class": shots,
+        "top1": metrics["top1"],
+        "top5": metrics["top5"],
+        "genus top1": per_rank.get("genus", {}).get("rollup"),
+        "family top1": per_rank.get("family", {}).get("rollup"),
+        "mistake LCA depth": metrics["mistake_lca_depth_mean"],
+    }
+
+
+def run_baselines(config, cache, classifier, rows, labels, classes, comparison, zero_shot_top1):
+    train_mask = cache.split_mask("train")
+    train_x_all = np.asarray(cache.features[train_mask], np.float32)
+    train_y_all = cache.labels[train_mask].astype(np.int64)
+    test_x = np.asarray(cache.features[rows], np.float32)
+    test_labels = torch.from_numpy(labels)
+    test_embeddings = classifier.image_embeddings(test_x)
+    efficiency = [{"method": "zero-shot", "shots": 0, "top1": zero_shot_top1}]
+
+    def score(probabilities: torch.Tensor) -> dict:
+        evaluation = Evaluation(classes)
+        evaluation.add(probabilities, test_labels)
+        return evaluation.result()
+
+    for shots in (*config.shots, None):
+        picked = baselines.few_shot_rows(train_y_all, shots)
+        train_x, train_y = train_x_all[picked], train_y_all[picked]
+        label = "all" if shots is None else str(shots)
+        methods = {
+            "logistic-regression probe": partial(baselines.probe, train_x, train_y, test_x, len(classes)),
+            "nearest class mean": partial(baselines.nearest_class_mean, train_x, train_y, test_x, len(classes)),
+            "Transfer Init (CatLIP)": partial(
+                baselines.transfer_init,
+                classifier.image_embeddings(train_x),
+                train_y,
+                test_embeddings,
+                classifier.class_embeddings,
+                classifier.scale,
+            ),
+        }
+        for method, run in methods.items():
+            if config.progress:
+                print(f"baseline: {method}, {label} training images per class")
+            metrics = score(run())
+            comparison.append(summary_row(method, label, metrics))
+            efficiency.append(
+                {
+                    "method": method,
+                    "shots": shots if shots is not None else int(np.bincount(train_y).max()),
+                    "label": label,
+                    "top1": metrics["top1"],
+                }
+            )
+    return comparison, efficiency
+
+
+# --- writing --------------------------------------------------------------------------------------
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_report(
+    out: Path, report: dict, evaluation: Evaluation, classes: ClassTable, train_counts: np.ndarray | None
+) -> None:
+    metrics = report["metrics"]
+    per_class = evaluation.per_class(train_counts)
+    confused = evaluation.confused_pairs(30)
+    hardest = evaluation.hardest_taxa()
+    per_rank = [{"rank": rank, **values} for rank, values in metrics["per_rank"].items()]
+    report["hardest_classes"] = sorted(per_class, key=lambda r: (r["top1"], -r["images"]))[:15]
+    report["hardest_taxa"] = hardest
+    report["confused_pairs"] = confused
+    (out / "metrics.json").write_text(json.dumps(report, indent=1, default=float))
+    write_csv(out / "per_class.csv", per_class)
+    write_csv(out / "per_rank.csv", per_rank)
+    write_csv(out / "confused_pairs.csv", confused)
+    write_csv(out / "comparison.csv", report["comparison"])
+    for column, rows in metrics["groups"].items():
+        write_csv(out / f"groups-{column}.csv", rows)
+    plots = make_plots(out, report, evaluation, classes, per_class)
+    sections = report_sections(report, per_rank, plots)
+    (out / "report.md").write_text(to_markdown(sections))
+    (out / "report.html").write_text(to_html(sections))
+
+
+def make_plots(
+    out: Path, report: dict, evaluation: Evaluation, classes: ClassTable, per_class: list[dict]
+) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    # Confusion matrix at species level when readable, else at the finest rank that is.
+    codes, level = confusion_level(evaluation, classes)
+    if codes is not None:
+        size = len(codes.groups)
+        matrix = np.zeros((size, size))
+        if level == "species":
+            for t in range(size):
+                matrix[t, t] = evaluation.top1[t]
+            for (t, p), n in evaluation.pairs.items():
+                matrix[t, p] += n
+        else:
+            for (t, p), n in evaluation.rank_confusion[level].items():
+                matrix[t, p] += n
+        rows = matrix.sum(1, keepdims=True)
+        figure, axis = plt.subplots(figsize=(8, 7))
+        image = axis.imshow(
+            np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0),
+            cmap="viridis",
+            vmin=0,
+            vmax=1,
+            interpolation="nearest",
+        )
+        axis.set(title=f"confusion at {level} level (rows: truth, normalised)", xlabel="predicted", ylabel="true")
+        if size <= 40:
+            axis.set_xticks(range(size), codes.groups, rotation=90, fontsize=6)
+            axis.set_yticks(range(size), codes.groups, fontsize=6)
+        figure.colorbar(image, ax=axis, fraction=0.046)
+        figure.tight_layout()
+        figure.savefig(out / "confusion.png", dpi=120)
+        plt.close(figure)
+        made.append("confusion.png")
+
+    per_rank = report["metrics"]["per_rank"]
+    ranks = [r.column for r in ROLLUP_RANKS if r.column in per_rank] + ["species"]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    x = np.arange(len(ranks))
+    axis.bar(x - 0.2, [100 * per_rank[r]["rollup"] for r in ranks], 0.4, label="probabilities summed up the tree")
+    axis.bar(x + 0.2, [100 * per_rank[r]["top1_lineage"] for r in ranks], 0.4, label="lineage of the top-1 species")
+    axis.set_xticks(x, ranks)
+    axis.set(ylabel="top-1 accuracy (%)", ylim=(0, 100), title="accuracy at every rank")
+    axis.legend(loc="lower left")
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(out / "accuracy_by_rank.png", dpi=120)
+    plt.close(figure)
+    made.append("accuracy_by_rank.png")
+
+    if per_class and "train_images" in per_class[0]:
+        figure, axis = plt.subplots(figsize=(7, 4))
+        axis.scatter([r["train_images"] for r in per_class], [100 * r["top1"] for r in per_class], s=12, alpha=0.6)
+        axis.set(
+            xlabel="training images of the class",
+            ylabel="class top-1 (%)",
+            title="per-class accuracy and the long tail",
+        )
+        axis.grid(alpha=0.3)
+        figure.tight_layout()
+        figure.savefig(out / "long_tail.png", dpi=120)
+        plt.close(figure)
+        made.append("long_tail.png")
+
+    efficiency = report.get("data_efficiency") or []
+    if len(efficiency) > 1:
+        figure, axis = plt.subplots(figsize=(7, 4))
+        zero = next((r["top1"] for r in efficiency if r["method"] == "zero-shot"), None)
+        for method in dict.fromkeys(r["method"] for r in efficiency if r["method"] != "zero-shot"):
+            points = [r for r in efficiency if r["method"] == method]
+            axis.plot([r["shots"] for r in points], [100 * r["top1"] for r in points], marker="o", label=method)
+        if zero is not None:
+            axis.axhline(100 * zero, color="black", linestyle="--", label="zero-shot (no training images)")
+        axis.set_xscale("log")
+        axis.set(xlabel="training images per class", ylabel="top-1 (%)", title="data efficiency")
+        axis.grid(alpha=0.3)
+        axis.legend()
+        figure.tight_layout()
+        figure.savefig(out / "data_efficiency.png", dpi=120)
+        plt.close(figure)
+        made.append("data_efficiency.png")
+    return made
+
+
+def confusion_level(evaluation: Evaluation, classes: ClassTable) -> tuple[RankCodes | None, str]:
+    if len(classes) <= CONFUSION_MAX_GROUPS:
+        return RankCodes(
+            "species", np.arange(len(classes)), [r.get("common_name") or r["id"] for r in classes]
+        ), "species"
+    for rank in reversed(ROLLUP_RANKS):
+        codes = evaluation.lineage[rank.column]
+        if codes.known and len(codes.groups) <= CONFUSION_MAX_GROUPS:
+            return codes, rank.column
+    return None, ""
+
+
+# --- the report text: one list of sections, rendered to Markdown and to HTML --------------------------
+
+
+def pct(value) -> str:
+    return "" if value is None else f"{100 * value:.1f}%"
+
+
+def report_sections(report: dict, per_rank: list[dict], plots: list[str]) -> list[tuple[str, object]]:
+    m = report["metrics"]
+    intro = (
+        f"Model `{report['model']}` on the `{report['split']}` split of `{report['data']}`: "
+        f"{m['images']} images, {m['classes_scored']} classes, caption style {report['style']}. "
+        f"Zero-shot top-1 **{pct(m['top1'])}**, top-5 **{pct(m['top5'])}**, mean per-class top-1 "
+        f"{pct(m['mean_class_top1'])}."
+    )
+    if "unseen_top1" in m:
+        intro += f" Classes seen in training: {pct(m.get('seen_top1'))}; never seen: {pct(m['unseen_top1'])}."
+    if m["mistakes"]:
+        intro += (
+            f" Of {m['mistakes']} mistakes, the truth and the answer share on average "
+            f"{m['mistake_lca_depth_mean']:.2f} ranks (kingdom = 1 … genus = 6)."
+        )
+    comparison = [
+        {
+            k: (
+                pct(v)
+                if isinstance(v, float) and k not in ("mistake LCA depth",)
+                else (f"{v:.2f}" if isinstance(v, float) else v)
+            )
+            for k, v in row.items()
+        }
+        for row in report["comparison"]
+    ]
+    ranks = [
+        {
+            "rank": r["rank"],
+            "groups": r["groups"],
+            "images": r["images"],
+            "summed up the tree": pct(r["rollup"]),
+            "top-1 lineage": pct(r["top1_lineage"]),
+        }
+        for r in per_rank
+    ]
+    sections: list[tuple[str, object]] = [
+        ("Summary", intro),
+        ("Comparison (in the shape of the paper's Table 1)", comparison),
+        ("Accuracy at every rank", ranks),
+    ]
+    if "accuracy_by_rank.png" in plots:
+        sections.append(("", "accuracy_by_rank.png"))
+    sections.append(
+        (
+            "Hardest classes",
+            [
+                {
+                    "class": r["name"],
+                    "images": r["images"],
+                    "top-1": pct(r["top1"]),
+                    "most confused with": r["most_confused_name"],
+                }
+                for r in report["hardest_classes"]
+            ],
+        )
+    )
+    for rank, rows in report["hardest_taxa"].items():
+        if rows:
+            sections.append(
+                (
+                    f"Hardest {rank} groups",
+                    [
+                        {rank: r["group"], "images": r["images"], "classes": r["classes"], "top-1": pct(r["top1"])}
+                        for r in rows[:5]
+                    ],
+                )
+            )
+    sections.append(
+        (
+            "Most confused pairs",
+            [
+                {"true": r["true"], "predicted": r["predicted"], "images": r["images"], "they share down to": r["lca"]}
+                for r in report["confused_pairs"][:15]
+            ],
+        )
+    )
+    for column, rows in m["groups"].items():
+        sections.append(
+            (
+                f"By {column}",
+                [
+                    {column: r["group"], "images": r["images"], "top-1": pct(r["top1"]), "top-5": pct(r["top5"])}
+                    for r in rows
+                ],
+            )
+        )
+    for plot, title in (
+        ("confusion.png", "Confusion"),
+        ("long_tail.png", "The long tail"),
+        ("data_efficiency.png", "Data efficiency"),
+    ):
+        if plot in plots:
+            sections.append((title, plot))
+    timing = report["timing"]
+    sections.append(
+        (
+            "Timing",
+            f"Scored {timing['images']} images against {timing['classes']} classes in "
+            f"{timing['scoring_seconds']} s; the whole evaluation took {timing['total_seconds']} s.",
+        )
+    )
+    return sections
+
+
+def to_markdown(sections: list[tuple[str, object]]) -> str:
+    lines = ["# Evaluation report", ""]
+    for title, body in sections:
+        if title:
+            lines += [f"## {title}", ""]
+        if isinstance(body, str) and body.endswith(".png"):
+            lines += [f"![{title or body}]({body})", ""]
+        elif isinstance(body, str):
+            lines += [body, ""]
+        elif body:
+            columns = list(body[0])
+            lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in body]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def to_html(sections: list[tuple[str, object]]) -> str:
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>taxoclip evaluation</title><style>",
+        "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}",
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}",
+        "th{background:#f3f3f3}img{max-width:100%}</style></head><body><h1>Evaluation report</h1>",
+    ]
+    for title, body in sections:
+        if title:
+            parts.append(f"<h2>{html.escape(title)}</h2>")
+        if isinstance(body, str) and body.endswith(".png"):
+            parts.append(f"<img src='{html.escape(body)}' alt='{html.escape(title or body)}'>")
+        elif isinstance(body, str):
+            text = html.escape(body)
+            while "**" in text:
+                text = text.replace("**", "<b>", 1).replace("**", "</b>", 1)
+            parts.append(f"<p>{text.replace('`', '')}</p>")
+        elif body:
+            columns = list(body[0])
+            parts.append("<table><tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in columns) + "</tr>")
+            parts += [
+                "<tr>" + "".join(f"<td>{html.escape(str(row.get(c, '')))}</td>" for c in columns) + "</tr>"
+                for row in body
+            ]
+            parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
