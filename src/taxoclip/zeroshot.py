@@ -110,7 +110,7 @@ class OpenClipZeroShot:
         cache_dir = cache_dir or Path.home() / ".cache" / "taxoclip"
         tag = f"{name}|pretrained={pretrained}|{fingerprint(text)}"
         self.class_embeddings = class_embeddings_cached(encode, caption_sets(by_class, classes, style), cache_dir, tag)
-        self.scale = float(text.model.logit_scale.exp()) if hasattr(text.model, "logit_scale") else 100.0
+        self.scale = float(text.model.logit_scale.detach().exp()) if hasattr(text.model, "logit_scale") else 100.0
 
     def image_embeddings(self, features: np.ndarray | torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(torch.as_tensor(np.asarray(features, np.float32)), dim=-1)

@@ -1,0 +1,224 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from taxoclip import ClassTable
+from taxoclip.baselines import few_shot_rows, nearest_class_mean, probe
+from taxoclip.evaluate import Evaluation, RankCodes, lca_depth, lineage_codes, rollup
+
+# Two genera of one family, a second family in the same order, and a class in another order.
+TABLE = ClassTable.from_records(
+    [
+        {
+            "id": "a",
+            "kingdom": "Plantae",
+            "order": "O1",
+            "family": "F1",
+            "genus": "G1",
+            "specific_epithet": "x",
+            "supercategory": "Plants",
+        },
+        {
+            "id": "b",
+            "kingdom": "Plantae",
+            "order": "O1",
+            "family": "F1",
+            "genus": "G1",
+            "specific_epithet": "y",
+            "supercategory": "Plants",
+        },
+        {
+            "id": "c",
+            "kingdom": "Plantae",
+            "order": "O1",
+            "family": "F1",
+            "genus": "G2",
+            "specific_epithet": "z",
+            "supercategory": "Plants",
+        },
+        {
+            "id": "d",
+            "kingdom": "Plantae",
+            "order": "O1",
+            "family": "F2",
+            "genus": "G3",
+            "specific_epithet": "w",
+            "supercategory": "Plants",
+        },
+        {
+            "id": "e",
+            "kingdom": "Animalia",
+            "order": "O9",
+            "family": "F9",
+            "genus": "G9",
+            "specific_epithet": "v",
+            "supercategory": "Insects",
+        },
+    ],
+    origin="test",
+)
+
+
+def test_rollup_sums_species_probabilities_per_group():
+    genus = RankCodes.of(TABLE, "genus")
+    probabilities = torch.tensor([[0.3, 0.3, 0.4, 0.0, 0.0]])
+    assert genus.groups == ["G1", "G2", "G3", "G9"]
+    assert torch.allclose(rollup(probabilities, genus), torch.tensor([[0.6, 0.4, 0.0, 0.0]]))
+
+
+def test_lca_depth_counts_shared_ranks():
+    lineage = lineage_codes(TABLE)
+    truth, predicted = np.array([0, 0, 0, 0]), np.array([1, 2, 3, 4])
+    # a/b same genus; a/c same family; a/d same order; a/e not even the kingdom.
+    # (phylum and class are empty in this table: unknown ranks never count as shared.)
+    assert lca_depth(truth, predicted, lineage).tolist() == [1, 1, 1, 0]
+    full = ClassTable.from_records([{**r, "phylum": "P", "class": "C"} for r in TABLE.to_json()[:4]], origin="t")
+    assert lca_depth(np.array([0, 0, 0]), np.array([1, 2, 3]), lineage_codes(full)).tolist() == [6, 5, 4]
+
+
+def test_rank_accuracy_two_ways_and_per_class():
+    evaluation = Evaluation(TABLE, group_by=["supercategory"])
+    # Image 1 (class a): top-1 is c (wrong species, wrong genus), but G1 as a genus sums to 0.6.
+    # Image 2 (class e): right.
+    evaluation.add(torch.tensor([[0.3, 0.3, 0.4, 0.0, 0.0], [0.0, 0.0, 0.1, 0.0, 0.9]]), torch.tensor([0, 4]))
+    result = evaluation.result()
+    assert result["top1"] == 0.5 and result["top5"] == 1.0
+    assert result["per_rank"]["genus"]["rollup"] == 1.0  # summed up the tree: G1 wins for image 1
+    assert result["per_rank"]["genus"]["top1_lineage"] == 0.5  # c's genus is G2
+    assert result["per_rank"]["family"]["top1_lineage"] == 1.0
+    assert result["mistakes"] == 1 and result["mistake_lca_depth_counts"]["kingdom"] == 1
+    groups = {g["group"]: g["top1"] for g in result["groups"]["supercategory"]}
+    assert groups == {"Plants": 0.0, "Insects": 1.0}
+    per_class = {r["id"]: r for r in evaluation.per_class()}
+    assert per_class["a"]["most_confused_with"] == "c" and per_class["e"]["top1"] == 1.0
+    assert evaluation.confused_pairs()[0]["true_id"] == "a"
+
+
+def test_chunks_add_up_to_one_pass():
+    torch.manual_seed(0)
+    probabilities = torch.rand(50, 5).softmax(-1)
+    labels = torch.randint(0, 5, (50,))
+    whole, parts = Evaluation(TABLE), Evaluation(TABLE)
+    whole.add(probabilities, labels)
+    for start in range(0, 50, 7):
+        parts.add(probabilities[start : start + 7], labels[start : start + 7])
+    assert json.dumps(whole.result(), sort_keys=True) == json.dumps(parts.result(), sort_keys=True)
+
+
+def test_few_shot_rows_and_baselines_on_separable_data():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 16)) * 5
+    labels = np.repeat(np.arange(4), 20)
+    x = (centres[labels] + rng.normal(size=(80, 16))).astype(np.float32)
+    picked = few_shot_rows(labels, 3)
+    assert np.bincount(labels[picked]).tolist() == [3, 3, 3, 3]
+    assert len(few_shot_rows(labels, None)) == 80
+    test = (centres[labels] + rng.normal(size=(80, 16))).astype(np.float32)
+    for method in (probe, nearest_class_mean):
+        probabilities = method(x[picked], labels[picked], test, 4)
+        assert probabilities.shape == (80, 4)
+        assert (probabilities.argmax(-1).numpy() == labels).mean() > 0.9
+
+
+@pytest.fixture(scope="module")
+def trained_model(colour_features, tiny_text_tower, tmp_path_factory):
+    from taxoclip.train.lit import TrainConfig, train_lit
+
+    out = tmp_path_factory.mktemp("model")
+    final = train_lit(
+        TrainConfig(
+            features=str(colour_features),
+            output=str(out),
+            text_tower=tiny_text_tower,
+            batch_size=32,
+            epochs=3,
+            warmup_steps=2,
+            lr=3e-3,
+            text_lr=1e-3,
+            holdout=1,
+            progress=False,
+        )
+    )
+    return out, final
+
+
+def test_eval_report_for_a_trained_model(trained_model, colour_features, tmp_path):
+    from taxoclip.cli import main
+
+    model, final = trained_model
+    assert (
+        main(
+            ["eval", "--model", str(model), "--data", str(colour_features), "-o", str(tmp_path), "--shots", "1,3", "-q"]
+        )
+        == 0
+    )
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["metrics"]["top1"] == pytest.approx(final["top1"])
+    assert report["metrics"]["unseen_images"] == 5  # one held-out class, 5 valid photos
+    methods = {(r["method"], r["train images per class"]) for r in report["comparison"]}
+    assert ("Transfer Init (CatLIP)", "1") in methods and ("logistic-regression probe", "all") in methods
+    for name in (
+        "report.md",
+        "report.html",
+        "per_class.csv",
+        "per_rank.csv",
+        "confused_pairs.csv",
+        "comparison.csv",
+        "confusion.png",
+        "accuracy_by_rank.png",
+        "long_tail.png",
+        "data_efficiency.png",
+    ):
+        assert (tmp_path / name).exists(), name
+    assert "Accuracy at every rank" in (tmp_path / "report.md").read_text()
+    assert "<table>" in (tmp_path / "report.html").read_text()
+
+
+def test_eval_with_template_ensemble_caches_class_embeddings(trained_model, colour_features, tmp_path):
+    from taxoclip.report import EvalConfig, run_evaluation
+
+    model, _ = trained_model
+    before = set(model.glob("class_embeddings-*.npy"))
+    run_evaluation(
+        EvalConfig(
+            model=str(model),
+            data=str(colour_features),
+            output=str(tmp_path),
+            style="templates",
+            baselines=False,
+            progress=False,
+        )
+    )
+    assert len(set(model.glob("class_embeddings-*.npy")) - before) == 1
+
+
+def test_eval_of_an_open_clip_model_embeds_the_shards_itself(colour_shards, tmp_path):
+    from taxoclip.report import EvalConfig, run_evaluation
+
+    report = run_evaluation(
+        EvalConfig(
+            model="open_clip:ViT-B-32",
+            data=str(colour_shards),
+            output=str(tmp_path),
+            random_weights=True,
+            baselines=False,
+            progress=False,
+        )
+    )
+    assert report["metrics"]["images"] == 30 and 0 <= report["metrics"]["top1"] <= 1
+    assert (tmp_path / "features" / "meta.json").exists()
+
+
+def test_eval_refuses_features_of_another_tower(trained_model, tmp_path, colour_shards):
+    from taxoclip import TaxoclipError
+    from taxoclip.features import extract_features
+    from taxoclip.report import EvalConfig, run_evaluation
+
+    model, _ = trained_model
+    other = extract_features(
+        colour_shards, "timm:test_resnet", tmp_path / "f", pretrained=False, workers=0, progress=False
+    )
+    with pytest.raises(TaxoclipError, match="embeddings of timm:test_resnet"):
+        run_evaluation(EvalConfig(model=str(model), data=str(other.path), output=str(tmp_path / "r"), progress=False))
