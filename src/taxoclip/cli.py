@@ -270,6 +270,165 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_predictor(args: argparse.Namespace):
+    """A Predictor from --model (a model directory or open_clip:NAME with --classes) or --onnx."""
+    from taxoclip.predict import DEFAULT_THRESHOLD, Predictor, torch_predictor
+
+    subset = [t for t in args.subset.split(",")] if getattr(args, "subset", None) else None
+    threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    if args.onnx:
+        import taxoclip
+        from taxoclip.export import OnnxClassifier
+
+        runner = OnnxClassifier(args.onnx)
+        model_dir = args.model or runner.meta.get("model_dir")
+        if not model_dir:
+            raise TaxoclipError_("--onnx needs --model (the model directory it was exported from)")
+        classes = taxoclip.load(model_dir).classes
+        return Predictor(classes, runner.preprocess, runner, subset=subset, threshold=threshold)
+    if args.model is None:
+        raise TaxoclipError_("give --model (a model directory or open_clip:NAME) or --onnx")
+    if args.model.startswith("open_clip:"):
+        return open_clip_predictor(args, subset, threshold)
+    import taxoclip
+
+    return torch_predictor(taxoclip.load(args.model), subset=subset, threshold=threshold)
+
+
+def open_clip_predictor(args: argparse.Namespace, subset, threshold):
+    import torch
+
+    from taxoclip.captions import build_captions
+    from taxoclip.predict import Predictor
+    from taxoclip.sources.tables import load_class_csv
+    from taxoclip.towers import create_image_tower
+    from taxoclip.zeroshot import OpenClipZeroShot
+
+    if not args.classes:
+        raise TaxoclipError_("an open_clip model needs --classes CSV (one row per class, with its taxonomy)")
+    classes = load_class_csv(Path(args.classes))
+    classifier = OpenClipZeroShot(args.model, classes, build_captions(classes).by_class, args.style or "paper")
+    tower = create_image_tower(args.model).for_inference(torch.device("cpu"))
+
+    @torch.no_grad()
+    def run(pixels):
+        return classifier.logits_from_features(tower.embed(pixels)).softmax(-1)
+
+    return Predictor(classes, tower.preprocess, run, subset=subset, threshold=threshold)
+
+
+def TaxoclipError_(message: str):
+    from taxoclip.errors import TaxoclipError
+
+    return TaxoclipError(message)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from taxoclip.predict import collect_photos
+
+    photos = collect_photos(args.photos)
+    predictor = build_predictor(args)
+    results = predictor.predict_paths(
+        photos, progress=not args.quiet and len(photos) > 8, top_k=args.top_k, rank=args.rank
+    )
+    failed = [r for r in results if r.error]
+    if args.format == "json":
+        print(json.dumps([r.to_json() for r in results], indent=1, ensure_ascii=False))
+    elif args.format == "csv":
+        print_predictions_csv(results)
+    else:
+        print_predictions_table(results)
+    if failed:
+        print(f"{len(failed)} of {len(results)} photos could not be read (listed above)", file=sys.stderr)
+    return 2 if len(failed) == len(results) else 0
+
+
+def print_predictions_table(results) -> None:
+    for result in results:
+        if result.error:
+            print(f"{result.source}: skipped ({result.error})")
+            continue
+        print(f"{result.source}: {result.confident['text']} [{100 * result.confident['probability']:.0f}%]")
+        if result.at_rank:
+            print(
+                f"  at {result.at_rank['rank']}: {result.at_rank['name']} ({100 * result.at_rank['probability']:.1f}%)"
+            )
+        for entry in result.top:
+            lineage = " > ".join(v for k, v in entry["lineage"].items() if v and k != "species")
+            name = f"{entry['name']} ({entry['scientific_name']})" if entry["name"] else entry["scientific_name"]
+            print(f"  {100 * entry['probability']:5.1f}%  {name}   {lineage}")
+
+
+def print_predictions_csv(results) -> None:
+    import csv
+
+    writer = csv.writer(sys.stdout)
+    writer.writerow(
+        [
+            "photo",
+            "rank_of_answer",
+            "answer",
+            "answer_probability",
+            "top",
+            "id",
+            "name",
+            "scientific_name",
+            "probability",
+            "kingdom",
+            "phylum",
+            "class",
+            "order",
+            "family",
+            "genus",
+            "error",
+        ]
+    )
+    for result in results:
+        if result.error:
+            writer.writerow([result.source, "", "", "", "", "", "", "", "", *[""] * 6, result.error])
+            continue
+        for position, entry in enumerate(result.top, start=1):
+            lineage = [entry["lineage"].get(r, "") for r in ("kingdom", "phylum", "class", "order", "family", "genus")]
+            writer.writerow(
+                [
+                    result.source,
+                    result.confident["rank"],
+                    result.confident["name"],
+                    result.confident["probability"],
+                    position,
+                    entry["id"],
+                    entry["name"],
+                    entry["scientific_name"],
+                    entry["probability"],
+                    *lineage,
+                    "",
+                ]
+            )
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from taxoclip.export import export_onnx
+
+    path = export_onnx(args.model, args.output)
+    print(f"ONNX model -> {path} (preprocessing and classes in {path}.json)")
+    return 0
+
+
+def add_predictor_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="a model directory (taxoclip train) or open_clip:NAME (with --classes)")
+    p.add_argument("--classes", help="class CSV, for an open_clip model")
+    p.add_argument("--style", help="caption style for an open_clip model (default paper)")
+    p.add_argument("--onnx", help="run this exported ONNX file instead of PyTorch")
+    p.add_argument("--subset", help="answer only among these taxa (any rank), comma-separated: 'Rosaceae,Tulipa'")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help="probability the honest answer's rank must reach (default 0.4, measured on flowers valid)",
+    )
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from taxoclip.demo import run_demo
 
@@ -357,6 +516,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", action="store_true", help="open_clip architecture with random weights")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(handler=cmd_eval)
+
+    p = commands.add_parser("predict", help="identify the species in photos (top-k, lineage, honest rank)")
+    p.add_argument("photos", nargs="+", help="photos or folders of photos")
+    add_predictor_arguments(p)
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument(
+        "--rank",
+        choices=["kingdom", "phylum", "class", "order", "family", "genus", "species"],
+        help="also answer at this rank (probabilities summed up the tree)",
+    )
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(handler=cmd_predict)
+
+    p = commands.add_parser("export", help="export a model: 'export onnx'")
+    formats = p.add_subparsers(dest="target", metavar="FORMAT", required=True)
+    q = formats.add_parser("onnx", help="image tower + classifier head as one ONNX graph (checked with onnxruntime)")
+    q.add_argument("--model", required=True, help="model directory")
+    q.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    q.set_defaults(handler=cmd_export_onnx)
 
     p = commands.add_parser("demo", help="the whole path on real flower photos, with a summary")
     p.add_argument("--data", help="flowers102 folder (default: $TAXOCLIP_DATA/flowers102 or ../shared/data/flowers102)")
