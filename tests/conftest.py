@@ -185,3 +185,13 @@ def tiny_text_tower(tmp_path_factory) -> str:
     transformers.BertModel(config).save_pretrained(folder)
     transformers.AutoTokenizer.from_pretrained(str(get_model_path())).save_pretrained(folder)
     return f"hf:{folder}"
+
+
+@pytest.fixture(scope="session")
+def quick_demo(flowers, tmp_path_factory) -> Path:
+    """The quick demo's output (5 real flower classes: shards, features, a LiT model), made once."""
+    from taxoclip.demo import run_demo
+
+    out = tmp_path_factory.mktemp("quick_demo")
+    assert run_demo(data=str(flowers), out=out, quick=True) == 0
+    return out

@@ -6,9 +6,9 @@ from taxoclip.cli import main
 
 
 @pytest.mark.slow
-def test_quick_demo_runs_the_whole_path_on_real_photos(flowers, tmp_path):
+def test_quick_demo_runs_the_whole_path_on_real_photos(quick_demo):
     """The README's main command, on 5 real classes: shards, features, LiT, zero-shot accuracy."""
-    assert main(["demo", "--quick", "--data", str(flowers), "-o", str(tmp_path)]) == 0
+    tmp_path = quick_demo
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["verify_ok"] and summary["classes"] == 5
     assert summary["features"]["count"] == sum(summary["images"].values())

@@ -408,6 +408,17 @@ def print_predictions_csv(results) -> None:
             )
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from taxoclip.serve import serve
+
+    predictor = build_predictor(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host}, reachable from other machines", file=sys.stderr)
+    print(f"open http://{args.host}:{args.port}/ (JSON API at /api/predict, docs at /api/docs)")
+    serve(predictor, host=args.host, port=args.port, model_name=Path(args.model or args.onnx or "model").name)
+    return 0
+
+
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     from taxoclip.export import export_onnx
 
@@ -529,6 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(handler=cmd_predict)
+
+    p = commands.add_parser("serve", help="a web page (and JSON API) to identify photos, on localhost")
+    add_predictor_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(handler=cmd_serve)
 
     p = commands.add_parser("export", help="export a model: 'export onnx'")
     formats = p.add_subparsers(dest="target", metavar="FORMAT", required=True)

@@ -64,11 +64,12 @@ class Predictor:
 
     def subset_mask(self, taxa: Sequence[str]) -> torch.Tensor:
         """Classes whose name at any rank (or id, common or scientific name) is one of ``taxa``."""
-        wanted = {t.strip().lower() for t in taxa if t.strip()}
+        given = {t.strip().lower(): t.strip() for t in taxa if t.strip()}
+        wanted = set(given)
         columns = ["id", "common_name", "scientific_name", *(r.column for r in Rank)]
         mask = [any(row.get(c, "").lower() in wanted for c in columns) for row in self.classes]
         found = {row.get(c, "").lower() for row, keep in zip(self.classes, mask, strict=True) if keep for c in columns}
-        missing = sorted(wanted - found)
+        missing = sorted(given[m] for m in wanted - found)
         if missing:
             raise TaxoclipError(
                 f"--subset: no class has the taxon {', '.join(repr(m) for m in missing)} at any rank; "

@@ -1,0 +1,103 @@
+"""`taxoclip serve`: a web page for field use and the JSON API it calls.
+
+  GET  /              the page: choose or drop photos, see the top species with confidence bars,
+                      the lineage and the deepest confident rank
+  GET  /api/info      the model: classes, threshold, limits
+  POST /api/predict   multipart field ``files`` (one or more photos) -> predictions as JSON
+
+Bad uploads get a 4xx with a message and never stop the server: too many files (413), a file over
+the size limit (413), empty (400), not an image (415), too many pixels (413). The model runs one
+batch at a time behind a lock, so concurrent requests queue instead of oversubscribing the CPU.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image
+
+from taxoclip.images import BadImage, check_image, decode_image
+from taxoclip.predict import Predictor
+
+MAX_FILE_BYTES = 10 * 1024 * 1024
+MAX_FILES = 8
+MAX_PIXELS = 40_000_000  # ~ 7,700 x 5,200; larger "photos" are refused before decoding
+
+PAGE = Path(__file__).with_name("static") / "index.html"
+
+
+def create_app(
+    predictor: Predictor,
+    *,
+    model_name: str = "",
+    top_k: int = 5,
+    max_file_bytes: int = MAX_FILE_BYTES,
+    max_files: int = MAX_FILES,
+):
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # PIL raises on anything over twice this; warns over it
+    app = FastAPI(title="taxoclip", docs_url="/api/docs", openapi_url="/api/openapi.json")
+    lock = threading.Lock()
+    page = PAGE.read_text()
+
+    @app.exception_handler(HTTPException)
+    async def explain(request: Request, error: HTTPException):  # a plain {"error": "..."} for the page
+        return JSONResponse({"error": error.detail}, status_code=error.status_code)
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return page
+
+    @app.get("/api/info")
+    def info() -> dict:
+        return {
+            "model": model_name,
+            "classes": len(predictor.classes),
+            "threshold": predictor.threshold,
+            "max_file_bytes": max_file_bytes,
+            "max_files": max_files,
+            "top_k": top_k,
+        }
+
+    @app.post("/api/predict")
+    def predict(files: list[UploadFile], request: Request, rank: str | None = None) -> dict:
+        length = int(request.headers.get("content-length") or 0)
+        if length > max_files * max_file_bytes + 1024 * 1024:
+            raise HTTPException(
+                413,
+                f"request too large ({length} bytes); at most {max_files} photos of "
+                f"{max_file_bytes // (1024 * 1024)} MB each",
+            )
+        if len(files) > max_files:
+            raise HTTPException(413, f"{len(files)} photos in one request; send at most {max_files}")
+        images, names = [], []
+        for upload in files:
+            data = upload.file.read(max_file_bytes + 1)
+            name = upload.filename or "photo"
+            if len(data) > max_file_bytes:
+                raise HTTPException(413, f"{name}: larger than {max_file_bytes // (1024 * 1024)} MB")
+            if not data:
+                raise HTTPException(400, f"{name}: empty file")
+            try:
+                check_image(data)
+                images.append(decode_image(data))
+            except BadImage as error:
+                status = 413 if "pixels" in str(error) else 415
+                raise HTTPException(status, f"{name}: {error}") from None
+            names.append(name)
+        with lock:
+            try:
+                predictions = predictor.predict_images(images, names, top_k=top_k, rank=rank)
+            except Exception as error:  # a user's bad --rank, say: answer, keep serving
+                raise HTTPException(400, str(error)) from None
+        return {"results": [p.to_json() for p in predictions]}
+
+    return app
+
+
+def serve(predictor: Predictor, *, host: str = "127.0.0.1", port: int = 8000, model_name: str = "") -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(predictor, model_name=model_name), host=host, port=port, log_level="info")
