@@ -220,7 +220,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=20, help="linear warm-up steps before the cosine decay")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--text-layers", default="2", help="top text blocks that train (0 = projection only, all)")
-    p.add_argument("--image-projection", action="store_true", help="a trainable linear map on the image side")
+    p.add_argument(
+        "--image-projection",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a trainable linear map on the locked image embeddings (default on)",
+    )
     p.add_argument("--embed-dim", type=int, help="shared embedding width (with --image-projection)")
     p.add_argument(
         "--projection-init",
@@ -436,7 +441,7 @@ def add_predictor_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threshold",
         type=float,
-        help="probability the honest answer's rank must reach (default 0.4, measured on flowers valid)",
+        help="probability the honest answer's rank must reach (default 0.5, measured on flowers valid)",
     )
 
 

@@ -50,7 +50,7 @@ class TrainConfig:
     warmup_steps: int = 20
     grad_clip: float = 1.0
     text_layers: int | None = 2
-    image_projection: bool = False
+    image_projection: bool = True  # a linear map on the locked embeddings: 96.6% vs 94.0% on flowers
     embed_dim: int | None = None
     projection_init: str = "ridge"  # "ridge" or "random"
     holdout: int = 0  # classes held out of training, to measure zero-shot on unseen classes
