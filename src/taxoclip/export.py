@@ -8,7 +8,9 @@ only has to resize and crop.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -47,16 +49,18 @@ def export_onnx(model_dir: str | Path, output: str | Path, *, opset: int = 18) -
     example = torch.randint(0, 255, (2, 3, size, size)).float()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
+    # The exporter reports progress on stdout; keep stdout for results (JSON, CSV).
+    with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
         torch.onnx.export(
             graph,
             (example,),
             str(output),
             input_names=["pixels"],
             output_names=["probabilities"],
-            dynamic_axes={"pixels": {0: "batch"}, "probabilities": {0: "batch"}},
+            dynamic_shapes={"pixels": {0: torch.export.Dim("batch", min=1, max=4096)}},
             opset_version=opset,
-            dynamo=False,
+            dynamo=True,
+            external_data=False,
         )
     sidecar = {
         "model_dir": str(Path(model_dir).resolve()),
