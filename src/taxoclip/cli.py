@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from taxoclip.errors import TaxoclipError  # light: no third-party imports
+
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="iNat JSON, CUB folder, image folder, or CSV of classes/images")
@@ -288,11 +290,11 @@ def build_predictor(args: argparse.Namespace):
         runner = OnnxClassifier(args.onnx)
         model_dir = args.model or runner.meta.get("model_dir")
         if not model_dir:
-            raise TaxoclipError_("--onnx needs --model (the model directory it was exported from)")
+            raise TaxoclipError("--onnx needs --model (the model directory it was exported from)")
         classes = taxoclip.load(model_dir).classes
         return Predictor(classes, runner.preprocess, runner, subset=subset, threshold=threshold)
     if args.model is None:
-        raise TaxoclipError_("give --model (a model directory or open_clip:NAME) or --onnx")
+        raise TaxoclipError("give --model (a model directory or open_clip:NAME) or --onnx")
     if args.model.startswith("open_clip:"):
         return open_clip_predictor(args, subset, threshold)
     import taxoclip
@@ -310,7 +312,7 @@ def open_clip_predictor(args: argparse.Namespace, subset, threshold):
     from taxoclip.zeroshot import OpenClipZeroShot
 
     if not args.classes:
-        raise TaxoclipError_("an open_clip model needs --classes CSV (one row per class, with its taxonomy)")
+        raise TaxoclipError("an open_clip model needs --classes CSV (one row per class, with its taxonomy)")
     classes = load_class_csv(Path(args.classes))
     classifier = OpenClipZeroShot(args.model, classes, build_captions(classes).by_class, args.style or "paper")
     tower = create_image_tower(args.model).for_inference(torch.device("cpu"))
@@ -320,12 +322,6 @@ def open_clip_predictor(args: argparse.Namespace, subset, threshold):
         return classifier.logits_from_features(tower.embed(pixels)).softmax(-1)
 
     return Predictor(classes, tower.preprocess, run, subset=subset, threshold=threshold)
-
-
-def TaxoclipError_(message: str):
-    from taxoclip.errors import TaxoclipError
-
-    return TaxoclipError(message)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -590,8 +586,6 @@ def package_version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from taxoclip.errors import TaxoclipError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     # "shards verify DIR" reads naturally, but "shards SOURCE" takes a positional too, so verify
     # gets a parser of its own rather than an argparse sub-subcommand.
