@@ -48,7 +48,7 @@ def bench_features(args) -> list[dict]:
         n = len(pixels)
         # Alternate the two measurements so drifting load on this shared machine hits both alike.
         pipeline, bare = [], []
-        for round_ in range(2):
+        for round_ in range(3):
             cache = extract_features(shards, tower, Path(tmp) / f"f{round_}", batch_size=BATCH, progress=False)
             pipeline.append(cache.meta["seconds"])
             bare.append(bare_forward_seconds(tower, pixels))
