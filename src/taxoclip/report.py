@@ -44,26 +44,20 @@ class EvalConfig:
     progress: bool = True
 
 
-def load_classifier(config: EvalConfig, cache_classes: ClassTable, cache_captions: list[dict] | None):
-    if config.model.startswith("open_clip:"):
-        from taxoclip.captions import build_captions
-        from taxoclip.zeroshot import OpenClipZeroShot
+def open_clip_classifier(config: EvalConfig, cache_classes: ClassTable, cache_captions: list[dict] | None):
+    """Zero-shot with an open_clip model over the data's own class table (and its captions)."""
+    from taxoclip.captions import build_captions
+    from taxoclip.zeroshot import OpenClipZeroShot
 
-        by_class = cache_captions or build_captions(cache_classes).by_class
-        return OpenClipZeroShot(
-            config.model,
-            cache_classes,
-            by_class,
-            config.style or "paper",
-            pretrained=not config.random_weights,
-            cache_dir=Path(config.output) / "cache",
-        )
-    from taxoclip.bundle import load
-
-    model = load(config.model)
-    if config.style:
-        model.use_style(config.style)
-    return model
+    by_class = cache_captions or build_captions(cache_classes).by_class
+    return OpenClipZeroShot(
+        config.model,
+        cache_classes,
+        by_class,
+        config.style or "paper",
+        pretrained=not config.random_weights,
+        cache_dir=Path(config.output) / "cache",
+    )
 
 
 def features_for(config: EvalConfig, tower_name: str, pretrained: bool) -> FeatureCache:
@@ -88,8 +82,8 @@ def run_evaluation(config: EvalConfig) -> dict:
     tower_name, pretrained, classifier = resolve_tower(config)
     cache = features_for(config, tower_name, pretrained)
     classes = cache.classes
-    if classifier is None:
-        classifier = load_classifier(config, classes, (cache.meta.get("captions") or {}).get("by_class"))
+    if classifier is None:  # open_clip: its class embeddings come from the data's class table
+        classifier = open_clip_classifier(config, classes, (cache.meta.get("captions") or {}).get("by_class"))
     if classifier.classes.ids != classes.ids:
         raise TaxoclipError(
             "the model's classes differ from the data's class table; evaluate on data made from the same class metadata"
