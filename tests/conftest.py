@@ -195,3 +195,21 @@ def quick_demo(flowers, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("quick_demo")
     assert run_demo(data=str(flowers), out=out, quick=True) == 0
     return out
+
+
+def torchrun(*arguments: str, port: int, processes: int = 2) -> list[str]:
+    """The command running `taxoclip ARGUMENTS` in ``processes`` CPU processes under torchrun."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_port",
+        str(port),
+        "-m",
+        "taxoclip.cli",
+        *arguments,
+    ]

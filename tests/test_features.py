@@ -1,12 +1,12 @@
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import taxoclip.features as features_module
+from conftest import torchrun
 from taxoclip.captions import build_captions
 from taxoclip.features import extract_features, load_features
 from taxoclip.images import decode_image
@@ -118,16 +118,7 @@ def test_loading_a_folder_that_is_not_a_cache_is_a_clear_error(tmp_path):
 def test_two_processes_under_torchrun_match_one(shards, tmp_path):
     single = extract_features(shards, TOWER, tmp_path / "one", pretrained=False, workers=0, progress=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29517",
-        "-m",
-        "taxoclip.cli",
+    command = torchrun(
         "features",
         str(shards),
         "--tower",
@@ -138,7 +129,8 @@ def test_two_processes_under_torchrun_match_one(shards, tmp_path):
         "--workers",
         "0",
         "-q",
-    ]
+        port=29517,
+    )
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     double = load_features(tmp_path / "two")

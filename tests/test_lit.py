@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import taxoclip
 import taxoclip.train.lit as lit_module
+from conftest import torchrun
 from taxoclip import TaxoclipError
 from taxoclip.losses import class_contrastive_loss, clip_loss, unique_targets
 from taxoclip.train.common import warmup_cosine
@@ -193,20 +194,7 @@ def test_two_processes_under_torchrun_match_one(colour_features, tiny_text_tower
     )
     assert single.returncode == 0, single.stderr[-2000:]
     double = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29531",
-            "-m",
-            "taxoclip.cli",
-            *arguments,
-            "-o",
-            str(tmp_path / "two"),
-        ],
+        torchrun(*arguments, "-o", str(tmp_path / "two"), port=29531),
         env=env,
         capture_output=True,
         text=True,
