@@ -217,3 +217,48 @@ def test_warmup_sweep_writes_one_table_and_plot(colour_features, tiny_text_tower
     assert "| 1 |" in table and "| 4 |" in table
     for name in ("sweep.png", "sweep.md", "sweep.csv", "sweep.json", "warmup-1/metrics.csv", "warmup-4/config.json"):
         assert (tmp_path / "sweep" / name).exists(), name
+
+
+def test_a_model_trained_on_a_random_weight_tower_predicts_from_photos(
+    colour_features, colour_shards, tiny_text_tower, tmp_path
+):
+    """The model records that its image tower had random weights, so it rebuilds the same tower
+    (no download) and classifies photos as it classified their cached embeddings."""
+    from taxoclip.features import load_features
+    from taxoclip.images import decode_image
+    from taxoclip.shards import iter_tar_samples
+
+    train_lit(config(colour_features, tmp_path / "m", tiny_text_tower))
+    model = taxoclip.load(tmp_path / "m")
+    assert model.image_pretrained is False
+    samples = [s for tar in sorted(colour_shards.glob("valid-*.tar")) for s in iter_tar_samples(tar)][:6]
+    predictions = model.predict([decode_image(s["jpg"]) for s in samples])
+    cache = load_features(colour_features)
+    rows = [cache.row_of()[s["__key__"].decode()] for s in samples]
+    from_cache = model.probabilities_from_features(np.asarray(cache.features[rows], np.float32)).argmax(-1)
+    assert [p.top[0]["id"] for p in predictions] == [model.classes.ids[i] for i in from_cache.tolist()]
+
+
+def test_unlocked_image_tower_is_checkpointed_and_resumes_exactly(
+    colour_features, colour_shards, tiny_text_tower, tmp_path, monkeypatch
+):
+    settings = dict(epochs=2, unlock_image=True, shards=str(colour_shards))
+    train_lit(config(colour_features, tmp_path / "clean", tiny_text_tower, **settings))
+    original = lit_module.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        original(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lit_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_lit(config(colour_features, tmp_path / "resumed", tiny_text_tower, **settings))
+    checkpoint = load_file(str(tmp_path / "resumed" / "checkpoint" / "model.safetensors"))
+    assert any(key.startswith("image.") for key in checkpoint)
+    monkeypatch.setattr(lit_module, "save_checkpoint", original)
+    train_lit(config(colour_features, tmp_path / "resumed", tiny_text_tower, **settings))
+    for name in ("image_tower.safetensors", "model.safetensors"):
+        clean = load_file(str(tmp_path / "clean" / name))
+        resumed = load_file(str(tmp_path / "resumed" / name))
+        for key in clean:
+            assert torch.allclose(clean[key], resumed[key], atol=1e-6), (name, key)

@@ -150,9 +150,9 @@ def resolve_tower(config: EvalConfig):
 
 
 def seen_classes(classifier, n_classes: int) -> np.ndarray | None:
-    held_out = (
-        getattr(classifier, "config", {}).get("training", {}).get("held_out") if hasattr(classifier, "config") else None
-    )
+    """Which classes had training images, for a model trained with --holdout (else None)."""
+    config = getattr(classifier, "config", None) or {}  # open_clip classifiers carry no training record
+    held_out = config.get("training", {}).get("held_out")
     if not held_out:
         return None
     seen = np.ones(n_classes, dtype=bool)

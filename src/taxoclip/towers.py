@@ -169,7 +169,7 @@ def create_image_tower(name: str, *, pretrained: bool = True) -> ImageTower:
     else:
         tower = build_image_tower(name, pretrained=True)
     tower.pretrained = pretrained
-    return tower
+    return tower.eval()  # inference mode unless a trainer says otherwise
 
 
 def build_image_tower(name: str, *, pretrained: bool) -> ImageTower:

@@ -118,6 +118,7 @@ def train_lit(config: TrainConfig) -> dict:
     train_features = torch.from_numpy(np.asarray(cache.features[np.sort(train_rows)], dtype=np.float32))
     lit_config = LiTConfig(
         image_tower=cache.meta["tower"]["name"],
+        image_pretrained=cache.meta["tower"].get("pretrained", True),
         text_tower=config.text_tower,
         image_width=cache.features.shape[1],
         text_width=text_tower.width,
@@ -167,7 +168,9 @@ def train_lit(config: TrainConfig) -> dict:
     checkpoints = out / "checkpoint"
     history: list[dict] = []
     start_epoch = 0
-    state = load_checkpoint(checkpoints, model, optimizer) if checkpoints.exists() else None
+    # Everything that trains is checkpointed: the LiT model, and the image tower when unlocked.
+    trained = torch.nn.ModuleDict({"lit": model} | ({"image": image_tower} if config.unlock_image else {}))
+    state = load_checkpoint(checkpoints, trained, optimizer) if checkpoints.exists() else None
     if state is not None:
         if state["config"] != run_signature(config):
             raise TaxoclipError(f"{out} holds a run with other settings; use another --output or delete it")
@@ -186,6 +189,8 @@ def train_lit(config: TrainConfig) -> dict:
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
         model.train()
+        if config.unlock_image:  # full fine-tuning: batch-norm statistics and dropout train too
+            image_tower.train()
         torch.manual_seed(config.seed * 100_003 + epoch)  # dropout masks: reproducible across resumes
         order = np.random.default_rng([config.seed, epoch]).permutation(train_rows)
         losses = []
@@ -241,7 +246,10 @@ def train_lit(config: TrainConfig) -> dict:
                 print(format_epoch(row))
             write_log(out, history)
             save_checkpoint(
-                checkpoints, model, optimizer, {"epoch": epoch + 1, "history": history, "config": run_signature(config)}
+                checkpoints,
+                trained,
+                optimizer,
+                {"epoch": epoch + 1, "history": history, "config": run_signature(config)},
             )
         if world > 1:
             torch.distributed.barrier()
