@@ -262,3 +262,12 @@ def test_unlocked_image_tower_is_checkpointed_and_resumes_exactly(
         resumed = load_file(str(tmp_path / "resumed" / name))
         for key in clean:
             assert torch.allclose(clean[key], resumed[key], atol=1e-6), (name, key)
+
+
+def test_eval_every_spaces_out_evaluation_but_always_scores_the_last_epoch(colour_features, tiny_text_tower, tmp_path):
+    from taxoclip.train.lit import load_history
+
+    train_lit(config(colour_features, tmp_path / "m", tiny_text_tower, epochs=3, eval_every=2))
+    history = load_history(tmp_path / "m")
+    assert ["top1" in row for row in history] == [False, True, True]
+    assert (tmp_path / "m" / "accuracy.png").exists() and (tmp_path / "m" / "metrics.csv").exists()

@@ -177,6 +177,7 @@ def train_config_from(args: argparse.Namespace):
         image_in_loop=args.image_in_loop,
         shards=args.shards,
         unlock_image=args.unlock_image,
+        eval_every=args.eval_every,
         progress=not args.quiet,
     )
 
@@ -242,6 +243,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-in-loop", action="store_true", help="run the image tower every step (the slow baseline)")
     p.add_argument("--unlock-image", action="store_true", help="train the image tower too (needs --shards)")
     p.add_argument("--shards", help="the shards, for --image-in-loop / --unlock-image")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=1,
+        help="epochs between zero-shot evaluations on valid (default 1; the last epoch always)",
+    )
     p.add_argument("-q", "--quiet", action="store_true")
 
 

@@ -61,6 +61,7 @@ class TrainConfig:
     shards: str | None = None  # the images, for image_in_loop
     unlock_image: bool = False
     max_steps_per_epoch: int | None = None  # for benchmarks: a partial epoch
+    eval_every: int = 1  # epochs between zero-shot evaluations (the last epoch is always evaluated)
     progress: bool = True
 
     def check(self) -> None:
@@ -236,10 +237,12 @@ def train_lit(config: TrainConfig) -> dict:
             "lr": optimizer.param_groups[0]["lr"],
             "temperature": float(1 / model.scale().detach()),
         }
-        valid_features = None
-        if config.unlock_image:  # the cache holds the old tower's embeddings: embed the photos again
-            valid_features = embed_split(config.shards, image_tower, "valid")
-        row.update(evaluate(model, cache, valid_rows, eval_captions, held_out, device, valid_features))
+        # Evaluation re-encodes every class caption: --eval-every spaces it out (the last epoch always).
+        if (epoch + 1) % max(1, config.eval_every) == 0 or epoch + 1 == config.epochs:
+            valid_features = None
+            if config.unlock_image:  # the cache holds the old tower's embeddings: embed the photos again
+                valid_features = embed_split(config.shards, image_tower, "valid")
+            row.update(evaluate(model, cache, valid_rows, eval_captions, held_out, device, valid_features))
         history.append(row)
         if rank == 0:
             if config.progress:
