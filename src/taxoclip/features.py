@@ -319,6 +319,22 @@ def default_workers(device: torch.device | None = None) -> int:
     return max(1, min(8, cores // 2))
 
 
+def image_loader(
+    units: list[Unit], preprocess: Preprocess, batch_size: int, device: torch.device, workers: int | None = None
+) -> DataLoader:
+    """Batches of decoded, preprocessed photos of ``units`` ({"pixels", "good", "bad"}), decoded
+    in worker processes: the one loader behind extraction and the trainers' image-in-loop paths."""
+    workers = default_workers(device) if workers is None else workers
+    return DataLoader(
+        UnitImages(units, preprocess),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
+
+
 @torch.no_grad()
 def run_units(
     units: list[Unit],
@@ -334,16 +350,7 @@ def run_units(
     if not units:
         return
     tower = tower.for_inference(device)
-    workers = default_workers(device) if workers is None else workers
-    loader = DataLoader(
-        UnitImages(units, tower.preprocess),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-        prefetch_factor=4 if workers else None,
-    )
+    loader = image_loader(units, tower.preprocess, batch_size, device, workers)
     expected = {u.name: u.count for u in units}
     buffers: dict[str, dict[str, list]] = {
         u.name: {"features": [], "keys": [], "labels": [], "splits": [], "rejects": [], "seen": 0} for u in units

@@ -129,6 +129,10 @@ class ImageTower(nn.Module):
         """Moved to ``device`` in channels-last layout (faster convolutions on CPU and GPU alike)."""
         return self.to(device).to(memory_format=torch.channels_last).eval()
 
+    def prepare(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 images as ``Preprocess.to_uint8`` makes them -> the tower's normalised input."""
+        return normalise(pixels, self.preprocess).contiguous(memory_format=torch.channels_last)
+
     @torch.inference_mode()
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """Embeddings (float32) of uint8 images (B, 3, H, W) as ``Preprocess.to_uint8`` makes them.
@@ -144,7 +148,7 @@ class ImageTower(nn.Module):
         chunks = [pixels] if on_gpu else pixels.split(CPU_CHUNK)
         outputs = []
         for chunk in chunks:
-            chunk = normalise(chunk, self.preprocess).contiguous(memory_format=torch.channels_last)
+            chunk = self.prepare(chunk)
             with torch.autocast(pixels.device.type, dtype=torch.bfloat16, enabled=on_gpu):
                 outputs.append(self(chunk).float())
         return torch.cat(outputs)

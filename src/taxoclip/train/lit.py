@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from taxoclip.errors import TaxoclipError
-from taxoclip.features import FeatureCache, load_features, pick_device
+from taxoclip.features import FeatureCache, image_loader, load_features, pick_device, plan_from_shards
 from taxoclip.lit import CaptionBank, LiTConfig, LiTModel, ridge_text_projection
 from taxoclip.towers import create_image_tower, create_text_tower
 from taxoclip.train.common import (
@@ -116,7 +116,7 @@ def train_lit(config: TrainConfig) -> dict:
 
     # --- model: text tower + projections; the image tower only by name (and its cache) -------------
     text_tower = create_text_tower(config.text_tower)
-    train_features = torch.from_numpy(np.asarray(cache.features[np.sort(train_rows)], dtype=np.float32))
+    train_features = torch.from_numpy(np.asarray(cache.features[train_rows], dtype=np.float32))
     lit_config = LiTConfig(
         image_tower=cache.meta["tower"]["name"],
         image_pretrained=cache.meta["tower"].get("pretrained", True),
@@ -141,7 +141,7 @@ def train_lit(config: TrainConfig) -> dict:
     captions_by_style = [captions_for(cache, style) for style in config.styles]
     eval_captions = captions_for(cache, config.eval_style)
     if config.projection_init == "ridge":
-        class_means = class_mean_embeddings(model, train_features, cache.labels[np.sort(train_rows)], n_classes)
+        class_means = class_mean_embeddings(model, train_features, cache.labels[train_rows], n_classes)
         has_class = torch.zeros(n_classes, dtype=torch.bool)
         has_class[np.unique(cache.labels[train_rows])] = True
         ridge_text_projection(model, captions_by_style[0], class_means.to(device), has_class.to(device))
@@ -331,33 +331,21 @@ class ShardBatches:
     the cache replaces, and the way to train an unlocked image tower)."""
 
     def __init__(self, shards: str, tower, batch_size: int):
-        from taxoclip.features import plan_from_shards
-
         self.plan = plan_from_shards(Path(shards), "train")
         self.tower, self.batch_size = tower, batch_size
 
     def epoch(self, epoch: int, held_out: np.ndarray):
-        from torch.utils.data import DataLoader
-
-        from taxoclip.features import UnitImages, collate, default_workers
-
         units = list(self.plan.units)
         np.random.default_rng(epoch).shuffle(units)
         device = next(self.tower.parameters()).device
-        loader = DataLoader(
-            UnitImages(units, self.tower.preprocess),
-            batch_size=self.batch_size,
-            num_workers=default_workers(device),
-            collate_fn=collate,
-            pin_memory=device.type == "cuda",
-        )
+        loader = image_loader(units, self.tower.preprocess, self.batch_size, device)
         excluded = set(held_out.tolist())
         for batch in loader:
             keep = [i for i, item in enumerate(batch["good"]) if item["label"] not in excluded]
             pixels = batch["pixels"][keep].to(device)
             labels = torch.tensor([batch["good"][i]["label"] for i in keep])
             if any(p.requires_grad for p in self.tower.parameters()):  # unlocked: the tower trains
-                features = self.tower(tower_input(self.tower, pixels))
+                features = self.tower(self.tower.prepare(pixels))
             else:
                 features = self.tower.embed(pixels)
             yield features, labels
@@ -366,26 +354,14 @@ class ShardBatches:
 @torch.no_grad()
 def embed_split(shards: str, tower, split: str) -> torch.Tensor:
     """The current image tower's embeddings of one split, in the feature cache's row order."""
-    from torch.utils.data import DataLoader
-
-    from taxoclip.features import UnitImages, collate, default_workers, plan_from_shards
-
     plan = plan_from_shards(Path(shards), split)
     device = next(tower.parameters()).device
-    loader = DataLoader(
-        UnitImages(plan.units, tower.preprocess), batch_size=64, num_workers=default_workers(device), collate_fn=collate
-    )
+    loader = image_loader(plan.units, tower.preprocess, 64, device)
     was_training = tower.training
     tower.eval()
     outputs = [tower.embed(batch["pixels"].to(device)).cpu() for batch in loader if batch["pixels"] is not None]
     tower.train(was_training)
     return torch.cat(outputs)
-
-
-def tower_input(tower, pixels: torch.Tensor) -> torch.Tensor:
-    from taxoclip.towers import normalise
-
-    return normalise(pixels, tower.preprocess).contiguous(memory_format=torch.channels_last)
 
 
 def load_history(output: str | Path) -> list[dict]:
