@@ -213,3 +213,21 @@ def torchrun(*arguments: str, port: int, processes: int = 2) -> list[str]:
         "taxoclip.cli",
         *arguments,
     ]
+
+
+def tiny_train_config(features, out, text_tower: str, **overrides):
+    """LiT settings that train the tiny text tower on the colour photos in seconds."""
+    from taxoclip.train.lit import TrainConfig
+
+    settings = dict(
+        features=str(features),
+        output=str(out),
+        text_tower=text_tower,
+        batch_size=32,
+        epochs=3,
+        warmup_steps=2,
+        lr=3e-3,
+        text_lr=1e-3,
+        progress=False,
+    )
+    return TrainConfig(**{**settings, **overrides})

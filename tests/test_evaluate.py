@@ -124,23 +124,11 @@ def test_few_shot_rows_and_baselines_on_separable_data():
 
 @pytest.fixture(scope="module")
 def trained_model(colour_features, tiny_text_tower, tmp_path_factory):
-    from taxoclip.train.lit import TrainConfig, train_lit
+    from conftest import tiny_train_config
+    from taxoclip.train.lit import train_lit
 
     out = tmp_path_factory.mktemp("model")
-    final = train_lit(
-        TrainConfig(
-            features=str(colour_features),
-            output=str(out),
-            text_tower=tiny_text_tower,
-            batch_size=32,
-            epochs=3,
-            warmup_steps=2,
-            lr=3e-3,
-            text_lr=1e-3,
-            holdout=1,
-            progress=False,
-        )
-    )
+    final = train_lit(tiny_train_config(colour_features, out, tiny_text_tower, holdout=1))
     return out, final
 
 

@@ -10,11 +10,11 @@ from safetensors.torch import load_file
 
 import taxoclip
 import taxoclip.train.lit as lit_module
-from conftest import torchrun
+from conftest import tiny_train_config, torchrun
 from taxoclip import TaxoclipError
 from taxoclip.losses import class_contrastive_loss, clip_loss, unique_targets
 from taxoclip.train.common import warmup_cosine
-from taxoclip.train.lit import TrainConfig, train_lit
+from taxoclip.train.lit import train_lit
 
 
 def test_same_class_images_are_not_negatives():
@@ -52,19 +52,7 @@ def test_warmup_then_cosine():
 
 
 def config(features, out, text_tower, **overrides):
-    settings = dict(
-        features=str(features),
-        output=str(out),
-        text_tower=text_tower,
-        batch_size=32,
-        epochs=3,
-        warmup_steps=2,
-        lr=3e-3,
-        text_lr=1e-3,
-        progress=False,
-    )
-    settings.update(overrides)
-    return TrainConfig(**settings)
+    return tiny_train_config(features, out, text_tower, **overrides)
 
 
 def test_training_learns_and_the_model_directory_classifies(colour_features, tiny_text_tower, tmp_path):
