@@ -10,12 +10,12 @@ import time
 import torch
 
 from common import benchmark
-from taxoclip.captions import build_captions
-from taxoclip.data_paths import find_dataset
-from taxoclip.evaluate import Evaluation
-from taxoclip.lit import LiTConfig, LiTModel
-from taxoclip.sources import load_source
-from taxoclip.towers import create_text_tower
+from taxoclip.data.captions import build_captions
+from taxoclip.data.paths import find_dataset
+from taxoclip.data.sources import load_source
+from taxoclip.eval.metrics import Evaluation
+from taxoclip.models.lit import LiTConfig, LiTModel
+from taxoclip.models.towers import create_text_tower
 
 IMAGES, WIDTH, CHUNK = 100_000, 1280, 4096
 

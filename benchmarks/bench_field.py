@@ -21,9 +21,9 @@ from PIL import Image
 
 import taxoclip
 from common import benchmark
-from taxoclip.data_paths import find_dataset
-from taxoclip.demo import run_demo
-from taxoclip.predict import torch_predictor
+from taxoclip.apps.demo import run_demo
+from taxoclip.data.paths import find_dataset
+from taxoclip.inference.predict import torch_predictor
 
 REPEATS = 30
 LOAD_SECONDS, CONCURRENCY = 30, 8
@@ -71,7 +71,7 @@ def bench_field(args) -> list[dict]:
         )
         rows.append({"what": "end to end / bare forward (aim <= 1.3)", "ratio": end_to_end / bare})
 
-        from taxoclip.export import OnnxClassifier, export_onnx
+        from taxoclip.inference.export import OnnxClassifier, export_onnx
 
         onnx = OnnxClassifier(export_onnx(model_dir, tmp / "model.onnx"))
         batch = torch.stack([tower.preprocess.to_uint8(Image.open(p)) for p in (photos * 4)[:16]])
@@ -87,7 +87,7 @@ def bench_field(args) -> list[dict]:
 
         port = 8779
         server = subprocess.Popen(
-            [sys.executable, "-m", "taxoclip.cli", "serve", "--model", str(model_dir), "--port", str(port)],
+            [sys.executable, "-m", "taxoclip", "serve", "--model", str(model_dir), "--port", str(port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

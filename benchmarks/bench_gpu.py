@@ -19,11 +19,11 @@ import torch
 from PIL import Image, ImageFilter
 
 from common import benchmark
-from taxoclip.captions import build_captions
-from taxoclip.features import extract_features
-from taxoclip.shards import ShardOptions, write_shards
-from taxoclip.sources import load_source
-from taxoclip.towers import create_image_tower
+from taxoclip.data.captions import build_captions
+from taxoclip.data.features import extract_features
+from taxoclip.data.shards import ShardOptions, write_shards
+from taxoclip.data.sources import load_source
+from taxoclip.models.towers import create_image_tower
 from taxoclip.train.lit import TrainConfig, load_history, train_lit
 
 CLASSES, TRAIN_PER_CLASS, VALID_PER_CLASS = 102, 240, 8  # ~25,000 photos: start-up costs amortise

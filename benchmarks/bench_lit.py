@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 from common import benchmark
-from taxoclip.captions import build_captions
-from taxoclip.data_paths import find_dataset
-from taxoclip.features import extract_features
-from taxoclip.shards import ShardOptions, write_shards
-from taxoclip.sources import load_source
-from taxoclip.towers import create_image_tower
+from taxoclip.data.captions import build_captions
+from taxoclip.data.features import extract_features
+from taxoclip.data.paths import find_dataset
+from taxoclip.data.shards import ShardOptions, write_shards
+from taxoclip.data.sources import load_source
+from taxoclip.models.towers import create_image_tower
 from taxoclip.train.lit import TrainConfig, load_history, train_lit
 
 BATCH = 512

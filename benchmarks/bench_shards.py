@@ -7,10 +7,10 @@ import tempfile
 import time
 
 from common import benchmark
-from taxoclip.captions import build_captions
-from taxoclip.data_paths import find_dataset
-from taxoclip.shards import ShardOptions, write_shards
-from taxoclip.sources import load_source
+from taxoclip.data.captions import build_captions
+from taxoclip.data.paths import find_dataset
+from taxoclip.data.shards import ShardOptions, write_shards
+from taxoclip.data.sources import load_source
 
 
 def read_all(paths: list[str]) -> float:

@@ -27,4 +27,4 @@ srun "$PYTHON" -m torch.distributed.run \
   --rdzv_id "$SLURM_JOB_ID" \
   --rdzv_backend c10d \
   --rdzv_endpoint "$HEAD_NODE:29500" \
-  -m taxoclip.cli "$@"
+  -m taxoclip "$@"

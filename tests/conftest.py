@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from taxoclip.data_paths import optional_dataset
+from taxoclip.data.paths import optional_dataset
 
 
 def jpeg_bytes(seed: int, size: tuple[int, int] = (40, 32)) -> bytes:
@@ -129,9 +129,9 @@ COLOUR_NAMES = [
 def colour_shards(tmp_path_factory) -> Path:
     """Shards of 6 classes whose photos differ by colour (so even a random tower separates them):
     16 train and 5 valid photos each, with a class table."""
-    from taxoclip.captions import build_captions
-    from taxoclip.shards import ShardOptions, write_shards
-    from taxoclip.sources import load_source
+    from taxoclip.data.captions import build_captions
+    from taxoclip.data.shards import ShardOptions, write_shards
+    from taxoclip.data.sources import load_source
 
     root = tmp_path_factory.mktemp("colours")
     rng = random.Random(0)
@@ -157,7 +157,7 @@ def colour_shards(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def colour_features(colour_shards, tmp_path_factory) -> Path:
-    from taxoclip.features import extract_features
+    from taxoclip.data.features import extract_features
 
     out = tmp_path_factory.mktemp("colour_features")
     extract_features(colour_shards, "timm:test_efficientnet", out, pretrained=False, workers=0, progress=False)
@@ -190,7 +190,7 @@ def tiny_text_tower(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def quick_demo(flowers, tmp_path_factory) -> Path:
     """The quick demo's output (5 real flower classes: shards, features, a LiT model), made once."""
-    from taxoclip.demo import run_demo
+    from taxoclip.apps.demo import run_demo
 
     out = tmp_path_factory.mktemp("quick_demo")
     assert run_demo(data=str(flowers), out=out, quick=True) == 0
@@ -210,7 +210,7 @@ def torchrun(*arguments: str, port: int, processes: int = 2) -> list[str]:
         "--master_port",
         str(port),
         "-m",
-        "taxoclip.cli",
+        "taxoclip",
         *arguments,
     ]
 

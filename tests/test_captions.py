@@ -3,8 +3,8 @@ import json
 import pytest
 
 from taxoclip import ClassTable, TaxoclipError
-from taxoclip.captions import build_captions, choose_columns, template_captions
-from taxoclip.sources import load_source
+from taxoclip.data.captions import build_captions, choose_columns, template_captions
+from taxoclip.data.sources import load_source
 
 
 def table(rows):
@@ -67,7 +67,7 @@ def test_auto_columns_leave_no_shared_caption_on_real_inat2021(inat2021_categori
 
 
 def test_captions_cli_writes_csv_and_config(image_folder, tmp_path):
-    from taxoclip.cli import main
+    from taxoclip.apps.cli import main
 
     out = tmp_path / "captions.csv"
     assert main(["captions", str(image_folder), "--style", "paper", "-o", str(out)]) == 0

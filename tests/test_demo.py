@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from taxoclip.cli import main
+from taxoclip.apps.cli import main
 
 
 @pytest.mark.slow
@@ -18,7 +18,7 @@ def test_quick_demo_runs_the_whole_path_on_real_photos(quick_demo):
 
 def test_demo_without_data_says_where_it_looked(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TAXOCLIP_DATA", str(tmp_path / "nowhere"))
-    monkeypatch.setattr("taxoclip.data_paths.shared_data_dirs", lambda: [tmp_path / "nowhere"])
+    monkeypatch.setattr("taxoclip.data.paths.shared_data_dirs", lambda: [tmp_path / "nowhere"])
     assert main(["demo", "-o", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err
     assert "cannot find the flowers102 data" in error and "TAXOCLIP_DATA" in error

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from taxoclip import ClassTable
-from taxoclip.baselines import few_shot_rows, nearest_class_mean, probe
-from taxoclip.evaluate import Evaluation, RankCodes, lca_depth, lineage_codes, rollup
+from taxoclip.eval.baselines import few_shot_rows, nearest_class_mean, probe
+from taxoclip.eval.metrics import Evaluation, RankCodes, lca_depth, lineage_codes, rollup
 
 # Two genera of one family, a second family in the same order, and a class in another order.
 TABLE = ClassTable.from_records(
@@ -133,7 +133,7 @@ def trained_model(colour_features, tiny_text_tower, tmp_path_factory):
 
 
 def test_eval_report_for_a_trained_model(trained_model, colour_features, tmp_path):
-    from taxoclip.cli import main
+    from taxoclip.apps.cli import main
 
     model, final = trained_model
     assert (
@@ -165,7 +165,7 @@ def test_eval_report_for_a_trained_model(trained_model, colour_features, tmp_pat
 
 
 def test_eval_with_template_ensemble_caches_class_embeddings(trained_model, colour_features, tmp_path):
-    from taxoclip.report import EvalConfig, run_evaluation
+    from taxoclip.eval.report import EvalConfig, run_evaluation
 
     model, _ = trained_model
     before = set(model.glob("class_embeddings-*.npy"))
@@ -183,7 +183,7 @@ def test_eval_with_template_ensemble_caches_class_embeddings(trained_model, colo
 
 
 def test_eval_of_an_open_clip_model_embeds_the_shards_itself(colour_shards, tmp_path):
-    from taxoclip.report import EvalConfig, run_evaluation
+    from taxoclip.eval.report import EvalConfig, run_evaluation
 
     report = run_evaluation(
         EvalConfig(
@@ -201,8 +201,8 @@ def test_eval_of_an_open_clip_model_embeds_the_shards_itself(colour_shards, tmp_
 
 def test_eval_refuses_features_of_another_tower(trained_model, tmp_path, colour_shards):
     from taxoclip import TaxoclipError
-    from taxoclip.features import extract_features
-    from taxoclip.report import EvalConfig, run_evaluation
+    from taxoclip.data.features import extract_features
+    from taxoclip.eval.report import EvalConfig, run_evaluation
 
     model, _ = trained_model
     other = extract_features(

@@ -5,14 +5,14 @@ import subprocess
 import numpy as np
 import pytest
 
-import taxoclip.features as features_module
+import taxoclip.data.features as features_module
 from conftest import torchrun
-from taxoclip.captions import build_captions
-from taxoclip.features import extract_features, load_features
-from taxoclip.images import decode_image
-from taxoclip.shards import ShardOptions, iter_tar_samples, write_shards
-from taxoclip.sources import load_source
-from taxoclip.towers import create_image_tower
+from taxoclip.data.captions import build_captions
+from taxoclip.data.features import extract_features, load_features
+from taxoclip.data.images import decode_image
+from taxoclip.data.shards import ShardOptions, iter_tar_samples, write_shards
+from taxoclip.data.sources import load_source
+from taxoclip.models.towers import create_image_tower
 
 TOWER = "timm:test_efficientnet"
 
@@ -142,7 +142,7 @@ def test_two_processes_under_torchrun_match_one(shards, tmp_path):
 @pytest.mark.slow
 def test_real_flowers_features_with_efficientnet_lite0(flowers, tmp_path):
     """A few real classes through the real pretrained tower: same-class photos are nearest."""
-    from taxoclip.demo import keep_first_classes
+    from taxoclip.apps.demo import keep_first_classes
 
     dataset = keep_first_classes(load_source(flowers, split="valid"), 4)
     write_shards(dataset, tmp_path / "s", build_captions(dataset.classes), ShardOptions(progress=False))

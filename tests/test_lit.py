@@ -12,7 +12,7 @@ import taxoclip
 import taxoclip.train.lit as lit_module
 from conftest import tiny_train_config, torchrun
 from taxoclip import TaxoclipError
-from taxoclip.losses import class_contrastive_loss, clip_loss, unique_targets
+from taxoclip.models.losses import class_contrastive_loss, clip_loss, unique_targets
 from taxoclip.train.common import warmup_cosine
 from taxoclip.train.lit import train_lit
 
@@ -71,7 +71,7 @@ def test_training_learns_and_the_model_directory_classifies(colour_features, tin
     ):
         assert (tmp_path / "m" / name).exists(), name
     model = taxoclip.load(tmp_path / "m")
-    from taxoclip.features import load_features
+    from taxoclip.data.features import load_features
 
     cache = load_features(colour_features)
     x, y = cache.split("valid")
@@ -174,7 +174,7 @@ def test_two_processes_under_torchrun_match_one(colour_features, tiny_text_tower
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run(
-        [sys.executable, "-m", "taxoclip.cli", *arguments, "-o", str(tmp_path / "one")],
+        [sys.executable, "-m", "taxoclip", *arguments, "-o", str(tmp_path / "one")],
         env=env,
         capture_output=True,
         text=True,
@@ -212,9 +212,9 @@ def test_a_model_trained_on_a_random_weight_tower_predicts_from_photos(
 ):
     """The model records that its image tower had random weights, so it rebuilds the same tower
     (no download) and classifies photos as it classified their cached embeddings."""
-    from taxoclip.features import load_features
-    from taxoclip.images import decode_image
-    from taxoclip.shards import iter_tar_samples
+    from taxoclip.data.features import load_features
+    from taxoclip.data.images import decode_image
+    from taxoclip.data.shards import iter_tar_samples
 
     train_lit(config(colour_features, tmp_path / "m", tiny_text_tower))
     model = taxoclip.load(tmp_path / "m")

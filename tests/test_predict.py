@@ -7,9 +7,9 @@ from PIL import Image
 
 import taxoclip
 from taxoclip import ClassTable, TaxoclipError
-from taxoclip.cli import main
-from taxoclip.predict import Predictor, collect_photos, honest_answer_table
-from taxoclip.towers import Preprocess
+from taxoclip.apps.cli import main
+from taxoclip.inference.predict import Predictor, collect_photos, honest_answer_table
+from taxoclip.models.towers import Preprocess
 
 TABLE = ClassTable.from_records(
     [
@@ -87,7 +87,7 @@ def test_predict_cli_and_python_api_on_real_photos(quick_demo, flowers, capsys):
 @pytest.mark.slow
 def test_onnx_export_agrees_with_pytorch_and_predict_runs_it(quick_demo, flowers, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
-    from taxoclip.export import OnnxClassifier, export_onnx
+    from taxoclip.inference.export import OnnxClassifier, export_onnx
 
     model_dir = quick_demo / "model"
     path = export_onnx(model_dir, tmp_path / "model.onnx")

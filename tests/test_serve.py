@@ -9,13 +9,13 @@ import torch
 from PIL import Image
 
 from taxoclip import ClassTable
-from taxoclip.predict import Predictor
-from taxoclip.towers import Preprocess
+from taxoclip.inference.predict import Predictor
+from taxoclip.models.towers import Preprocess
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from taxoclip.serve import create_app  # noqa: E402
+from taxoclip.apps.serve import create_app  # noqa: E402
 
 TABLE = ClassTable.from_records(
     [
@@ -82,7 +82,7 @@ def test_a_real_browser_identifies_a_real_flower_photo(quick_demo, flowers, tmp_
     import uvicorn
 
     import taxoclip
-    from taxoclip.predict import torch_predictor
+    from taxoclip.inference.predict import torch_predictor
 
     model = taxoclip.load(quick_demo / "model")
     class_id = model.classes.ids[2]

@@ -11,10 +11,10 @@ import pytest
 import webdataset as wds
 
 from conftest import write_image
-from taxoclip.captions import build_captions
-from taxoclip.cli import main
-from taxoclip.shards import ShardOptions, read_manifest, verify_shards, write_shards
-from taxoclip.sources import load_source
+from taxoclip.apps.cli import main
+from taxoclip.data.captions import build_captions
+from taxoclip.data.shards import ShardOptions, read_manifest, verify_shards, write_shards
+from taxoclip.data.sources import load_source
 
 
 def shard(source, out, **options):
@@ -119,7 +119,7 @@ def test_killed_and_rerun_finishes_without_duplicates(tmp_path):
     command = [
         sys.executable,
         "-m",
-        "taxoclip.cli",
+        "taxoclip",
         "shards",
         str(root),
         "-o",
@@ -153,7 +153,7 @@ def test_killed_and_rerun_finishes_without_duplicates(tmp_path):
 
 def test_cli_bad_input_exits_2_without_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "taxoclip.cli", "shards", str(tmp_path / "missing"), "-o", str(tmp_path / "o")],
+        [sys.executable, "-m", "taxoclip", "shards", str(tmp_path / "missing"), "-o", str(tmp_path / "o")],
         capture_output=True,
         text=True,
     )

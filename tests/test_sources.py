@@ -5,7 +5,7 @@ import pytest
 
 from conftest import write_classes_csv, write_image
 from taxoclip import TaxoclipError
-from taxoclip.sources import detect_format, load_source
+from taxoclip.data.sources import detect_format, load_source
 
 
 def test_image_folder_with_splits_and_csv(image_folder):
@@ -180,7 +180,7 @@ def test_classes_csv_override_for_folder(tmp_path):
 
 
 def test_real_rare_species_metadata():
-    from taxoclip.data_paths import optional_dataset
+    from taxoclip.data.paths import optional_dataset
 
     root = optional_dataset("rare_species")
     if root is None:

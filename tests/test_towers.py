@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from taxoclip import TaxoclipError
-from taxoclip.towers import (
+from taxoclip.models.towers import (
     create_image_tower,
     create_text_tower,
     lite_weights_file,

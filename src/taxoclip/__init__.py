@@ -1,8 +1,8 @@
 """taxoclip: turn a labelled collection of organism photos into a vision-language species identifier.
 
-The library API follows the data flow: `taxoclip.sources.load_source` (class table + samples),
-`taxoclip.captions.build_captions`, `taxoclip.shards.write_shards` / `verify_shards`,
-`taxoclip.features.extract_features`, `taxoclip.train.lit.train_lit`, and `taxoclip.load(model_dir)`.
+The library API follows the data flow: `taxoclip.data.sources.load_source` (class table + samples),
+`taxoclip.data.captions.build_captions`, `taxoclip.data.shards.write_shards` / `verify_shards`,
+`taxoclip.data.features.extract_features`, `taxoclip.train.lit.train_lit`, and `taxoclip.load(model_dir)`.
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from taxoclip.taxonomy import ClassTable, Dataset, Rank, Sample
 __all__ = ["ClassTable", "Dataset", "Rank", "Sample", "TaxoclipError", "load"]
 
 if TYPE_CHECKING:
-    from taxoclip.bundle import SpeciesModel
+    from taxoclip.models.bundle import SpeciesModel
 
 
 def load(path: str | Path) -> SpeciesModel:
-    """Open a trained model directory (see `taxoclip.bundle.load`); imported on use, so that
+    """Open a trained model directory (see `taxoclip.models.bundle.load`); imported on use, so that
     `import taxoclip` stays light."""
-    from taxoclip.bundle import load as load_bundle
+    from taxoclip.models.bundle import load as load_bundle
 
     return load_bundle(path)
 

@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from taxoclip.data.features import FeatureCache, image_loader, load_features, pick_device, plan_from_shards
 from taxoclip.errors import TaxoclipError
-from taxoclip.features import FeatureCache, image_loader, load_features, pick_device, plan_from_shards
-from taxoclip.lit import CaptionBank, LiTConfig, LiTModel, ridge_text_projection
-from taxoclip.towers import create_image_tower, create_text_tower
+from taxoclip.eval.zeroshot import zero_shot_accuracy
+from taxoclip.models.lit import CaptionBank, LiTConfig, LiTModel, ridge_text_projection
+from taxoclip.models.towers import create_image_tower, create_text_tower
 from taxoclip.train.common import (
     gather_with_grad,
     load_checkpoint,
@@ -31,7 +32,6 @@ from taxoclip.train.common import (
     warmup_cosine,
     write_log,
 )
-from taxoclip.zeroshot import zero_shot_accuracy
 
 
 @dataclass
@@ -259,7 +259,7 @@ def train_lit(config: TrainConfig) -> dict:
 
     # --- the result: a model directory taxoclip.load() opens ------------------------------------------------
     if rank == 0:
-        from taxoclip.bundle import save_bundle
+        from taxoclip.models.bundle import save_bundle
 
         plot_history(out, history)
         save_bundle(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from taxoclip.features import load_features
+from taxoclip.data.features import load_features
 from taxoclip.train.lit import TrainConfig, load_history, train_lit
 
 

@@ -32,7 +32,7 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_dataset(args: argparse.Namespace):
-    from taxoclip.sources import load_source
+    from taxoclip.data.sources import load_source
 
     return load_source(
         args.source,
@@ -53,7 +53,7 @@ def cmd_classes(args: argparse.Namespace) -> int:
 
 
 def cmd_captions(args: argparse.Namespace) -> int:
-    from taxoclip.captions import build_captions, write_caption_config, write_captions_csv
+    from taxoclip.data.captions import build_captions, write_caption_config, write_captions_csv
 
     dataset = load_dataset(args)
     captions = build_captions(dataset.classes, args.style, max_columns=args.max_columns)
@@ -67,8 +67,8 @@ def cmd_captions(args: argparse.Namespace) -> int:
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
-    from taxoclip.captions import build_captions
-    from taxoclip.shards import ShardOptions, write_shards
+    from taxoclip.data.captions import build_captions
+    from taxoclip.data.shards import ShardOptions, write_shards
 
     dataset = load_dataset(args)
     captions = build_captions(dataset.classes, args.style, max_columns=args.max_columns)
@@ -106,7 +106,7 @@ def print_shard_summary(manifest: dict, out: str) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from taxoclip.shards import verify_shards
+    from taxoclip.data.shards import verify_shards
 
     report = verify_shards(args.directory, decode=args.decode, progress=not args.quiet)
     for problem in report.problems:
@@ -117,7 +117,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from taxoclip.features import extract_features
+    from taxoclip.data.features import extract_features
 
     cache = extract_features(
         args.data,
@@ -253,7 +253,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from taxoclip.report import EvalConfig, run_evaluation
+    from taxoclip.eval.report import EvalConfig, run_evaluation
 
     config = EvalConfig(
         model=args.model,
@@ -286,13 +286,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def build_predictor(args: argparse.Namespace):
     """A Predictor from --model (a model directory or open_clip:NAME with --classes) or --onnx."""
-    from taxoclip.predict import DEFAULT_THRESHOLD, Predictor, torch_predictor
+    from taxoclip.inference.predict import DEFAULT_THRESHOLD, Predictor, torch_predictor
 
     subset = [t for t in args.subset.split(",")] if getattr(args, "subset", None) else None
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     if args.onnx:
         import taxoclip
-        from taxoclip.export import OnnxClassifier
+        from taxoclip.inference.export import OnnxClassifier
 
         runner = OnnxClassifier(args.onnx)
         model_dir = args.model or runner.meta.get("model_dir")
@@ -312,11 +312,11 @@ def build_predictor(args: argparse.Namespace):
 def open_clip_predictor(args: argparse.Namespace, subset, threshold):
     import torch
 
-    from taxoclip.captions import build_captions
-    from taxoclip.predict import Predictor
-    from taxoclip.sources.tables import load_class_csv
-    from taxoclip.towers import create_image_tower
-    from taxoclip.zeroshot import OpenClipZeroShot
+    from taxoclip.data.captions import build_captions
+    from taxoclip.data.sources.tables import load_class_csv
+    from taxoclip.eval.zeroshot import OpenClipZeroShot
+    from taxoclip.inference.predict import Predictor
+    from taxoclip.models.towers import create_image_tower
 
     if not args.classes:
         raise TaxoclipError("an open_clip model needs --classes CSV (one row per class, with its taxonomy)")
@@ -334,7 +334,7 @@ def open_clip_predictor(args: argparse.Namespace, subset, threshold):
 def cmd_predict(args: argparse.Namespace) -> int:
     import json
 
-    from taxoclip.predict import collect_photos
+    from taxoclip.inference.predict import collect_photos
 
     photos = collect_photos(args.photos)
     predictor = build_predictor(args)
@@ -417,7 +417,7 @@ def print_predictions_csv(results) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from taxoclip.serve import serve
+    from taxoclip.apps.serve import serve
 
     predictor = build_predictor(args)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -428,7 +428,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
-    from taxoclip.export import export_onnx
+    from taxoclip.inference.export import export_onnx
 
     path = export_onnx(args.model, args.output)
     print(f"ONNX model -> {path} (preprocessing and classes in {path}.json)")
@@ -449,7 +449,7 @@ def add_predictor_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from taxoclip.demo import run_demo
+    from taxoclip.apps.demo import run_demo
 
     return run_demo(data=args.data, out=args.output, quick=args.quick)
 

@@ -16,7 +16,7 @@ def shared_data_dirs() -> list[Path]:
     if os.environ.get(ENV_VAR):
         candidates.append(Path(os.environ[ENV_VAR]))
     candidates.append(Path.cwd().parent / "shared" / "data")
-    repo = Path(__file__).resolve().parents[2]  # src/taxoclip/ -> repository root
+    repo = Path(__file__).resolve().parents[3]  # src/taxoclip/data/ -> repository root
     candidates.append(repo.parent / "shared" / "data")
     return candidates
 

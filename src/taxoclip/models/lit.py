@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from taxoclip.losses import class_contrastive_loss, clip_loss, unique_targets
-from taxoclip.towers import TextTower
+from taxoclip.models.losses import class_contrastive_loss, clip_loss, unique_targets
+from taxoclip.models.towers import TextTower
 
 
 @dataclass

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from taxoclip.data.sources.cub import load_cub
+from taxoclip.data.sources.folder import load_folder
+from taxoclip.data.sources.inat import load_inat
+from taxoclip.data.sources.tables import load_class_csv, load_image_csv
 from taxoclip.errors import TaxoclipError
-from taxoclip.sources.cub import load_cub
-from taxoclip.sources.folder import load_folder
-from taxoclip.sources.inat import load_inat
-from taxoclip.sources.tables import load_class_csv, load_image_csv
 from taxoclip.taxonomy import Dataset
 
 FORMATS = ("inat", "cub", "folder", "csv")

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from taxoclip.errors import TaxoclipError
-from taxoclip.lit import LiTConfig, LiTModel
+from taxoclip.models.lit import LiTConfig, LiTModel
 from taxoclip.taxonomy import ClassTable
 
 BUNDLE_VERSION = 1
@@ -60,7 +60,7 @@ class SpeciesModel:
     @property
     def image_tower(self):
         if self._image_tower is None:
-            from taxoclip.towers import create_image_tower
+            from taxoclip.models.towers import create_image_tower
 
             lit = self.config["lit"]
             tower = create_image_tower(lit["image_tower"], pretrained=lit.get("image_pretrained", True))
@@ -89,7 +89,7 @@ class SpeciesModel:
     def predict(self, images, *, top_k: int = 5, rank: str | None = None, subset=None, threshold: float | None = None):
         """Predictions for PIL images or photo paths: top-k species with lineage, the answer at
         ``rank``, restricted to ``subset`` taxa, and the deepest confident rank."""
-        from taxoclip.predict import DEFAULT_THRESHOLD, torch_predictor
+        from taxoclip.inference.predict import DEFAULT_THRESHOLD, torch_predictor
 
         predictor = torch_predictor(
             self, subset=subset, threshold=DEFAULT_THRESHOLD if threshold is None else threshold
@@ -118,8 +118,8 @@ class SpeciesModel:
     def use_style(self, style: str) -> None:
         """Classify with another caption style, or ``templates`` (a CLIP-style prompt ensemble);
         the class embeddings are cached in the model directory."""
-        from taxoclip.towers import fingerprint
-        from taxoclip.zeroshot import caption_sets, class_embeddings_cached
+        from taxoclip.eval.zeroshot import caption_sets, class_embeddings_cached
+        from taxoclip.models.towers import fingerprint
 
         by_class = json.loads((self.path / "captions.json").read_text())["by_class"]
         sets = caption_sets(by_class, self.classes, style)
@@ -129,7 +129,7 @@ class SpeciesModel:
 
 def load(path: str | Path) -> SpeciesModel:
     """Open a model directory written by ``taxoclip train``."""
-    from taxoclip.towers import create_text_tower
+    from taxoclip.models.towers import create_text_tower
 
     path = Path(path)
     config_path = path / "config.json"

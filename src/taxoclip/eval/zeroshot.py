@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from taxoclip.towers import fingerprint
+from taxoclip.models.towers import fingerprint
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
@@ -53,7 +53,7 @@ def zero_shot_accuracy(
 def caption_sets(by_class: list[dict[str, str]], classes, style: str) -> list[list[str]]:
     """Per class, the captions whose embeddings are averaged: one caption of a style, or the
     CLIP-style template ensemble (``style="templates"``)."""
-    from taxoclip.captions import template_captions
+    from taxoclip.data.captions import template_captions
 
     if style == "templates":
         return [template_captions(row) for row in classes]
@@ -97,7 +97,7 @@ class OpenClipZeroShot:
         pretrained: bool = True,
         cache_dir: Path | None = None,
     ):
-        from taxoclip.towers import create_text_tower
+        from taxoclip.models.towers import create_text_tower
 
         self.name, self.classes = name, classes
         self.image_tower_name, self.image_pretrained = name, pretrained

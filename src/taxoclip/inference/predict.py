@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from taxoclip.data.images import BadImage, check_image, decode_image
 from taxoclip.errors import TaxoclipError
-from taxoclip.evaluate import ROLLUP_RANKS, RankCodes, rollup
-from taxoclip.images import BadImage, check_image, decode_image
+from taxoclip.eval.metrics import ROLLUP_RANKS, RankCodes, rollup
+from taxoclip.models.towers import Preprocess
 from taxoclip.taxonomy import ClassTable, Rank
-from taxoclip.towers import Preprocess
 
 # Measured on flowers valid (LiT with the defaults: efficientnet-lite0 + minilm-l6, image projection,
 # 10 epochs, top-1 96.6%; `honest_answer_table`): the reported answer is right for

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from taxoclip.data.sources.tables import load_class_csv
 from taxoclip.errors import TaxoclipError
-from taxoclip.sources.tables import load_class_csv
 from taxoclip.taxonomy import KNOWN_SPLITS, ClassTable, Dataset, Sample, natural_key, normalise_split
 
 

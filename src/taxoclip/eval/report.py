@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from taxoclip import baselines
+from taxoclip.data.features import FeatureCache, extract_features, load_features
 from taxoclip.errors import TaxoclipError
-from taxoclip.evaluate import ROLLUP_RANKS, Evaluation, RankCodes
-from taxoclip.features import FeatureCache, extract_features, load_features
+from taxoclip.eval import baselines
+from taxoclip.eval.metrics import ROLLUP_RANKS, Evaluation, RankCodes
 from taxoclip.taxonomy import ClassTable
 
 CONFUSION_MAX_GROUPS = 300  # beyond this a species-level matrix is unreadable: use a coarser rank
@@ -46,8 +46,8 @@ class EvalConfig:
 
 def open_clip_classifier(config: EvalConfig, cache_classes: ClassTable, cache_captions: list[dict] | None):
     """Zero-shot with an open_clip model over the data's own class table (and its captions)."""
-    from taxoclip.captions import build_captions
-    from taxoclip.zeroshot import OpenClipZeroShot
+    from taxoclip.data.captions import build_captions
+    from taxoclip.eval.zeroshot import OpenClipZeroShot
 
     by_class = cache_captions or build_captions(cache_classes).by_class
     return OpenClipZeroShot(
@@ -139,7 +139,7 @@ def resolve_tower(config: EvalConfig):
     """(image tower name, pretrained?, the classifier if it had to be loaded to know the tower)."""
     if config.model.startswith("open_clip:"):
         return config.model, not config.random_weights, None
-    from taxoclip.bundle import load
+    from taxoclip.models.bundle import load
 
     if not (Path(config.model) / "config.json").exists():
         raise TaxoclipError(f"{config.model}: not a model directory (no config.json) nor an open_clip: name")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from taxoclip.errors import TaxoclipError
-from taxoclip.towers import Preprocess
+from taxoclip.models.towers import Preprocess
 
 
 class ClassifierGraph(nn.Module):

@@ -32,11 +32,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from taxoclip.data.images import IMAGE_KEYS, decode_image
+from taxoclip.data.shards import MANIFEST, iter_tar_samples, read_manifest
 from taxoclip.errors import TaxoclipError
-from taxoclip.images import IMAGE_KEYS, decode_image
-from taxoclip.shards import MANIFEST, iter_tar_samples, read_manifest
+from taxoclip.models.towers import ImageTower, Preprocess, create_image_tower
 from taxoclip.taxonomy import KNOWN_SPLITS, ClassTable
-from taxoclip.towers import ImageTower, Preprocess, create_image_tower
 
 CACHE_VERSION = 1
 SOURCE_UNIT = 1000  # images per resumable unit when reading a source folder directly
@@ -79,8 +79,8 @@ def plan_from_shards(shard_dir: Path, split: str | None) -> DataPlan:
 
 
 def plan_from_source(path: str, split: str | None, **source_options) -> DataPlan:
-    from taxoclip.captions import build_captions
-    from taxoclip.sources import load_source
+    from taxoclip.data.captions import build_captions
+    from taxoclip.data.sources import load_source
 
     dataset = load_source(path, split=split, **source_options)
     if not dataset.samples:

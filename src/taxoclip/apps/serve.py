@@ -19,8 +19,8 @@ from fastapi import FastAPI, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 
-from taxoclip.images import BadImage, check_image, decode_image
-from taxoclip.predict import Predictor
+from taxoclip.data.images import BadImage, check_image, decode_image
+from taxoclip.inference.predict import Predictor
 
 MAX_FILE_BYTES = 10 * 1024 * 1024
 MAX_FILES = 8

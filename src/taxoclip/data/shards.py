@@ -32,9 +32,9 @@ from typing import TypeVar
 
 from tqdm import tqdm
 
-from taxoclip.captions import CaptionSet
+from taxoclip.data.captions import CaptionSet
+from taxoclip.data.images import IMAGE_KEYS, BadImage, check_image, resize_shorter_side
 from taxoclip.errors import TaxoclipError
-from taxoclip.images import IMAGE_KEYS, BadImage, check_image, resize_shorter_side
 from taxoclip.taxonomy import ClassTable, Dataset
 
 T = TypeVar("T")

@@ -1,0 +1,1 @@
+"""Field use: predictions with lineage and an honest rank, and ONNX export."""
