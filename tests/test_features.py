@@ -137,6 +137,14 @@ def test_two_processes_under_torchrun_match_one(shards, tmp_path):
     assert double.keys == single.keys and np.array_equal(double.labels, single.labels)
     assert np.allclose(np.asarray(double.features, np.float32), np.asarray(single.features, np.float32), atol=1e-2)
     assert json.loads((tmp_path / "two" / "meta.json").read_text())["cache_key"] == single.meta["cache_key"]
+    # One process group of two: each rank embedded its own half of the units, none twice.
+    shares = double.meta["ranks"]
+    units = [u.removesuffix(".tar") for u in sorted(p.name for p in shards.glob("*.tar"))]
+    assert [share["rank"] for share in shares] == [0, 1]
+    assert all(share["units"] for share in shares)
+    assert sorted(shares[0]["units"] + shares[1]["units"]) == units
+    assert not set(shares[0]["units"]) & set(shares[1]["units"])
+    assert single.meta["ranks"] == [{"rank": 0, "units": units}]
 
 
 @pytest.mark.slow

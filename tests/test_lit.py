@@ -1,4 +1,5 @@
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -10,11 +11,12 @@ from safetensors.torch import load_file
 
 import taxoclip
 import taxoclip.train.lit as lit_module
+import taxoclip.train.loop as loop_module
 from conftest import tiny_train_config, torchrun
 from taxoclip import TaxoclipError
 from taxoclip.models.losses import class_contrastive_loss, clip_loss, unique_targets
-from taxoclip.train.common import warmup_cosine
 from taxoclip.train.lit import train_lit
+from taxoclip.train.loop import warmup_cosine
 
 
 def test_same_class_images_are_not_negatives():
@@ -82,7 +84,7 @@ def test_training_learns_and_the_model_directory_classifies(colour_features, tin
 
 def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(colour_features, tiny_text_tower, tmp_path, monkeypatch):
     train_lit(config(colour_features, tmp_path / "clean", tiny_text_tower))
-    original = lit_module.save_checkpoint
+    original = loop_module.save_checkpoint
     calls = []
 
     def save_then_die(*args, **kwargs):
@@ -91,10 +93,10 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(colour_features, 
         if len(calls) == 1:
             raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
 
-    monkeypatch.setattr(lit_module, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_lit(config(colour_features, tmp_path / "resumed", tiny_text_tower))
-    monkeypatch.setattr(lit_module, "save_checkpoint", original)
+    monkeypatch.setattr(loop_module, "save_checkpoint", original)
     train_lit(config(colour_features, tmp_path / "resumed", tiny_text_tower))
 
     clean = load_file(str(tmp_path / "clean" / "model.safetensors"))
@@ -189,6 +191,16 @@ def test_two_processes_under_torchrun_match_one(colour_features, tiny_text_tower
         timeout=300,
     )
     assert double.returncode == 0, double.stderr[-2000:]
+    # One process group of two: each rank trained on its half of every global batch of 32
+    # (96 train photos: 3 steps of 16 per rank per epoch) ...
+    history = lit_module.load_history(tmp_path / "two")
+    assert [row["samples_by_rank"] for row in history] == [[48, 48], [48, 48]]
+    assert [row["samples_by_rank"] for row in lit_module.load_history(tmp_path / "one")] == [[96], [96]]
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["training"]["world_size"] == 2
+    # ... only rank 0 reported and wrote ...
+    assert double.stdout.count("model, metrics.csv and plots in") == 1
+    # ... and the global loss over gathered embeddings with averaged gradients gives the weights
+    # one process gets on the same global batches.
     one = load_file(str(tmp_path / "one" / "model.safetensors"))
     two = load_file(str(tmp_path / "two" / "model.safetensors"))
     for key in one:
@@ -232,18 +244,18 @@ def test_unlocked_image_tower_is_checkpointed_and_resumes_exactly(
 ):
     settings = dict(epochs=2, unlock_image=True, shards=str(colour_shards))
     train_lit(config(colour_features, tmp_path / "clean", tiny_text_tower, **settings))
-    original = lit_module.save_checkpoint
+    original = loop_module.save_checkpoint
 
     def save_then_die(*args, **kwargs):
         original(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(lit_module, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_lit(config(colour_features, tmp_path / "resumed", tiny_text_tower, **settings))
     checkpoint = load_file(str(tmp_path / "resumed" / "checkpoint" / "model.safetensors"))
     assert any(key.startswith("image.") for key in checkpoint)
-    monkeypatch.setattr(lit_module, "save_checkpoint", original)
+    monkeypatch.setattr(loop_module, "save_checkpoint", original)
     train_lit(config(colour_features, tmp_path / "resumed", tiny_text_tower, **settings))
     for name in ("image_tower.safetensors", "model.safetensors"):
         clean = load_file(str(tmp_path / "clean" / name))

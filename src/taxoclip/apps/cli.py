@@ -183,12 +183,14 @@ def train_config_from(args: argparse.Namespace):
 
 
 def cmd_train_lit(args: argparse.Namespace) -> int:
+    from taxoclip.runtime import setup
     from taxoclip.train.lit import train_lit
 
     final = train_lit(train_config_from(args))
+    runtime = setup(args.device)  # under torchrun: only rank 0 reports
     if "top1" in final:
-        print(f"final zero-shot on valid: top-1 {100 * final['top1']:.1f}%, top-5 {100 * final['top5']:.1f}%")
-    print(f"model, metrics.csv and plots in {args.output} (open it with taxoclip.load)")
+        runtime.print(f"final zero-shot on valid: top-1 {100 * final['top1']:.1f}%, top-5 {100 * final['top5']:.1f}%")
+    runtime.print(f"model, metrics.csv and plots in {args.output} (open it with taxoclip.load)")
     return 0
 
 

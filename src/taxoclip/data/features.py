@@ -36,6 +36,7 @@ from taxoclip.data.images import IMAGE_KEYS, decode_image
 from taxoclip.data.shards import MANIFEST, iter_tar_samples, read_manifest
 from taxoclip.errors import TaxoclipError
 from taxoclip.models.towers import ImageTower, Preprocess, create_image_tower
+from taxoclip.runtime import setup
 from taxoclip.taxonomy import KNOWN_SPLITS, ClassTable
 
 CACHE_VERSION = 1
@@ -224,25 +225,6 @@ def cache_key(tower: ImageTower, plan: DataPlan) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def distributed_context() -> tuple[int, int]:
-    """(rank, world size); joins the process group torchrun set up, if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def pick_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    return torch.device(device)
-
-
 def extract_features(
     data: str | Path,
     tower: str | ImageTower,
@@ -264,37 +246,38 @@ def extract_features(
     plan = plan_data(data, split, **source_options)
     tower = tower if isinstance(tower, ImageTower) else create_image_tower(tower, pretrained=pretrained)
     key = cache_key(tower, plan)
+    runtime = setup(device)
     existing = out / "meta.json"
     if existing.exists():
         meta = json.loads(existing.read_text())
         if meta.get("cache_key") == key:
             return load_features(out)
-        if progress:
-            print(f"{out}: cached features are for other inputs or another tower; computing them again")
-        for name in ("meta.json", "features.npy", "labels.npy", "splits.npy", "keys.json"):
-            (out / name).unlink(missing_ok=True)
+        if runtime.is_main:
+            if progress:
+                print(f"{out}: cached features are for other inputs or another tower; computing them again")
+            for name in ("meta.json", "features.npy", "labels.npy", "splits.npy", "keys.json"):
+                (out / name).unlink(missing_ok=True)
+        runtime.barrier()
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
 
-    rank, world = distributed_context()
     started = time.perf_counter()
-    todo = [u for i, u in enumerate(plan.units) if i % world == rank and not part_done(parts, u, key)]
+    # Each rank takes every world_size-th unit; finished units (an earlier, killed run) are skipped.
+    mine = [u for u in runtime.share(plan.units) if not part_done(parts, u, key)]
     run_units(
-        todo,
+        mine,
         tower,
         parts,
         key,
         batch_size=batch_size,
         workers=workers,
-        device=pick_device(device),
-        progress=progress and rank == 0,
+        device=runtime.device,
+        progress=progress and runtime.is_main,
     )
-    if world > 1:
-        torch.distributed.barrier()
-    if rank == 0:
-        merge_parts(plan, tower, key, out, seconds=time.perf_counter() - started)
-    if world > 1:
-        torch.distributed.barrier()
+    shares = runtime.gather_objects({"rank": runtime.rank, "units": [u.name for u in mine]})
+    if runtime.is_main:
+        merge_parts(plan, tower, key, out, seconds=time.perf_counter() - started, shares=shares)
+    runtime.barrier()
     cache = load_features(out)
     cache.computed_now = True
     return cache
@@ -404,7 +387,9 @@ def ordered_splits(names: set[str]) -> list[str]:
     return [s for s in KNOWN_SPLITS if s in names] + sorted(names - set(KNOWN_SPLITS))
 
 
-def merge_parts(plan: DataPlan, tower: ImageTower, key: str, out: Path, *, seconds: float) -> None:
+def merge_parts(
+    plan: DataPlan, tower: ImageTower, key: str, out: Path, *, seconds: float, shares: list[dict] | None = None
+) -> None:
     records = [json.loads((out / "parts" / f"{u.name}.json").read_text()) for u in plan.units]
     total = sum(len(r["keys"]) for r in records)
     features = np.lib.format.open_memmap(
@@ -437,6 +422,8 @@ def merge_parts(plan: DataPlan, tower: ImageTower, key: str, out: Path, *, secon
         "classes": plan.classes,
         "captions": plan.captions,
         "seconds": round(seconds, 2),
+        # Which process embedded which units in this run (units done by an earlier run are absent).
+        "ranks": shares or [{"rank": 0, "units": [u.name for u in plan.units]}],
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks the cache complete
     shutil.rmtree(out / "parts", ignore_errors=True)

@@ -10,28 +10,21 @@ cache, which is what a trainer without the cache does (e.g. OpenCLIP's --lock-im
 from __future__ import annotations
 
 import json
-import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from torch import nn
 
-from taxoclip.data.features import FeatureCache, image_loader, load_features, pick_device, plan_from_shards
+from taxoclip.data.features import FeatureCache, image_loader, load_features, plan_from_shards
 from taxoclip.errors import TaxoclipError
 from taxoclip.eval.zeroshot import zero_shot_accuracy
 from taxoclip.models.lit import CaptionBank, LiTConfig, LiTModel, ridge_text_projection
 from taxoclip.models.towers import create_image_tower, create_text_tower
-from taxoclip.train.common import (
-    gather_with_grad,
-    load_checkpoint,
-    plot_history,
-    rank_and_world,
-    save_checkpoint,
-    warmup_cosine,
-    write_log,
-)
+from taxoclip.runtime import Runtime, gather_with_grad, seed_everything, setup
+from taxoclip.train.loop import Batch, LoopConfig, Trainer, fit
 
 
 @dataclass
@@ -93,183 +86,188 @@ def captions_for(cache: FeatureCache, style: str) -> list[str]:
     return [entry[style] for entry in by_class]
 
 
+class LiTStep(nn.Module):
+    """The loss of one LiT batch: what DistributedDataParallel wraps and the checkpoint holds.
+
+    ``lit`` always trains; an unlocked image tower is a registered part (trained, checkpointed,
+    its gradients averaged across ranks); a locked one only embeds photos (image-in-loop)."""
+
+    def __init__(self, lit: LiTModel, bank: CaptionBank, loss: str, runtime: Runtime, image_tower=None, unlock=False):
+        super().__init__()
+        self.lit, self.bank, self.loss, self.unlock = lit, bank, loss, unlock
+        self.gather = gather_with_grad if runtime.distributed else None
+        if unlock:
+            self.image = image_tower
+        else:
+            self.__dict__["locked_tower"] = image_tower  # not a submodule: never trained nor saved
+
+    def train(self, mode: bool = True) -> LiTStep:
+        super().train(mode)
+        if self.__dict__.get("locked_tower") is not None:
+            self.locked_tower.eval()
+        return self
+
+    def forward(self, labels, style_of_class, features=None, pixels=None) -> torch.Tensor:
+        if pixels is not None:  # the image tower runs on this batch's photos
+            features = self.image(self.image.prepare(pixels)) if self.unlock else self.locked_tower.embed(pixels)
+        return self.lit(features, labels, self.bank, style_of_class, loss=self.loss, gather=self.gather)
+
+
+class LiTTrainer(Trainer):
+    """LiT on the shared loop: the data (cached embeddings, or photos for image-in-loop), the
+    model (text tower + projections, ridge-initialised), its batches and its evaluation."""
+
+    def __init__(self, config: TrainConfig, runtime: Runtime):
+        self.config, self.runtime = config, runtime
+        self.cache = load_features(config.features)
+        self.n_classes = len(self.cache.meta["classes"])
+        self.held_out = held_out_classes(self.n_classes, config.holdout, config.holdout_seed)
+        cache = self.cache
+        self.train_rows = np.flatnonzero(cache.split_mask("train") & ~np.isin(cache.labels, self.held_out))
+        has_valid = "valid" in cache.split_names
+        self.valid_rows = np.flatnonzero(cache.split_mask("valid")) if has_valid else np.zeros(0, int)
+        if len(self.train_rows) < config.batch_size:
+            config.batch_size = max(2, len(self.train_rows))
+        self.model = self.build_model()
+        self.image_tower = self.build_image_tower()
+        self.captions_by_style = [captions_for(cache, style) for style in config.styles]
+        self.eval_captions = captions_for(cache, config.eval_style)
+        if config.projection_init == "ridge":
+            self.initialise_text_projection()
+        bank = CaptionBank(self.model.text_tower, self.captions_by_style, runtime.device)
+        self.module = LiTStep(self.model, bank, config.loss, runtime, self.image_tower, config.unlock_image)
+        self.shard_batches = (
+            ShardBatches(config.shards, self.image_tower, config.batch_size) if self.image_tower is not None else None
+        )
+
+    def build_model(self) -> LiTModel:
+        config, cache = self.config, self.cache
+        text_tower = create_text_tower(config.text_tower)
+        width = cache.features.shape[1]
+        lit_config = LiTConfig(
+            image_tower=cache.meta["tower"]["name"],
+            image_pretrained=cache.meta["tower"].get("pretrained", True),
+            text_tower=config.text_tower,
+            image_width=width,
+            text_width=text_tower.width,
+            embed_dim=config.embed_dim or width,
+            image_projection=config.image_projection,
+            text_layers=config.text_layers,
+        )
+        if lit_config.embed_dim != width and not lit_config.image_projection:
+            raise TaxoclipError("--embed-dim other than the image width needs --image-projection")
+        mean = np.asarray(cache.features[self.train_rows], dtype=np.float32).mean(0)
+        return LiTModel(lit_config, text_tower, image_mean=mean).to(self.runtime.device)
+
+    def build_image_tower(self):
+        if not (self.config.image_in_loop or self.config.unlock_image):
+            return None
+        meta = self.cache.meta["tower"]
+        tower = create_image_tower(meta["name"], pretrained=meta.get("pretrained", True)).to(self.runtime.device)
+        if tower.id != meta["id"]:
+            raise TaxoclipError(f"the image tower {meta['name']} is not the one that made {self.config.features}")
+        return tower.requires_grad_(self.config.unlock_image)
+
+    def initialise_text_projection(self) -> None:
+        features = torch.from_numpy(np.asarray(self.cache.features[self.train_rows], dtype=np.float32))
+        labels = self.cache.labels[self.train_rows]
+        class_means = class_mean_embeddings(self.model, features, labels, self.n_classes)
+        has_class = torch.zeros(self.n_classes, dtype=torch.bool)
+        has_class[np.unique(labels)] = True
+        device = self.runtime.device
+        ridge_text_projection(self.model, self.captions_by_style[0], class_means.to(device), has_class.to(device))
+
+    def param_groups(self) -> list[dict]:
+        """Text blocks (and an unlocked image tower) at text_lr; projections and temperature at lr."""
+        config, model = self.config, self.model
+        heads = [model.text_projection.weight] + ([model.image_projection.weight] if model.image_projection else [])
+        groups = [
+            {"params": [p for p in model.text_tower.parameters() if p.requires_grad], "lr": config.text_lr},
+            {"params": heads, "lr": config.lr},
+            {"params": [model.logit_scale], "lr": config.lr, "weight_decay": 0.0},
+        ]
+        if config.unlock_image:
+            groups.append({"params": list(self.image_tower.parameters()), "lr": config.text_lr})
+        return [{"weight_decay": config.weight_decay} | group for group in groups]
+
+    def steps_per_epoch(self) -> int:
+        steps = len(self.train_rows) // self.config.batch_size  # drop the ragged end: equal batches
+        return min(steps, self.config.max_steps_per_epoch or steps)
+
+    def batches(self, epoch: int) -> Iterator[Batch]:
+        """This rank's share of each global batch: cached embeddings, or photos for the image tower."""
+        config, runtime, device = self.config, self.runtime, self.runtime.device
+        steps = self.steps_per_epoch()
+        if self.shard_batches is not None:
+            photos = self.shard_batches.epoch(epoch, self.held_out)
+            for step, (pixels, labels) in enumerate(photos):
+                mine = slice(runtime.rank, None, runtime.world_size)
+                inputs = {"pixels": pixels[mine].to(device), "labels": labels[mine].to(device)}
+                inputs["style_of_class"] = self.style_of_class(epoch * steps + step).to(device)
+                yield Batch(inputs, len(inputs["labels"]))
+            return
+        order = np.random.default_rng([config.seed, epoch]).permutation(self.train_rows)
+        for step in range(steps):
+            global_batch = order[step * config.batch_size : (step + 1) * config.batch_size]
+            rows = np.sort(runtime.share(global_batch))
+            features = torch.from_numpy(np.asarray(self.cache.features[rows], dtype=np.float32)).to(device)
+            labels = torch.from_numpy(self.cache.labels[rows].astype(np.int64)).to(device)
+            style = self.style_of_class(epoch * steps + step).to(device)
+            yield Batch({"features": features, "labels": labels, "style_of_class": style}, len(rows))
+
+    def style_of_class(self, global_step: int) -> torch.Tensor:
+        """The caption style each class uses in this step (the same on every rank)."""
+        generator = torch.Generator().manual_seed(self.config.seed * 7919 + global_step)
+        return torch.randint(len(self.config.styles), (self.n_classes,), generator=generator)
+
+    def evaluate(self, epoch: int) -> dict:
+        valid_features = None
+        if self.config.unlock_image:  # the cache holds the old tower's embeddings: embed the photos again
+            valid_features = embed_split(self.config.shards, self.image_tower, "valid")
+        return evaluate(
+            self.model,
+            self.cache,
+            self.valid_rows,
+            self.eval_captions,
+            self.held_out,
+            self.runtime.device,
+            valid_features,
+        )
+
+    def epoch_extras(self) -> dict:
+        return {"temperature": float(1 / self.model.scale().detach())}
+
+
 def train_lit(config: TrainConfig) -> dict:
-    """Train, evaluate every epoch, save the model directory; returns the final metrics."""
+    """Train on the shared loop, evaluating on valid; save the model directory (rank 0) and
+    return the last epoch's metrics."""
     config.check()
-    out = Path(config.output)
-    rank, world = rank_and_world()
-    device = pick_device(config.device)
-    torch.manual_seed(config.seed)
-
-    # --- data: cached image embeddings of the train and valid splits ---------------------------
-    cache = load_features(config.features)
-    n_classes = len(cache.meta["classes"])
-    held_out = held_out_classes(n_classes, config.holdout, config.holdout_seed)
-    train_rows = np.flatnonzero(cache.split_mask("train") & ~np.isin(cache.labels, held_out))
-    valid_rows = np.flatnonzero(cache.split_mask("valid")) if "valid" in cache.split_names else np.zeros(0, int)
-    if len(train_rows) < config.batch_size:
-        config.batch_size = max(2, len(train_rows))
-    steps_per_epoch = len(train_rows) // config.batch_size  # drop the ragged end: equal batches
-    if config.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-    total_steps = steps_per_epoch * config.epochs
-
-    # --- model: text tower + projections; the image tower only by name (and its cache) -------------
-    text_tower = create_text_tower(config.text_tower)
-    train_features = torch.from_numpy(np.asarray(cache.features[train_rows], dtype=np.float32))
-    lit_config = LiTConfig(
-        image_tower=cache.meta["tower"]["name"],
-        image_pretrained=cache.meta["tower"].get("pretrained", True),
-        text_tower=config.text_tower,
-        image_width=cache.features.shape[1],
-        text_width=text_tower.width,
-        embed_dim=config.embed_dim or cache.features.shape[1],
-        image_projection=config.image_projection,
-        text_layers=config.text_layers,
+    runtime = setup(config.device)
+    seed_everything(config.seed)
+    trainer = LiTTrainer(config, runtime)
+    loop = LoopConfig(
+        output=config.output,
+        epochs=config.epochs,
+        warmup_steps=config.warmup_steps,
+        grad_clip=config.grad_clip,
+        eval_every=config.eval_every,
+        seed=config.seed,
+        progress=config.progress,
+        signature=run_signature(config),
     )
-    if lit_config.embed_dim != lit_config.image_width and not lit_config.image_projection:
-        raise TaxoclipError("--embed-dim other than the image width needs --image-projection")
-    model = LiTModel(lit_config, text_tower, image_mean=train_features.mean(0).numpy()).to(device)
-    image_tower = None
-    if config.image_in_loop or config.unlock_image:
-        tower_meta = cache.meta["tower"]
-        image_tower = create_image_tower(tower_meta["name"], pretrained=tower_meta.get("pretrained", True)).to(device)
-        if image_tower.id != tower_meta["id"]:
-            raise TaxoclipError(f"the image tower {tower_meta['name']} is not the one that made {config.features}")
-        image_tower.requires_grad_(config.unlock_image)
-
-    captions_by_style = [captions_for(cache, style) for style in config.styles]
-    eval_captions = captions_for(cache, config.eval_style)
-    if config.projection_init == "ridge":
-        class_means = class_mean_embeddings(model, train_features, cache.labels[train_rows], n_classes)
-        has_class = torch.zeros(n_classes, dtype=torch.bool)
-        has_class[np.unique(cache.labels[train_rows])] = True
-        ridge_text_projection(model, captions_by_style[0], class_means.to(device), has_class.to(device))
-    bank = CaptionBank(model.text_tower, captions_by_style, device)
-    del train_features
-
-    # --- optimiser: text blocks at text_lr, projections and temperature at lr -----------------------
-    text_params = [p for p in model.text_tower.parameters() if p.requires_grad]
-    head_decay = [model.text_projection.weight] + ([model.image_projection.weight] if model.image_projection else [])
-    groups = [
-        {"params": text_params, "lr": config.text_lr, "weight_decay": config.weight_decay},
-        {"params": head_decay, "lr": config.lr, "weight_decay": config.weight_decay},
-        {"params": [model.logit_scale], "lr": config.lr, "weight_decay": 0.0},
-    ]
-    if image_tower is not None and config.unlock_image:
-        groups.append(
-            {"params": list(image_tower.parameters()), "lr": config.text_lr, "weight_decay": config.weight_decay}
-        )
-    groups = [g for g in groups if g["params"]]
-    for group in groups:
-        group["base_lr"] = group["lr"]
-    optimizer = torch.optim.AdamW(groups)
-
-    # --- resume: a run killed and restarted ends exactly as one that never stopped ---------------------
-    checkpoints = out / "checkpoint"
-    history: list[dict] = []
-    start_epoch = 0
-    # Everything that trains is checkpointed: the LiT model, and the image tower when unlocked.
-    trained = torch.nn.ModuleDict({"lit": model} | ({"image": image_tower} if config.unlock_image else {}))
-    state = load_checkpoint(checkpoints, trained, optimizer) if checkpoints.exists() else None
-    if state is not None:
-        if state["config"] != run_signature(config):
-            raise TaxoclipError(f"{out} holds a run with other settings; use another --output or delete it")
-        start_epoch, history = state["epoch"], state["history"]
-        if rank == 0 and config.progress:
-            print(f"resuming after epoch {start_epoch} from {checkpoints}")
-    training_model = model
-    if world > 1:
-        training_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    gather = gather_with_grad if world > 1 else None
-    image_batches = ShardBatches(config.shards, image_tower, config.batch_size) if image_tower is not None else None
-
-    # --- the epoch loop ------------------------------------------------------------------------------
-    for epoch in range(start_epoch, config.epochs):
-        started = time.perf_counter()
-        model.train()
-        if config.unlock_image:  # full fine-tuning: batch-norm statistics and dropout train too
-            image_tower.train()
-        torch.manual_seed(config.seed * 100_003 + epoch)  # dropout masks: reproducible across resumes
-        order = np.random.default_rng([config.seed, epoch]).permutation(train_rows)
-        losses = []
-        batches = image_batches.epoch(epoch, held_out) if image_batches else None
-        bar = tqdm(
-            range(steps_per_epoch),
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            leave=False,
-            disable=not (config.progress and rank == 0),
-        )
-        for step in bar:
-            global_step = epoch * steps_per_epoch + step
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * warmup_cosine(global_step, config.warmup_steps, total_steps)
-            if batches is not None:  # the image tower runs on this batch's photos
-                features, labels = next(batches)
-            else:  # cached embeddings: this rank's share of the global batch
-                rows = np.sort(order[step * config.batch_size : (step + 1) * config.batch_size][rank::world])
-                features = torch.from_numpy(np.asarray(cache.features[rows], dtype=np.float32))
-                labels = torch.from_numpy(cache.labels[rows].astype(np.int64))
-            style_rng = torch.Generator().manual_seed(config.seed * 7919 + global_step)
-            style_of_class = torch.randint(len(config.styles), (n_classes,), generator=style_rng)
-            # bfloat16 on GPUs (no loss scaling needed); full precision on CPU, where it is not faster.
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = training_model(
-                    features.to(device),
-                    labels.to(device),
-                    bank,
-                    style_of_class.to(device),
-                    loss=config.loss,
-                    gather=gather,
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.grad_clip)
-            optimizer.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": float(np.mean(losses)) if losses else float("nan"),
-            "seconds": round(time.perf_counter() - started, 3),
-            "lr": optimizer.param_groups[0]["lr"],
-            "temperature": float(1 / model.scale().detach()),
-        }
-        # Evaluation re-encodes every class caption: --eval-every spaces it out (the last epoch always).
-        if (epoch + 1) % max(1, config.eval_every) == 0 or epoch + 1 == config.epochs:
-            valid_features = None
-            if config.unlock_image:  # the cache holds the old tower's embeddings: embed the photos again
-                valid_features = embed_split(config.shards, image_tower, "valid")
-            row.update(evaluate(model, cache, valid_rows, eval_captions, held_out, device, valid_features))
-        history.append(row)
-        if rank == 0:
-            if config.progress:
-                print(format_epoch(row))
-            write_log(out, history)
-            save_checkpoint(
-                checkpoints,
-                trained,
-                optimizer,
-                {"epoch": epoch + 1, "history": history, "config": run_signature(config)},
-            )
-        if world > 1:
-            torch.distributed.barrier()
-
-    # --- the result: a model directory taxoclip.load() opens ------------------------------------------------
-    if rank == 0:
+    history = fit(trainer, loop, runtime)
+    if runtime.is_main:
         from taxoclip.models.bundle import save_bundle
 
-        plot_history(out, history)
         save_bundle(
-            out,
-            model,
-            cache,
+            Path(config.output),
+            trainer.model,
+            trainer.cache,
             config.eval_style,
-            training=asdict(config) | {"held_out": held_out.tolist()},
-            image_tower=image_tower if config.unlock_image else None,
+            training=asdict(config) | {"held_out": trainer.held_out.tolist(), "world_size": runtime.world_size},
+            image_tower=trainer.image_tower if config.unlock_image else None,
         )
+    runtime.barrier()
     return history[-1] if history else {}
 
 
@@ -317,24 +315,16 @@ def evaluate(
     return result
 
 
-def format_epoch(row: dict) -> str:
-    text = f"epoch {row['epoch']}: loss {row['train_loss']:.3f}"
-    if "top1" in row:
-        text += f", valid top-1 {100 * row['top1']:.1f}%, top-5 {100 * row['top5']:.1f}%"
-    if "unseen_top1" in row:
-        text += f", unseen top-1 {100 * row['unseen_top1']:.1f}% (seen {100 * row['seen_top1']:.1f}%)"
-    return text + f" ({row['seconds']:.1f} s)"
-
-
 class ShardBatches:
-    """Batches of image-tower embeddings computed on the fly from the shards' photos (the baseline
-    the cache replaces, and the way to train an unlocked image tower)."""
+    """Global batches of decoded photos from the shards, for the image tower to embed on the fly
+    (the baseline the cache replaces, and the way to train an unlocked image tower). Every rank
+    decodes the whole global batch and keeps its share; the tower's forward is what it saves."""
 
     def __init__(self, shards: str, tower, batch_size: int):
         self.plan = plan_from_shards(Path(shards), "train")
         self.tower, self.batch_size = tower, batch_size
 
-    def epoch(self, epoch: int, held_out: np.ndarray):
+    def epoch(self, epoch: int, held_out: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         units = list(self.plan.units)
         np.random.default_rng(epoch).shuffle(units)
         device = next(self.tower.parameters()).device
@@ -342,13 +332,8 @@ class ShardBatches:
         excluded = set(held_out.tolist())
         for batch in loader:
             keep = [i for i, item in enumerate(batch["good"]) if item["label"] not in excluded]
-            pixels = batch["pixels"][keep].to(device)
             labels = torch.tensor([batch["good"][i]["label"] for i in keep])
-            if any(p.requires_grad for p in self.tower.parameters()):  # unlocked: the tower trains
-                features = self.tower(self.tower.prepare(pixels))
-            else:
-                features = self.tower.embed(pixels)
-            yield features, labels
+            yield batch["pixels"][keep], labels
 
 
 @torch.no_grad()

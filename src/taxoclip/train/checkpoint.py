@@ -1,0 +1,35 @@
+"""Checkpoints: everything that trains as safetensors, the optimiser state, and the progress as
+JSON written last, so a checkpoint is complete exactly when its state file says so."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Weights as safetensors, optimizer state as plain tensors, progress as JSON; the JSON is
+    written last so a checkpoint is complete exactly when its state file says so."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(folder / "model.safetensors.tmp"))
+    os.replace(folder / "model.safetensors.tmp", folder / "model.safetensors")
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt.tmp")
+    os.replace(folder / "optimizer.pt.tmp", folder / "optimizer.pt")
+    (folder / "state.json.tmp").write_text(json.dumps(state, indent=1))
+    os.replace(folder / "state.json.tmp", folder / "state.json")
+
+
+def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+    state_path = folder / "state.json"
+    if not state_path.exists():
+        return None
+    state = json.loads(state_path.read_text())
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    # A file we wrote ourselves; weights_only keeps torch.load from running any code regardless.
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    return state

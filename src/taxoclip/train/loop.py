@@ -1,0 +1,184 @@
+"""The one training loop every trainer plugs into.
+
+A trainer (a subclass of `Trainer`) supplies only what is its own:
+
+  module            an nn.Module whose ``forward(**batch.inputs)`` returns the loss; what in it
+                    requires grad trains, and all of it is checkpointed
+  param_groups()    optimiser groups, each with its learning rate and weight decay
+  steps_per_epoch() optimiser steps in one epoch
+  batches(epoch)    this rank's share of every global batch, as `Batch` objects on the device
+  evaluate(epoch)   metrics on held-out data (empty when there is none)
+  epoch_extras()    other numbers worth logging each epoch (e.g. the temperature)
+
+The loop does the rest, the same way for every model: AdamW, linear warm-up then cosine decay,
+gradient clipping, bfloat16 autocast on GPUs, DistributedDataParallel under torchrun (gradients
+averaged across ranks), evaluation every ``eval_every`` epochs and always after the last, a
+checkpoint per epoch with exact resume, metrics.jsonl/metrics.csv and plots, and output from
+rank 0 only. Each epoch's row records what every rank trained on (``samples_by_rank``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from taxoclip.errors import TaxoclipError
+from taxoclip.runtime import Runtime
+from taxoclip.train.checkpoint import load_checkpoint, save_checkpoint
+from taxoclip.train.log import plot_history, write_log
+
+CHECKPOINT = "checkpoint"
+
+
+@dataclass
+class Batch:
+    inputs: dict[str, Any]  # keyword arguments of the trainer module's forward
+    size: int  # samples this rank holds
+
+
+class Trainer:
+    """What a trainer provides; see the module docstring."""
+
+    module: torch.nn.Module
+
+    def param_groups(self) -> list[dict]:
+        raise NotImplementedError
+
+    def steps_per_epoch(self) -> int:
+        raise NotImplementedError
+
+    def batches(self, epoch: int) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def evaluate(self, epoch: int) -> dict:
+        return {}
+
+    def epoch_extras(self) -> dict:
+        return {}
+
+
+@dataclass
+class LoopConfig:
+    output: str | Path
+    epochs: int
+    warmup_steps: int = 0
+    grad_clip: float | None = 1.0
+    eval_every: int = 1
+    seed: int = 0
+    progress: bool = True
+    signature: dict = field(default_factory=dict)  # the settings a resumed run must share
+    description: str = "epoch"
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate multiplier: linear from 0 over ``warmup_steps``, then cosine down to 0."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def fit(trainer: Trainer, config: LoopConfig, runtime: Runtime) -> list[dict]:
+    """Train ``trainer`` for ``config.epochs`` (resuming a checkpoint in the output folder);
+    returns the per-epoch history."""
+    out = Path(config.output)
+    groups = [dict(g, base_lr=g["lr"]) for g in trainer.param_groups() if g["params"]]
+    optimizer = torch.optim.AdamW(groups)
+    history, start_epoch = resume(out / CHECKPOINT, trainer.module, optimizer, config, runtime)
+    model = runtime.wrap(trainer.module)
+    for epoch in range(start_epoch, config.epochs):
+        row = train_epoch(model, trainer, optimizer, epoch, config, runtime)
+        if (epoch + 1) % max(1, config.eval_every) == 0 or epoch + 1 == config.epochs:
+            row.update(trainer.evaluate(epoch))
+        history.append(row)
+        if runtime.is_main:
+            if config.progress:
+                print(format_row(row))
+            write_log(out, history)
+            state = {"epoch": epoch + 1, "history": history, "config": config.signature}
+            save_checkpoint(out / CHECKPOINT, trainer.module, optimizer, state)
+        runtime.barrier()
+    if runtime.is_main and history:
+        plot_history(out, history)
+    return history
+
+
+def resume(
+    folder: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer, config: LoopConfig, runtime: Runtime
+) -> tuple[list[dict], int]:
+    """(history, first epoch to run): a run killed and restarted ends exactly as one that never stopped."""
+    state = load_checkpoint(folder, module, optimizer) if folder.exists() else None
+    if state is None:
+        return [], 0
+    if state["config"] != config.signature:
+        raise TaxoclipError(f"{folder.parent} holds a run with other settings; use another --output or delete it")
+    if config.progress:
+        runtime.print(f"resuming after epoch {state['epoch']} from {folder}")
+    return state["history"], state["epoch"]
+
+
+def train_epoch(
+    model: torch.nn.Module,
+    trainer: Trainer,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    config: LoopConfig,
+    runtime: Runtime,
+) -> dict:
+    started = time.perf_counter()
+    trainer.module.train()
+    torch.manual_seed(config.seed * 100_003 + epoch)  # dropout masks: reproducible across resumes
+    steps = trainer.steps_per_epoch()
+    total_steps = steps * config.epochs
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    device = runtime.device
+    losses, samples = [], 0
+    bar = tqdm(
+        total=steps,
+        desc=f"{config.description} {epoch + 1}/{config.epochs}",
+        leave=False,
+        disable=not (config.progress and runtime.is_main),
+    )
+    for step, batch in zip(range(steps), trainer.batches(epoch), strict=False):
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * warmup_cosine(epoch * steps + step, config.warmup_steps, total_steps)
+        # bfloat16 on GPUs (no loss scaling needed); full precision on CPU, where it is not faster.
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(**batch.inputs)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+        optimizer.step()
+        losses.append(loss.item())
+        samples += batch.size
+        bar.update()
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    samples_by_rank = runtime.gather_objects(samples)
+    return {
+        "epoch": epoch + 1,
+        "train_loss": runtime.mean(float(np.mean(losses)) if losses else float("nan")),
+        "seconds": round(time.perf_counter() - started, 3),
+        "lr": optimizer.param_groups[0]["lr"],
+        **trainer.epoch_extras(),
+        "samples": sum(samples_by_rank),
+        "samples_by_rank": samples_by_rank,
+    }
+
+
+def format_row(row: dict) -> str:
+    """One readable line per epoch: loss, then accuracies as percentages."""
+    text = f"epoch {row['epoch']}: loss {row['train_loss']:.3f}"
+    shown = [(k, v) for k, v in row.items() if ("top1" in k or "top5" in k) and isinstance(v, float)]
+    if shown:
+        text += ", " + ", ".join(f"{k.replace('_', ' ')} {100 * v:.1f}%" for k, v in shown)
+    return text + f" ({row['seconds']:.1f} s)"
