@@ -287,50 +287,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_predictor(args: argparse.Namespace):
-    """A Predictor from --model (a model directory or open_clip:NAME with --classes) or --onnx."""
+    """A Predictor from --model (any model directory, or open_clip:NAME with --classes) or --onnx."""
     from taxoclip.inference.predict import DEFAULT_THRESHOLD, Predictor, torch_predictor
 
     subset = [t for t in args.subset.split(",")] if getattr(args, "subset", None) else None
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     if args.onnx:
-        import taxoclip
         from taxoclip.inference.export import OnnxClassifier
+        from taxoclip.models.bundle import read_classes
 
         runner = OnnxClassifier(args.onnx)
         model_dir = args.model or runner.meta.get("model_dir")
         if not model_dir:
             raise TaxoclipError("--onnx needs --model (the model directory it was exported from)")
-        classes = taxoclip.load(model_dir).classes
+        classes = runner.classes() or read_classes(Path(model_dir))
         return Predictor(classes, runner.preprocess, runner, subset=subset, threshold=threshold)
     if args.model is None:
         raise TaxoclipError("give --model (a model directory or open_clip:NAME) or --onnx")
-    if args.model.startswith("open_clip:"):
-        return open_clip_predictor(args, subset, threshold)
-    import taxoclip
+    from taxoclip.models.registry import load_classifier
 
-    return torch_predictor(taxoclip.load(args.model), subset=subset, threshold=threshold)
-
-
-def open_clip_predictor(args: argparse.Namespace, subset, threshold):
-    import torch
-
-    from taxoclip.data.captions import build_captions
-    from taxoclip.data.sources.tables import load_class_csv
-    from taxoclip.eval.zeroshot import OpenClipZeroShot
-    from taxoclip.inference.predict import Predictor
-    from taxoclip.models.towers import create_image_tower
-
-    if not args.classes:
-        raise TaxoclipError("an open_clip model needs --classes CSV (one row per class, with its taxonomy)")
-    classes = load_class_csv(Path(args.classes))
-    classifier = OpenClipZeroShot(args.model, classes, build_captions(classes).by_class, args.style or "paper")
-    tower = create_image_tower(args.model).for_inference(torch.device("cpu"))
-
-    @torch.no_grad()
-    def run(pixels):
-        return classifier.logits_from_features(tower.embed(pixels)).softmax(-1)
-
-    return Predictor(classes, tower.preprocess, run, subset=subset, threshold=threshold)
+    classifier = load_classifier(args.model, classes=args.classes, style=args.style)
+    return torch_predictor(classifier, subset=subset, threshold=threshold)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -432,7 +409,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     from taxoclip.inference.export import export_onnx
 
-    path = export_onnx(args.model, args.output)
+    path = export_onnx(args.model, args.output, classes=args.classes, style=args.style)
     print(f"ONNX model -> {path} (preprocessing and classes in {path}.json)")
     return 0
 
@@ -440,7 +417,10 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 def add_predictor_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="a model directory (taxoclip train) or open_clip:NAME (with --classes)")
     p.add_argument("--classes", help="class CSV, for an open_clip model")
-    p.add_argument("--style", help="caption style for an open_clip model (default paper)")
+    p.add_argument(
+        "--style",
+        help="caption style, or 'templates' for a prompt ensemble (default: the model's own; paper for open_clip)",
+    )
     p.add_argument("--onnx", help="run this exported ONNX file instead of PyTorch")
     p.add_argument("--subset", help="answer only among these taxa (any rank), comma-separated: 'Rosaceae,Tulipa'")
     p.add_argument(
@@ -560,7 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("export", help="export a model: 'export onnx'")
     formats = p.add_subparsers(dest="target", metavar="FORMAT", required=True)
     q = formats.add_parser("onnx", help="image tower + classifier head as one ONNX graph (checked with onnxruntime)")
-    q.add_argument("--model", required=True, help="model directory")
+    q.add_argument("--model", required=True, help="a model directory, or open_clip:NAME (with --classes)")
+    q.add_argument("--classes", help="class CSV, for an open_clip model")
+    q.add_argument("--style", help="caption style or 'templates' (default: the model's own)")
     q.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     q.set_defaults(handler=cmd_export_onnx)
 

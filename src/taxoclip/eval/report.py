@@ -24,6 +24,8 @@ from taxoclip.data.features import FeatureCache, extract_features, load_features
 from taxoclip.errors import TaxoclipError
 from taxoclip.eval import baselines
 from taxoclip.eval.metrics import ROLLUP_RANKS, Evaluation, RankCodes
+from taxoclip.models.classifier import Classifier, EmbeddingClassifier
+from taxoclip.models.registry import OPEN_CLIP_PREFIX, load_classifier
 from taxoclip.taxonomy import ClassTable
 
 CONFUSION_MAX_GROUPS = 300  # beyond this a species-level matrix is unreadable: use a coarser rank
@@ -42,22 +44,6 @@ class EvalConfig:
     random_weights: bool = False  # open_clip architecture with random weights (tests, no network)
     chunk: int = 4096
     progress: bool = True
-
-
-def open_clip_classifier(config: EvalConfig, cache_classes: ClassTable, cache_captions: list[dict] | None):
-    """Zero-shot with an open_clip model over the data's own class table (and its captions)."""
-    from taxoclip.data.captions import build_captions
-    from taxoclip.eval.zeroshot import OpenClipZeroShot
-
-    by_class = cache_captions or build_captions(cache_classes).by_class
-    return OpenClipZeroShot(
-        config.model,
-        cache_classes,
-        by_class,
-        config.style or "paper",
-        pretrained=not config.random_weights,
-        cache_dir=Path(config.output) / "cache",
-    )
 
 
 def features_for(config: EvalConfig, tower_name: str, pretrained: bool) -> FeatureCache:
@@ -83,7 +69,14 @@ def run_evaluation(config: EvalConfig) -> dict:
     cache = features_for(config, tower_name, pretrained)
     classes = cache.classes
     if classifier is None:  # open_clip: its class embeddings come from the data's class table
-        classifier = open_clip_classifier(config, classes, (cache.meta.get("captions") or {}).get("by_class"))
+        classifier = load_classifier(
+            config.model,
+            classes=classes,
+            captions=(cache.meta.get("captions") or {}).get("by_class"),
+            style=config.style,
+            pretrained=not config.random_weights,
+            cache_dir=out / "cache",
+        )
     if classifier.classes.ids != classes.ids:
         raise TaxoclipError(
             "the model's classes differ from the data's class table; evaluate on data made from the same class metadata"
@@ -107,7 +100,7 @@ def run_evaluation(config: EvalConfig) -> dict:
         evaluation.add(logits.softmax(-1), torch.from_numpy(labels[start : start + config.chunk]))
     scoring_seconds = time.perf_counter() - scoring_started
     metrics = evaluation.result()
-    name = "LiT zero-shot" if not config.model.startswith("open_clip:") else f"{config.model} zero-shot"
+    name = "LiT zero-shot" if classifier.kind == "lit" else f"{config.model} zero-shot"
     comparison = [summary_row(name, "all", metrics)]
 
     efficiency = []
@@ -136,27 +129,19 @@ def run_evaluation(config: EvalConfig) -> dict:
 
 
 def resolve_tower(config: EvalConfig):
-    """(image tower name, pretrained?, the classifier if it had to be loaded to know the tower)."""
-    if config.model.startswith("open_clip:"):
+    """(image tower name, pretrained?, the classifier when it can be opened before the data)."""
+    if config.model.startswith(OPEN_CLIP_PREFIX):  # needs the data's class table: opened later
         return config.model, not config.random_weights, None
-    from taxoclip.models.bundle import load
-
-    if not (Path(config.model) / "config.json").exists():
-        raise TaxoclipError(f"{config.model}: not a model directory (no config.json) nor an open_clip: name")
-    model = load(config.model)
-    if config.style:
-        model.use_style(config.style)
-    return model.image_tower_name, model.image_pretrained, model
+    classifier = load_classifier(config.model, style=config.style)
+    return classifier.image_tower_name, classifier.image_pretrained, classifier
 
 
-def seen_classes(classifier, n_classes: int) -> np.ndarray | None:
+def seen_classes(classifier: Classifier, n_classes: int) -> np.ndarray | None:
     """Which classes had training images, for a model trained with --holdout (else None)."""
-    config = getattr(classifier, "config", None) or {}  # open_clip classifiers carry no training record
-    held_out = config.get("training", {}).get("held_out")
-    if not held_out:
+    if not classifier.held_out:
         return None
     seen = np.ones(n_classes, dtype=bool)
-    seen[held_out] = False
+    seen[classifier.held_out] = False
     return seen
 
 
@@ -189,7 +174,7 @@ def run_baselines(config, cache, classifier, rows, labels, classes, comparison, 
     train_y_all = cache.labels[train_mask].astype(np.int64)
     test_x = np.asarray(cache.features[rows], np.float32)
     test_labels = torch.from_numpy(labels)
-    test_embeddings = classifier.image_embeddings(test_x)
+    test_embeddings = classifier.image_embeddings(test_x) if isinstance(classifier, EmbeddingClassifier) else None
     efficiency = [{"method": "zero-shot", "shots": 0, "top1": zero_shot_top1}]
 
     def score(probabilities: torch.Tensor) -> dict:
@@ -204,15 +189,16 @@ def run_baselines(config, cache, classifier, rows, labels, classes, comparison, 
         methods = {
             "logistic-regression probe": partial(baselines.probe, train_x, train_y, test_x, len(classes)),
             "nearest class mean": partial(baselines.nearest_class_mean, train_x, train_y, test_x, len(classes)),
-            "Transfer Init (CatLIP)": partial(
+        }
+        if isinstance(classifier, EmbeddingClassifier):  # Transfer Init needs caption embeddings
+            methods["Transfer Init (CatLIP)"] = partial(
                 baselines.transfer_init,
                 classifier.image_embeddings(train_x),
                 train_y,
                 test_embeddings,
                 classifier.class_embeddings,
                 classifier.scale,
-            ),
-        }
+            )
         for method, run in methods.items():
             if config.progress:
                 print(f"baseline: {method}, {label} training images per class")

@@ -19,33 +19,34 @@ import torch
 from torch import nn
 
 from taxoclip.errors import TaxoclipError
+from taxoclip.models.classifier import Classifier
 from taxoclip.models.towers import Preprocess
+from taxoclip.taxonomy import ClassTable
 
 
 class ClassifierGraph(nn.Module):
-    def __init__(self, model):
+    """0-255 pixels -> normalisation -> image tower -> the classifier's head -> probabilities."""
+
+    def __init__(self, classifier: Classifier):
         super().__init__()
-        tower = model.image_tower
+        tower = classifier.image_tower
         self.tower = tower.model.eval()
-        self.head = model.model  # the LiT model: image centring/projection and temperature
-        self.register_buffer("class_embeddings", model.class_embeddings.clone().float())
+        self.head = classifier.head().eval()
         self.register_buffer("mean", torch.tensor(tower.preprocess.mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(tower.preprocess.std).view(1, 3, 1, 1) * 255)
-        self.scale = float(model.model.scale().detach())
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        features = self.tower((pixels - self.mean) / self.std)
-        image = self.head.encode_image_features(features)
-        return (self.scale * image @ self.class_embeddings.T).softmax(-1)
+        return self.head(self.tower((pixels - self.mean) / self.std)).softmax(-1)
 
 
-def export_onnx(model_dir: str | Path, output: str | Path, *, opset: int = 18) -> Path:
-    """Write ``output`` (.onnx) and ``output.json`` (preprocessing, class ids, model directory)."""
-    import taxoclip
+def export_onnx(model: str | Path, output: str | Path, *, opset: int = 18, **options) -> Path:
+    """Write ``output`` (.onnx) and ``output.json`` (preprocessing, class table, the model it came
+    from). ``model`` is anything `load_classifier` opens (``options`` go to it)."""
+    from taxoclip.models.registry import load_classifier
 
-    model = taxoclip.load(model_dir)
-    graph = ClassifierGraph(model).eval()
-    size = model.image_tower.preprocess.size
+    classifier = load_classifier(model, **options)
+    graph = ClassifierGraph(classifier).eval()
+    size = classifier.image_tower.preprocess.size
     example = torch.randint(0, 255, (2, 3, size, size)).float()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -63,9 +64,10 @@ def export_onnx(model_dir: str | Path, output: str | Path, *, opset: int = 18) -
             external_data=False,
         )
     sidecar = {
-        "model_dir": str(Path(model_dir).resolve()),
-        "preprocess": asdict(model.image_tower.preprocess),
-        "classes": model.classes.ids,
+        "model_dir": str(Path(model).resolve()) if Path(model).exists() else str(model),
+        "preprocess": asdict(classifier.image_tower.preprocess),
+        "classes": classifier.classes.ids,
+        "class_table": classifier.classes.to_json(),
         "input": "float32 pixels 0-255, (N, 3, H, W), resized and cropped",
     }
     Path(str(output) + ".json").write_text(json.dumps(sidecar, indent=1))
@@ -89,6 +91,11 @@ class OnnxClassifier:
         self.preprocess = Preprocess(
             **{k: tuple(v) if isinstance(v, list) else v for k, v in self.meta.get("preprocess", {}).items()}
         )
+
+    def classes(self) -> ClassTable | None:
+        """The class table the sidecar carries (None for files exported before it did)."""
+        table = self.meta.get("class_table")
+        return ClassTable.from_json(table) if table else None
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         (probabilities,) = self.session.run(None, {"pixels": pixels.float().numpy().astype(np.float32)})

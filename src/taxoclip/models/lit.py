@@ -11,14 +11,20 @@ embeddings onto class-mean image embeddings, so training starts from a working c
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
+from taxoclip.models.classifier import EmbeddingClassifier
 from taxoclip.models.losses import class_contrastive_loss, clip_loss, unique_targets
 from taxoclip.models.towers import TextTower
 
@@ -159,3 +165,99 @@ def ridge_text_projection(
     weight = torch.linalg.solve(gram, t.T @ target)  # (text_width, embed_dim)
     model.text_projection.weight.copy_(weight.T)
     text.train()
+
+
+# --- the model directory ------------------------------------------------------------------------
+#
+# config.json               kind "lit", towers by name, the LiT shape, caption style, training record
+# model.safetensors         text tower, projections, image centring, temperature
+# image_tower.safetensors   only when the image tower was trained too
+# classes.csv               the class table (index order)
+# captions.json             every class's captions in every style, and the caption configuration
+# class_embeddings.npy      the classifier: each class's caption embedding (evaluation style)
+
+
+def save_lit(out: Path, model: LiTModel, cache, eval_style: str, *, training: dict, image_tower=None) -> None:
+    """Write a LiT model directory from a trained model and the feature cache it trained on."""
+    from taxoclip.models.bundle import save_weights, write_config
+    from taxoclip.taxonomy import ClassTable
+
+    out.mkdir(parents=True, exist_ok=True)
+    captions = cache.meta["captions"]
+    class_embeddings = model.encode_captions([entry[eval_style] for entry in captions["by_class"]]).cpu().numpy()
+    save_weights(out / "model.safetensors", model)
+    if image_tower is not None:
+        save_weights(out / "image_tower.safetensors", image_tower)
+    ClassTable.from_json(cache.meta["classes"]).to_csv(out / "classes.csv")
+    (out / "captions.json").write_text(json.dumps(captions, indent=1, ensure_ascii=False))
+    np.save(out / "class_embeddings.npy", class_embeddings.astype(np.float32))
+    fields = {"lit": model.config.to_json(), "eval_style": eval_style, "image_tower": cache.meta["tower"]}
+    write_config(out, "lit", fields | {"training": training})
+
+
+class LiTClassifier(EmbeddingClassifier):
+    """A trained LiT model ready to classify. Opening it reads only the image-side head (centring,
+    projection, temperature) and the stored class embeddings: predicting never builds the text
+    tower. The text tower is loaded on demand, to embed captions of another style."""
+
+    kind = "lit"
+
+    def __init__(self, path: Path, config: dict):
+        from taxoclip.models.bundle import read_classes
+
+        self.path, self.config, self.name = path, config, str(path)
+        self.lit_config = LiTConfig(**config["lit"])
+        self.image_tower_name = self.lit_config.image_tower
+        self.image_pretrained = self.lit_config.image_pretrained
+        self.training = config.get("training", {})
+        self.classes = read_classes(path)
+        with safe_open(str(path / "model.safetensors"), framework="pt") as weights:
+            self.image_mean = weights.get_tensor("image_mean")
+            if "image_projection.weight" in weights.keys():  # noqa: SIM118 (safe_open has no __contains__)
+                self.image_projection = weights.get_tensor("image_projection.weight")
+            logit_scale = weights.get_tensor("logit_scale").clamp(max=self.lit_config.max_logit_scale)
+        self.scale = float(logit_scale.exp())
+        self.class_embeddings = torch.from_numpy(np.load(path / "class_embeddings.npy"))
+        self._model: LiTModel | None = None
+
+    @property
+    def model(self) -> LiTModel:
+        """The whole LiT model, text tower included (built on first use)."""
+        if self._model is None:
+            from taxoclip.models.towers import create_text_tower
+
+            text_tower = create_text_tower(self.lit_config.text_tower, pretrained=False)  # weights: the bundle's
+            model = LiTModel(self.lit_config, text_tower)
+            model.load_state_dict(load_file(str(self.path / "model.safetensors")))
+            self._model = model.eval()
+        return self._model
+
+    def customise_image_tower(self, tower):
+        trained = self.path / "image_tower.safetensors"
+        if trained.exists():
+            tower.load_state_dict(load_file(str(trained)))
+        return tower
+
+    def use_style(self, style: str) -> None:
+        """Classify with another caption style, or ``templates`` (a CLIP-style prompt ensemble);
+        the class embeddings are cached in the model directory."""
+        from taxoclip.models.caption_embeddings import caption_sets, class_embeddings_cached
+
+        by_class = json.loads((self.path / "captions.json").read_text())["by_class"]
+        sets = caption_sets(by_class, self.classes, style)
+        # Keyed by the weights file, so a model retrained in the same folder gets new embeddings.
+        tag = f"lit|{file_digest(self.path / 'model.safetensors')}"
+        self.class_embeddings = class_embeddings_cached(self.model.encode_captions, sets, self.path, tag=tag)
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def load_lit(path: Path, config: dict) -> LiTClassifier:
+    """The registry's entry for kind "lit"."""
+    return LiTClassifier(path, config)

@@ -21,7 +21,7 @@ from torch import nn
 from taxoclip.data.features import FeatureCache, image_loader, load_features, plan_from_shards
 from taxoclip.errors import TaxoclipError
 from taxoclip.eval.zeroshot import zero_shot_accuracy
-from taxoclip.models.lit import CaptionBank, LiTConfig, LiTModel, ridge_text_projection
+from taxoclip.models.lit import CaptionBank, LiTConfig, LiTModel, ridge_text_projection, save_lit
 from taxoclip.models.towers import create_image_tower, create_text_tower
 from taxoclip.runtime import Runtime, gather_with_grad, seed_everything, setup
 from taxoclip.train.loop import Batch, LoopConfig, Trainer, fit
@@ -257,9 +257,7 @@ def train_lit(config: TrainConfig) -> dict:
     )
     history = fit(trainer, loop, runtime)
     if runtime.is_main:
-        from taxoclip.models.bundle import save_bundle
-
-        save_bundle(
+        save_lit(
             Path(config.output),
             trainer.model,
             trainer.cache,
