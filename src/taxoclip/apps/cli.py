@@ -6,14 +6,29 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import MISSING, fields
 from pathlib import Path
 
-from taxoclip.errors import TaxoclipError  # light: no third-party imports
+from taxoclip.data.captions import STYLE_NAMES  # the library's own choices and defaults: all light
+from taxoclip.data.shards import ShardOptions
+from taxoclip.data.sources import FORMATS
+from taxoclip.errors import TaxoclipError
+from taxoclip.eval.config import EvalConfig
+from taxoclip.taxonomy import Rank
+from taxoclip.train.lit_config import LOSSES, PROJECTION_INITS, TrainConfig
+
+RANKS = [rank.column for rank in Rank]
+
+
+def default(config_class: type, name: str):
+    """The library's default for one field of a settings dataclass (what --help shows)."""
+    field = next(f for f in fields(config_class) if f.name == name)
+    return field.default_factory() if field.default is MISSING else field.default
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="iNat JSON, CUB folder, image folder, or CSV of classes/images")
-    parser.add_argument("--format", choices=["inat", "cub", "folder", "csv"], help="override format detection")
+    parser.add_argument("--format", choices=FORMATS, help="override format detection")
     parser.add_argument("--root", help="folder that image paths in a JSON/CSV source are relative to")
     parser.add_argument("--classes", help="CSV of class metadata (for an image folder, or to replace the source's)")
     parser.add_argument("--class-column", help="the CSV column naming the class (default: detected)")
@@ -21,11 +36,10 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
-    from_styles = ["auto", "paper", "scientific", "common", "taxonomic", "taxonomic_common"]
     parser.add_argument(
         "--style",
         default="auto",
-        choices=from_styles,
+        choices=STYLE_NAMES,
         help="caption style for the 'txt' field (default: auto, the columns that best separate classes)",
     )
     parser.add_argument("--max-columns", type=int, default=3, help="most metadata columns auto may combine (default 3)")
@@ -124,7 +138,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         args.tower,
         args.output,
         split=args.split,
-        batch_size=args.batch_size,
+        **({"batch_size": args.batch_size} if args.batch_size else {}),
         workers=args.workers,
         device=args.device,
         pretrained=not args.random_weights,
@@ -204,52 +218,72 @@ def cmd_train_sweep(args: argparse.Namespace) -> int:
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    def d(name: str):
+        return default(TrainConfig, name)
+
     p.add_argument("--features", required=True, help="feature cache from 'taxoclip features' (train + valid)")
     p.add_argument("-o", "--output", required=True, help="model directory to write")
     p.add_argument(
-        "--text-tower", default="minilm-l6", help="minilm-l6, hf:NAME_OR_PATH, open_clip:ARCH (default minilm-l6)"
+        "--text-tower",
+        default=d("text_tower"),
+        help=f"minilm-l6, hf:NAME_OR_PATH, open_clip:ARCH (default {d('text_tower')})",
     )
-    p.add_argument("--styles", default="paper", help="caption styles to train on, comma-separated, sampled per step")
+    p.add_argument(
+        "--styles",
+        default=",".join(d("styles")),
+        help="caption styles to train on, comma-separated, sampled per step (default %(default)s)",
+    )
     p.add_argument("--eval-style", help="caption style for evaluation (default: the first training style)")
     p.add_argument(
         "--loss",
-        default="class",
-        choices=["class", "clip"],
+        default=d("loss"),
+        choices=LOSSES,
         help="class: same-class images are positives (default); clip: standard CLIP loss",
     )
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of projections and temperature")
-    p.add_argument("--text-lr", type=float, default=1e-4, help="learning rate of the text tower's trainable blocks")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup", type=int, default=20, help="linear warm-up steps before the cosine decay")
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--text-layers", default="2", help="top text blocks that train (0 = projection only, all)")
+    p.add_argument("--batch-size", type=int, default=d("batch_size"), help="global batch (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=d("epochs"), help="(default %(default)s)")
+    p.add_argument("--lr", type=float, default=d("lr"), help="projections and temperature (default %(default)s)")
+    p.add_argument(
+        "--text-lr", type=float, default=d("text_lr"), help="the text tower's trainable blocks (default %(default)s)"
+    )
+    p.add_argument("--weight-decay", type=float, default=d("weight_decay"), help="(default %(default)s)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=d("warmup_steps"),
+        help="linear warm-up steps before the cosine decay (default %(default)s)",
+    )
+    p.add_argument("--grad-clip", type=float, default=d("grad_clip"), help="(default %(default)s)")
+    p.add_argument(
+        "--text-layers",
+        default=str(d("text_layers")),
+        help="top text blocks that train (0 = projection only, all) (default %(default)s)",
+    )
     p.add_argument(
         "--image-projection",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=d("image_projection"),
         help="a trainable linear map on the locked image embeddings (default on)",
     )
     p.add_argument("--embed-dim", type=int, help="shared embedding width (with --image-projection)")
     p.add_argument(
         "--projection-init",
-        default="ridge",
-        choices=["ridge", "random"],
-        help="start the text projection from a ridge fit to class-mean image embeddings (default)",
+        default=d("projection_init"),
+        choices=PROJECTION_INITS,
+        help="ridge: start the text projection from a fit to class-mean image embeddings (default %(default)s)",
     )
-    p.add_argument("--holdout", type=int, default=0, help="classes left out of training, to measure unseen classes")
-    p.add_argument("--holdout-seed", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--holdout", type=int, default=d("holdout"), help="classes left out, to measure unseen classes")
+    p.add_argument("--holdout-seed", type=int, default=d("holdout_seed"))
+    p.add_argument("--seed", type=int, default=d("seed"))
+    p.add_argument("--device", default=d("device"), help="auto, cpu, cuda, cuda:1 ... (default %(default)s)")
     p.add_argument("--image-in-loop", action="store_true", help="run the image tower every step (the slow baseline)")
     p.add_argument("--unlock-image", action="store_true", help="train the image tower too (needs --shards)")
     p.add_argument("--shards", help="the shards, for --image-in-loop / --unlock-image")
     p.add_argument(
         "--eval-every",
         type=int,
-        default=1,
-        help="epochs between zero-shot evaluations on valid (default 1; the last epoch always)",
+        default=d("eval_every"),
+        help="epochs between zero-shot evaluations on valid (default %(default)s; the last epoch always)",
     )
     p.add_argument("-q", "--quiet", action="store_true")
 
@@ -462,9 +496,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_source_arguments(p)
     add_caption_arguments(p)
     p.add_argument("-o", "--output", required=True, help="folder for the shards and manifest.json")
-    p.add_argument("--shard-size", type=int, default=1000, help="most samples per shard (default 1000)")
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=ShardOptions.max_count,
+        help=f"most samples per shard (default {ShardOptions.max_count})",
+    )
     p.add_argument("--shard-mb", type=float, help="most megabytes per shard (with --shard-size, whichever comes first)")
-    p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
+    p.add_argument("--seed", type=int, default=ShardOptions.seed, help=f"shuffle seed (default {ShardOptions.seed})")
     p.add_argument("--resize", type=int, help="re-encode as JPEG with the shorter side at most this many pixels")
     p.add_argument("--workers", type=int, help="processes writing shards (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace shards made from other inputs")
@@ -480,11 +519,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-o", "--output", required=True, help="cache folder")
     p.add_argument("--split", help="embed only this split")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, help="photos per forward pass (default: extract_features's)")
     p.add_argument("--workers", type=int, help="decoding processes (default: half the cores)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--random-weights", action="store_true", help="the tower's architecture with random weights")
-    p.add_argument("--format", choices=["inat", "cub", "folder", "csv"], help="source format, when not shards")
+    p.add_argument("--format", choices=FORMATS, help="source format, when not shards")
     p.add_argument("--root", help="image root of a JSON/CSV source")
     p.add_argument("--classes", help="class CSV for an image folder source")
     p.add_argument("--class-column", help="the CSV column naming the class")
@@ -510,9 +549,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--style", help="caption style, or 'templates' for a CLIP-style prompt ensemble (default: the model's)"
     )
-    p.add_argument("--split", default="valid", help="split to evaluate (default valid)")
+    p.add_argument("--split", default=default(EvalConfig, "split"), help="split to evaluate (default %(default)s)")
     p.add_argument("--no-baselines", action="store_true", help="skip probe / nearest class mean / Transfer Init")
-    p.add_argument("--shots", default="1,5,10", help="training images per class for the data-efficiency curve")
+    p.add_argument(
+        "--shots",
+        default=",".join(map(str, default(EvalConfig, "shots"))),
+        help="training images per class for the data-efficiency curve (default %(default)s)",
+    )
     p.add_argument("--group-by", help="class-table columns to report accuracy by (default: supercategory or a rank)")
     p.add_argument("--random-weights", action="store_true", help="open_clip architecture with random weights")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -524,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument(
         "--rank",
-        choices=["kingdom", "phylum", "class", "order", "family", "genus", "species"],
+        choices=RANKS,
         help="also answer at this rank (probabilities summed up the tree)",
     )
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")

@@ -13,7 +13,6 @@ import csv
 import html
 import json
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -23,27 +22,13 @@ import torch
 from taxoclip.data.features import FeatureCache, extract_features, load_features
 from taxoclip.errors import TaxoclipError
 from taxoclip.eval import baselines
+from taxoclip.eval.config import EvalConfig
 from taxoclip.eval.metrics import ROLLUP_RANKS, Evaluation, RankCodes
 from taxoclip.models.classifier import Classifier, EmbeddingClassifier
 from taxoclip.models.registry import OPEN_CLIP_PREFIX, load_classifier
 from taxoclip.taxonomy import ClassTable
 
 CONFUSION_MAX_GROUPS = 300  # beyond this a species-level matrix is unreadable: use a coarser rank
-
-
-@dataclass
-class EvalConfig:
-    model: str  # a model directory, or open_clip:NAME
-    data: str  # a feature cache, shards or a source
-    output: str
-    style: str | None = None  # caption style or "templates"; default: the model's own
-    split: str = "valid"
-    baselines: bool = True
-    shots: tuple[int, ...] = (1, 5, 10)
-    group_by: list[str] = field(default_factory=list)
-    random_weights: bool = False  # open_clip architecture with random weights (tests, no network)
-    chunk: int = 4096
-    progress: bool = True
 
 
 def features_for(config: EvalConfig, tower_name: str, pretrained: bool) -> FeatureCache:

@@ -1,0 +1,20 @@
+"""`taxoclip eval`'s settings, importable without torch (the command line reads its defaults here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EvalConfig:
+    model: str  # a model directory, or open_clip:NAME
+    data: str  # a feature cache, shards or a source
+    output: str
+    style: str | None = None  # caption style or "templates"; default: the model's own
+    split: str = "valid"
+    baselines: bool = True
+    shots: tuple[int, ...] = (1, 5, 10)
+    group_by: list[str] = field(default_factory=list)
+    random_weights: bool = False  # open_clip architecture with random weights (tests, no network)
+    chunk: int = 4096
+    progress: bool = True
