@@ -18,6 +18,7 @@ from taxoclip.taxonomy import Rank
 from taxoclip.train.lit_config import LOSSES, PROJECTION_INITS, TrainConfig
 
 RANKS = [rank.column for rank in Rank]
+LINEAGE_RANKS = RANKS[:-1]  # kingdom ... genus: the species is the answer itself
 
 
 def default(config_class: type, name: str):
@@ -163,36 +164,20 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_config_from(args: argparse.Namespace):
-    from taxoclip.train.lit import TrainConfig
-
+def train_config_from(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from the parsed options: fields with an option of the same name, plus the few
+    the command line spells differently."""
+    same = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    styles = [s.strip() for s in args.styles.split(",")]
     return TrainConfig(
-        features=args.features,
-        output=args.output,
-        text_tower=args.text_tower,
-        styles=[s.strip() for s in args.styles.split(",")],
-        eval_style=args.eval_style or args.styles.split(",")[0],
-        loss=args.loss,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        lr=args.lr,
-        text_lr=args.text_lr,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup,
-        grad_clip=args.grad_clip,
-        text_layers=None if args.text_layers in ("all", "-1") else int(args.text_layers),
-        image_projection=args.image_projection,
-        embed_dim=args.embed_dim,
-        projection_init=args.projection_init,
-        holdout=args.holdout,
-        holdout_seed=args.holdout_seed,
-        seed=args.seed,
-        device=args.device,
-        image_in_loop=args.image_in_loop,
-        shards=args.shards,
-        unlock_image=args.unlock_image,
-        eval_every=args.eval_every,
-        progress=not args.quiet,
+        **same
+        | {
+            "styles": styles,
+            "eval_style": args.eval_style or styles[0],
+            "warmup_steps": args.warmup,
+            "text_layers": None if str(args.text_layers) in ("all", "-1") else int(args.text_layers),
+            "progress": not args.quiet,
+        }
     )
 
 
@@ -218,73 +203,47 @@ def cmd_train_sweep(args: argparse.Namespace) -> int:
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    def d(name: str):
-        return default(TrainConfig, name)
+    def setting(flag: str, name: str, help: str, **options) -> None:
+        """An option whose default is TrainConfig's field ``name``, shown in the help."""
+        value = default(TrainConfig, name)
+        shown = ",".join(value) if isinstance(value, list) else value
+        p.add_argument(flag, default=shown, help=f"{help} (default {shown})", **options)
 
     p.add_argument("--features", required=True, help="feature cache from 'taxoclip features' (train + valid)")
     p.add_argument("-o", "--output", required=True, help="model directory to write")
-    p.add_argument(
-        "--text-tower",
-        default=d("text_tower"),
-        help=f"minilm-l6, hf:NAME_OR_PATH, open_clip:ARCH (default {d('text_tower')})",
-    )
-    p.add_argument(
-        "--styles",
-        default=",".join(d("styles")),
-        help="caption styles to train on, comma-separated, sampled per step (default %(default)s)",
-    )
+    setting("--text-tower", "text_tower", "minilm-l6, hf:NAME_OR_PATH, open_clip:ARCH")
+    setting("--styles", "styles", "caption styles to train on, comma-separated, sampled per step")
     p.add_argument("--eval-style", help="caption style for evaluation (default: the first training style)")
-    p.add_argument(
-        "--loss",
-        default=d("loss"),
-        choices=LOSSES,
-        help="class: same-class images are positives (default); clip: standard CLIP loss",
-    )
-    p.add_argument("--batch-size", type=int, default=d("batch_size"), help="global batch (default %(default)s)")
-    p.add_argument("--epochs", type=int, default=d("epochs"), help="(default %(default)s)")
-    p.add_argument("--lr", type=float, default=d("lr"), help="projections and temperature (default %(default)s)")
-    p.add_argument(
-        "--text-lr", type=float, default=d("text_lr"), help="the text tower's trainable blocks (default %(default)s)"
-    )
-    p.add_argument("--weight-decay", type=float, default=d("weight_decay"), help="(default %(default)s)")
-    p.add_argument(
-        "--warmup",
-        type=int,
-        default=d("warmup_steps"),
-        help="linear warm-up steps before the cosine decay (default %(default)s)",
-    )
-    p.add_argument("--grad-clip", type=float, default=d("grad_clip"), help="(default %(default)s)")
-    p.add_argument(
-        "--text-layers",
-        default=str(d("text_layers")),
-        help="top text blocks that train (0 = projection only, all) (default %(default)s)",
-    )
-    p.add_argument(
+    setting("--loss", "loss", "class: same-class images are positives; clip: standard CLIP loss", choices=LOSSES)
+    setting("--batch-size", "batch_size", "the global batch, shared among processes", type=int)
+    setting("--epochs", "epochs", "passes over the training photos", type=int)
+    setting("--lr", "lr", "learning rate of projections and temperature", type=float)
+    setting("--text-lr", "text_lr", "learning rate of the text tower's trainable blocks", type=float)
+    setting("--weight-decay", "weight_decay", "AdamW weight decay", type=float)
+    setting("--warmup", "warmup_steps", "linear warm-up steps before the cosine decay", type=int)
+    setting("--grad-clip", "grad_clip", "gradient norm clip", type=float)
+    setting("--text-layers", "text_layers", "top text blocks that train (0 = projection only, or all)", type=str)
+    setting(
         "--image-projection",
+        "image_projection",
+        "a trainable linear map on the locked image embeddings",
         action=argparse.BooleanOptionalAction,
-        default=d("image_projection"),
-        help="a trainable linear map on the locked image embeddings (default on)",
     )
     p.add_argument("--embed-dim", type=int, help="shared embedding width (with --image-projection)")
-    p.add_argument(
+    setting(
         "--projection-init",
-        default=d("projection_init"),
+        "projection_init",
+        "ridge: start the text projection from a fit to class-mean image embeddings",
         choices=PROJECTION_INITS,
-        help="ridge: start the text projection from a fit to class-mean image embeddings (default %(default)s)",
     )
-    p.add_argument("--holdout", type=int, default=d("holdout"), help="classes left out, to measure unseen classes")
-    p.add_argument("--holdout-seed", type=int, default=d("holdout_seed"))
-    p.add_argument("--seed", type=int, default=d("seed"))
-    p.add_argument("--device", default=d("device"), help="auto, cpu, cuda, cuda:1 ... (default %(default)s)")
+    setting("--holdout", "holdout", "classes left out of training, to measure unseen classes", type=int)
+    setting("--holdout-seed", "holdout_seed", "which classes are left out", type=int)
+    setting("--seed", "seed", "data order, caption styles and dropout", type=int)
+    setting("--device", "device", "auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--image-in-loop", action="store_true", help="run the image tower every step (the slow baseline)")
     p.add_argument("--unlock-image", action="store_true", help="train the image tower too (needs --shards)")
     p.add_argument("--shards", help="the shards, for --image-in-loop / --unlock-image")
-    p.add_argument(
-        "--eval-every",
-        type=int,
-        default=d("eval_every"),
-        help="epochs between zero-shot evaluations on valid (default %(default)s; the last epoch always)",
-    )
+    setting("--eval-every", "eval_every", "epochs between zero-shot evaluations on valid (the last always)", type=int)
     p.add_argument("-q", "--quiet", action="store_true")
 
 
@@ -397,21 +356,16 @@ def print_predictions_csv(results) -> None:
             "name",
             "scientific_name",
             "probability",
-            "kingdom",
-            "phylum",
-            "class",
-            "order",
-            "family",
-            "genus",
+            *LINEAGE_RANKS,
             "error",
         ]
     )
     for result in results:
         if result.error:
-            writer.writerow([result.source, "", "", "", "", "", "", "", "", *[""] * 6, result.error])
+            writer.writerow([result.source, *[""] * 8, *[""] * len(LINEAGE_RANKS), result.error])
             continue
         for position, entry in enumerate(result.top, start=1):
-            lineage = [entry["lineage"].get(r, "") for r in ("kingdom", "phylum", "class", "order", "family", "genus")]
+            lineage = [entry["lineage"].get(r, "") for r in LINEAGE_RANKS]
             writer.writerow(
                 [
                     result.source,

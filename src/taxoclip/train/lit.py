@@ -208,17 +208,7 @@ def train_lit(config: TrainConfig) -> dict:
     runtime = setup(config.device)
     seed_everything(config.seed)
     trainer = LiTTrainer(config, runtime)
-    loop = LoopConfig(
-        output=config.output,
-        epochs=config.epochs,
-        warmup_steps=config.warmup_steps,
-        grad_clip=config.grad_clip,
-        eval_every=config.eval_every,
-        seed=config.seed,
-        progress=config.progress,
-        signature=run_signature(config),
-    )
-    history = fit(trainer, loop, runtime)
+    history = fit(trainer, LoopConfig.from_settings(config, signature=run_signature(config)), runtime)
     if runtime.is_main:
         save_lit(
             Path(config.output),

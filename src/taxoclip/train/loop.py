@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,12 @@ class LoopConfig:
     progress: bool = True
     signature: dict = field(default_factory=dict)  # the settings a resumed run must share
     description: str = "epoch"
+
+    @classmethod
+    def from_settings(cls, settings: Any, **overrides: Any) -> LoopConfig:
+        """The loop's part of a trainer's settings: its fields of the same names."""
+        shared = {f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)}
+        return cls(**(shared | overrides))
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
