@@ -135,22 +135,37 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class GatherRows(torch.autograd.Function):
+    """All ranks' equal-sized ``tensor`` stacked in rank order; the backward pass sums each row's
+    gradient over the ranks (every rank's loss depends on every row) and returns this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(pieces, tensor.contiguous())
+        ctx.rows = slice(dist.get_rank() * len(tensor), (dist.get_rank() + 1) * len(tensor))
+        return torch.cat(pieces)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rows]
+
+
 def gather_with_grad(tensor: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """All ranks' ``tensor`` rows (gradients flow back to the rank that owns them) and labels, in
     rank order, so every rank computes the same loss over the whole global batch. Ranks may hold
     different numbers of rows (padded for the collective, trimmed after)."""
-    from torch.distributed.nn.functional import all_gather
-
     world = dist.get_world_size()
     count = torch.tensor([len(tensor)], device=tensor.device)
     counts = [torch.zeros_like(count) for _ in range(world)]
     dist.all_gather(counts, count)
     sizes = [int(c) for c in counts]
     most = max(sizes)
-    padded = torch.nn.functional.pad(tensor, (0, 0, 0, most - len(tensor)))
+    rows = GatherRows.apply(torch.nn.functional.pad(tensor, (0, 0, 0, most - len(tensor))))
     padded_labels = torch.nn.functional.pad(labels, (0, most - len(labels)))
-    pieces = all_gather(padded)
     label_pieces = [torch.empty_like(padded_labels) for _ in range(world)]
     dist.all_gather(label_pieces, padded_labels)
-    rows = torch.cat([piece[:n] for piece, n in zip(pieces, sizes, strict=True)])
-    return rows, torch.cat([piece[:n] for piece, n in zip(label_pieces, sizes, strict=True)])
+    keep = torch.cat([torch.arange(r * most, r * most + n, device=tensor.device) for r, n in enumerate(sizes)])
+    return rows[keep], torch.cat(label_pieces)[keep]
