@@ -1,1 +1,1 @@
-"""Trainers: LiT (``lit.py``) and the pieces every trainer shares (``common.py``)."""
+"""Trainers: the one loop (``loop.py``) and each method on it (``lit.py``; catlip, finetune, vqa next)."""
