@@ -14,7 +14,7 @@ fi
 stamp="$VENV/.taxoclip-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e ".[models,serve,onnx,dev]"
+  "$VENV/bin/python" -m pip install -q -e ".[models,labels,serve,onnx,dev]"
   touch "$stamp"
 fi
 

@@ -21,22 +21,15 @@ from torch import nn
 
 from taxoclip.data.features import FeatureCache, image_loader, load_features, plan_from_shards
 from taxoclip.errors import TaxoclipError
-from taxoclip.eval.zeroshot import zero_shot_accuracy
+from taxoclip.eval.zeroshot import seen_unseen_accuracy
 from taxoclip.models.lit import CaptionBank, LiTConfig, LiTModel, ridge_text_projection, save_lit
 from taxoclip.models.towers import create_image_tower, create_text_tower
 from taxoclip.runtime import Runtime, gather_with_grad, seed_everything, setup
 from taxoclip.train.lit_config import TrainConfig
 from taxoclip.train.loop import Batch, LoopConfig, Trainer, fit
+from taxoclip.train.splits import held_out_classes, split_rows
 
 __all__ = ["LiTTrainer", "TrainConfig", "train_lit"]
-
-
-def held_out_classes(n_classes: int, holdout: int, seed: int) -> np.ndarray:
-    if holdout <= 0:
-        return np.zeros(0, dtype=np.int64)
-    if holdout >= n_classes:
-        raise TaxoclipError(f"--holdout {holdout} leaves no class to train on ({n_classes} classes)")
-    return np.sort(np.random.default_rng(seed).choice(n_classes, size=holdout, replace=False))
 
 
 def captions_for(cache: FeatureCache, style: str) -> list[str]:
@@ -86,9 +79,7 @@ class LiTTrainer(Trainer):
         self.n_classes = len(self.cache.meta["classes"])
         self.held_out = held_out_classes(self.n_classes, config.holdout, config.holdout_seed)
         cache = self.cache
-        self.train_rows = np.flatnonzero(cache.split_mask("train") & ~np.isin(cache.labels, self.held_out))
-        has_valid = "valid" in cache.split_names
-        self.valid_rows = np.flatnonzero(cache.split_mask("valid")) if has_valid else np.zeros(0, int)
+        self.train_rows, self.valid_rows = split_rows(cache, self.held_out)
         if len(self.train_rows) < config.batch_size:
             config.batch_size = max(2, len(self.train_rows))
         self.model = self.build_model()
@@ -256,12 +247,7 @@ def evaluate(
         features = torch.from_numpy(np.asarray(cache.features[rows], np.float32))
     image = model.encode_image_features(features.to(device)).cpu()
     labels = torch.from_numpy(cache.labels[rows].astype(np.int64))
-    result = {k: v for k, v in zero_shot_accuracy(image, class_embeddings, labels).items() if k != "count"}
-    if len(held_out):
-        unseen = torch.from_numpy(np.isin(labels.numpy(), held_out))
-        seen = zero_shot_accuracy(image[~unseen], class_embeddings, labels[~unseen])
-        among = zero_shot_accuracy(image[unseen], class_embeddings, labels[unseen], classes=held_out)
-        result.update({"seen_top1": seen["top1"], "unseen_top1": among["top1"], "unseen_count": among["count"]})
+    result = seen_unseen_accuracy(lambda x: x @ class_embeddings.T, image, labels, held_out)
     model.train()
     return result
 

@@ -1,0 +1,24 @@
+"""Which cached rows a trainer learns from and scores on, and which classes it never sees."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from taxoclip.data.features import FeatureCache
+from taxoclip.errors import TaxoclipError
+
+
+def held_out_classes(n_classes: int, holdout: int, seed: int) -> np.ndarray:
+    """``holdout`` class indices, drawn by ``seed``, kept out of training (``--holdout``)."""
+    if holdout <= 0:
+        return np.zeros(0, dtype=np.int64)
+    if holdout >= n_classes:
+        raise TaxoclipError(f"--holdout {holdout} leaves no class to train on ({n_classes} classes)")
+    return np.sort(np.random.default_rng(seed).choice(n_classes, size=holdout, replace=False))
+
+
+def split_rows(cache: FeatureCache, held_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows without the held-out classes, every valid row)."""
+    train = np.flatnonzero(cache.split_mask("train") & ~np.isin(cache.labels, held_out))
+    valid = np.flatnonzero(cache.split_mask("valid")) if "valid" in cache.split_names else np.zeros(0, np.int64)
+    return train, valid
