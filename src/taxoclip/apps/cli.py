@@ -10,11 +10,13 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from taxoclip.data.captions import STYLE_NAMES  # the library's own choices and defaults: all light
+from taxoclip.data.labels import EXTRACTORS
 from taxoclip.data.shards import ShardOptions
 from taxoclip.data.sources import FORMATS
 from taxoclip.errors import TaxoclipError
 from taxoclip.eval.config import EvalConfig
 from taxoclip.taxonomy import Rank
+from taxoclip.train.catlip_config import DEPTHS, CatLIPConfig
 from taxoclip.train.lit_config import LOSSES, PROJECTION_INITS, TrainConfig
 
 RANKS = [rank.column for rank in Rank]
@@ -244,6 +246,77 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unlock-image", action="store_true", help="train the image tower too (needs --shards)")
     p.add_argument("--shards", help="the shards, for --image-in-loop / --unlock-image")
     setting("--eval-every", "eval_every", "epochs between zero-shot evaluations on valid (the last always)", type=int)
+    p.add_argument("-q", "--quiet", action="store_true")
+
+
+def cmd_labels(args: argparse.Namespace) -> int:
+    from taxoclip.data.labels import build_vocabulary, class_labels, label_data
+
+    options = {k: getattr(args, k) for k in ("format", "root", "classes", "class_column") if getattr(args, k)}
+    classes, captions, images = label_data(args.source, args.split, **options)
+    per_class = class_labels(classes, captions, args.extractor, args.style)
+    vocabulary = build_vocabulary(
+        classes,
+        per_class,
+        images,
+        extractor=args.extractor,
+        style=args.style,
+        min_count=args.min_count,
+        max_size=args.max_size,
+    )
+    vocabulary.save(args.output)
+    coverage = vocabulary.coverage
+    print(f"{len(vocabulary)} labels ({args.extractor}) from {len(classes)} classes, counted in {vocabulary.counted}")
+    print(
+        f"classes without a label: {coverage['classes_without_label']}; deepest rank covered: "
+        f"{coverage['deepest_rank_covered']}; {coverage['mean_labels_per_class']} labels per class"
+    )
+    shared = ", ".join(f"{x['label']} ({x['classes']})" for x in coverage["most_shared_labels"][:5])
+    print(f"most shared: {shared}")
+    print(f"vocabulary -> {args.output}")
+    return 0
+
+
+def cmd_train_catlip(args: argparse.Namespace) -> int:
+    from taxoclip.runtime import setup
+    from taxoclip.train.catlip import train_catlip
+
+    same = {f.name: getattr(args, f.name) for f in fields(CatLIPConfig) if hasattr(args, f.name)}
+    final = train_catlip(CatLIPConfig(**same | {"progress": not args.quiet}))
+    runtime = setup(args.device)
+    if "top1" in final:
+        runtime.print(f"final on valid: top-1 {100 * final['top1']:.1f}%, top-5 {100 * final['top5']:.1f}%")
+    if "unseen_top1" in final:
+        runtime.print(f"held-out classes among themselves: top-1 {100 * final['unseen_top1']:.1f}%")
+    runtime.print(f"model in {args.output} (kind catlip: predict, eval, serve and export open it)")
+    return 0
+
+
+def add_catlip_arguments(p: argparse.ArgumentParser) -> None:
+    def setting(flag: str, name: str, help: str, **options) -> None:
+        value = default(CatLIPConfig, name)
+        p.add_argument(flag, default=value, help=f"{help} (default {value})", **options)
+
+    p.add_argument("--features", required=True, help="feature cache from 'taxoclip features' (train + valid)")
+    p.add_argument("-o", "--output", required=True, help="model directory to write")
+    p.add_argument("--vocabulary", help="vocabulary.json from 'taxoclip labels' (default: built from the features)")
+    setting("--extractor", "extractor", "labels from the taxonomy or from captions' WordNet nouns", choices=EXTRACTORS)
+    setting("--style", "style", "caption style the wordnet extractor reads", choices=STYLE_NAMES)
+    setting("--min-count", "min_count", "drop labels carried by fewer training photos (V_tau)", type=int)
+    p.add_argument("--max-size", type=int, help="keep at most this many labels, the most frequent")
+    setting("--depth", "depth", "what trains", choices=DEPTHS)
+    setting("--batch-size", "batch_size", "the global batch, shared among processes", type=int)
+    setting("--epochs", "epochs", "passes over the training photos", type=int)
+    setting("--lr", "lr", "learning rate", type=float)
+    setting("--weight-decay", "weight_decay", "AdamW weight decay", type=float)
+    setting("--warmup-steps", "warmup_steps", "linear warm-up steps before the cosine decay", type=int)
+    setting("--grad-clip", "grad_clip", "gradient norm clip", type=float)
+    setting("--holdout", "holdout", "classes left out of training, scored through their shared labels", type=int)
+    setting("--holdout-seed", "holdout_seed", "which classes are left out", type=int)
+    setting("--seed", "seed", "data order", type=int)
+    setting("--device", "device", "auto, cpu, cuda, cuda:1 ...")
+    setting("--eval-every", "eval_every", "epochs between evaluations on valid (the last always)", type=int)
+    setting("--scoring", "scoring", "class scores from label logits: likelihood (sum) or transfer (mean)")
     p.add_argument("-q", "--quiet", action="store_true")
 
 
@@ -484,8 +557,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_features)
 
-    p = commands.add_parser("train", help="train a model: 'train lit' (LiT) or 'train sweep' (warm-up study)")
+    p = commands.add_parser("labels", help="CatLIP's label vocabulary from a class table's taxonomy or its captions")
+    add_source_arguments(p)
+    p.add_argument("-o", "--output", required=True, help="vocabulary JSON to write")
+    p.add_argument("--extractor", default="taxonomy", choices=EXTRACTORS, help="taxonomy (default) or wordnet")
+    p.add_argument("--style", default="paper", choices=STYLE_NAMES, help="caption style wordnet reads (default paper)")
+    p.add_argument("--min-count", type=int, default=1, help="drop labels carried by fewer training photos (V_tau)")
+    p.add_argument("--max-size", type=int, help="keep at most this many labels, the most frequent")
+    p.set_defaults(handler=cmd_labels, split="train")
+
+    p = commands.add_parser(
+        "train", help="train a model: 'train lit', 'train catlip', or 'train sweep' (warm-up study)"
+    )
     trainers = p.add_subparsers(dest="trainer", metavar="TRAINER", required=True)
+    q = trainers.add_parser("catlip", help="CatLIP: image features -> label vocabulary, binary cross-entropy")
+    add_catlip_arguments(q)
+    q.set_defaults(handler=cmd_train_catlip)
     q = trainers.add_parser("lit", help="tune a text tower against the locked image tower's cached embeddings")
     add_train_arguments(q)
     q.set_defaults(handler=cmd_train_lit)

@@ -23,6 +23,7 @@ OPEN_CLIP_PREFIX = "open_clip:"
 # kind recorded in a model directory's config.json -> "module:function" that opens it
 KINDS: dict[str, str] = {
     "lit": "taxoclip.models.lit:load_lit",
+    "catlip": "taxoclip.models.catlip:load_catlip",
 }
 
 

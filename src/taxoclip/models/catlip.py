@@ -1,0 +1,183 @@
+"""CatLIP: image-tower features -> one linear layer over a label vocabulary, trained as multi-label
+classification with binary cross-entropy (no text tower in the step), and Transfer Init: a
+classifier for any class table whose row for a class is the weighted mean of its labels' rows.
+
+Model directory (kind ``catlip``):
+  config.json        image tower, feature width, vocabulary summary, training record
+  head.safetensors   the label layer (weight, bias) and the feature standardisation (mean, std)
+  vocabulary.json    labels, counts, each class's labels
+  classes.csv        the class table
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from taxoclip.data.labels import Vocabulary, label_rank, label_weight
+from taxoclip.errors import TaxoclipError
+from taxoclip.models.classifier import Classifier
+from taxoclip.taxonomy import ClassTable
+
+
+class LabelHead(nn.Module):
+    """Standardised features -> label logits. The bias starts at the labels' log prior odds, so
+    training starts from "every label is as rare as it is" rather than from p = 0.5 everywhere."""
+
+    def __init__(self, width: int, n_labels: int, mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(width) if mean is None else mean.float())
+        self.register_buffer("std", torch.ones(width) if std is None else std.float().clamp(min=1e-6))
+        self.linear = nn.Linear(width, n_labels)
+
+    def prepare(self, features: torch.Tensor) -> torch.Tensor:
+        return (features.float() - self.mean) / self.std
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.prepare(features))
+
+    @torch.no_grad()
+    def start_from_prior(self, frequency: torch.Tensor) -> None:
+        p = frequency.clamp(1e-4, 1 - 1e-4)
+        self.linear.bias.copy_(torch.log(p / (1 - p)))
+        nn.init.normal_(self.linear.weight, std=0.01)
+
+
+def catlip_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy summed over the labels and averaged over the samples (CatLIP's
+    reduction: a sample with many labels weighs more than one with few)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="sum") / len(logits)
+
+
+SCORINGS = ("likelihood", "transfer")
+
+
+def transfer_init(
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    labels: list[str],
+    class_labels: list[list[int]],
+    class_ids: list[str],
+    scoring: str = "transfer",
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Each class's classifier row (and bias) from its labels' rows. Returns (rows, biases,
+    coverage: how many classes are covered down to which rank).
+
+    ``transfer``: CatLIP's Transfer Init, the mean of the rows weighted by `label_weight` (deeper
+    ranks weigh more), a starting point for a classifier trained further.
+    ``likelihood``: the sum of the rows: a class's logit is then the log-likelihood of its label
+    set under the independent-label model the BCE loss fits, up to a term shared by all classes.
+    Seen and unseen classes are compared fairly: a seen species' label firing counts against the
+    unseen classes that lack it, while a mean would favour classes with only broad labels."""
+    empty = [class_ids[c] for c, indices in enumerate(class_labels) if not indices]
+    if empty:
+        shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+        raise TaxoclipError(
+            f"{len(empty)} of {len(class_ids)} classes share no label with the model's vocabulary ({shown}); "
+            "they cannot be scored. Check the class table's taxonomy columns, or train with these classes"
+        )
+    mix = torch.zeros(len(class_labels), len(labels))
+    covered: dict[str, int] = {}
+    for c, indices in enumerate(class_labels):
+        mix[c, indices] = torch.tensor([label_weight(labels[i]) for i in indices])
+        ranks = [r for r in (label_rank(labels[i]) for i in indices) if r is not None]
+        depth = max(ranks).column if ranks else "other"
+        covered[depth] = covered.get(depth, 0) + 1
+    if scoring == "likelihood":
+        mix = (mix > 0).float()
+    elif scoring == "transfer":
+        mix = mix / mix.sum(1, keepdim=True)
+    else:
+        raise TaxoclipError(f"unknown scoring {scoring!r}; use one of {', '.join(SCORINGS)}")
+    return mix @ weight, mix @ bias, {"classes": len(class_ids), "deepest_rank": covered}
+
+
+class ClassHead(nn.Module):
+    """Standardised features -> one logit per class (Transfer Init rows)."""
+
+    def __init__(self, label_head: LabelHead, rows: torch.Tensor, biases: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", label_head.mean.detach().cpu().clone())
+        self.register_buffer("std", label_head.std.detach().cpu().clone())
+        self.register_buffer("rows", rows.detach().clone())
+        self.register_buffer("biases", biases.detach().clone())
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return ((features.float() - self.mean) / self.std) @ self.rows.T + self.biases
+
+
+def class_head(
+    head: LabelHead,
+    vocabulary: Vocabulary,
+    class_labels: list[list[int]],
+    class_ids: list[str],
+    scoring: str = "likelihood",
+):
+    """The classifier over a class table from a label head: (ClassHead, coverage)."""
+    weight, bias = head.linear.weight.detach().cpu(), head.linear.bias.detach().cpu()
+    rows, biases, covered = transfer_init(weight, bias, vocabulary.labels, class_labels, class_ids, scoring)
+    return ClassHead(head, rows, biases), covered
+
+
+def save_catlip(out: Path, head: LabelHead, vocabulary: Vocabulary, classes: ClassTable, tower: dict, training: dict):
+    from taxoclip.models.bundle import save_weights, write_config
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(out / "head.safetensors", head)
+    vocabulary.save(out / "vocabulary.json")
+    classes.to_csv(out / "classes.csv")
+    fields = {
+        "image_tower": tower,
+        "width": int(head.linear.in_features),
+        "vocabulary": {"labels": len(vocabulary), "extractor": vocabulary.extractor, "style": vocabulary.style},
+        "training": training,
+    }
+    write_config(out, "catlip", fields)
+
+
+class CatLIPClassifier(Classifier):
+    """A CatLIP model as a classifier over its class table: a class's score comes from its labels'
+    rows (its species label when trained, else its genus, family ... labels)."""
+
+    kind = "catlip"
+
+    def __init__(self, path: Path, config: dict):
+        from taxoclip.models.bundle import read_classes
+
+        self.path, self.config, self.name = path, config, str(path)
+        self.image_tower_name = config["image_tower"]["name"]
+        self.image_pretrained = config["image_tower"].get("pretrained", True)
+        self.training = config.get("training", {})
+        self.classes = read_classes(path)
+        self.vocabulary = Vocabulary.load(path / "vocabulary.json")
+        weights = load_file(str(path / "head.safetensors"))
+        self.label_head = LabelHead(config["width"], len(self.vocabulary))
+        self.label_head.load_state_dict(weights)
+        self.label_head.eval()
+        self._head, self.coverage = class_head(
+            self.label_head, self.vocabulary, self.vocabulary.class_labels, self.classes.ids
+        )
+
+    def head(self) -> nn.Module:
+        return self._head
+
+    def for_classes(self, classes: ClassTable, captions_by_class: list[dict] | None = None) -> CatLIPClassifier:
+        """The same model over another class table (e.g. species it never saw), by Transfer Init."""
+        from taxoclip.data.labels import class_labels
+
+        per_class = class_labels(classes, captions_by_class, self.vocabulary.extractor, self.vocabulary.style)
+        indices = self.vocabulary.labels_of(classes, per_class)
+        other = object.__new__(CatLIPClassifier)
+        other.__dict__.update(self.__dict__)
+        other.classes = classes
+        other._head, other.coverage = class_head(self.label_head, self.vocabulary, indices, classes.ids)
+        return other
+
+
+def load_catlip(path: Path, config: dict) -> CatLIPClassifier:
+    """The registry's entry for kind "catlip"."""
+    return CatLIPClassifier(path, config)

@@ -1,0 +1,152 @@
+"""CatLIP training on the shared loop: the label layer on the locked tower's cached embeddings.
+
+Labels come from the vocabulary (`taxoclip labels`, or built here from the cache's training
+classes). Each class's multi-hot target row is fixed, so a batch's targets are a row look-up.
+Held-out classes (``--holdout``) contribute no image, so their species labels are not in the
+vocabulary and they are scored, like any new class table, through the labels they share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from taxoclip.data.features import load_features
+from taxoclip.data.labels import Vocabulary, build_vocabulary, class_labels
+from taxoclip.errors import TaxoclipError
+from taxoclip.eval.zeroshot import seen_unseen_accuracy
+from taxoclip.models.catlip import LabelHead, catlip_loss, class_head, save_catlip
+from taxoclip.runtime import Runtime, seed_everything, setup
+from taxoclip.train.catlip_config import CatLIPConfig
+from taxoclip.train.loop import Batch, LoopConfig, Trainer, fit
+from taxoclip.train.splits import held_out_classes, split_rows
+
+__all__ = ["CatLIPConfig", "CatLIPTrainer", "train_catlip"]
+
+
+class CatLIPStep(nn.Module):
+    """The loss of one batch: label logits against the classes' multi-hot targets."""
+
+    def __init__(self, head: LabelHead, targets: torch.Tensor):
+        super().__init__()
+        self.head = head
+        self.register_buffer("targets", targets, persistent=False)  # (classes, labels), fixed
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return catlip_loss(self.head(features), self.targets[labels])
+
+
+class CatLIPTrainer(Trainer):
+    def __init__(self, config: CatLIPConfig, runtime: Runtime):
+        self.config, self.runtime = config, runtime
+        self.cache = load_features(config.features)
+        self.classes = self.cache.classes
+        self.held_out = held_out_classes(len(self.classes), config.holdout, config.holdout_seed)
+        self.train_rows, self.valid_rows = split_rows(self.cache, self.held_out)
+        if len(self.train_rows) == 0:
+            raise TaxoclipError(f"{config.features}: no training photos (split 'train') to learn labels from")
+        self.vocabulary = self.load_vocabulary()
+        targets = torch.zeros(len(self.classes), len(self.vocabulary))
+        for c, indices in enumerate(self.vocabulary.class_labels):
+            targets[c, indices] = 1.0
+        features = np.asarray(self.cache.features[self.train_rows], dtype=np.float32)
+        head = LabelHead(
+            features.shape[1],
+            len(self.vocabulary),
+            torch.from_numpy(features.mean(0)),
+            torch.from_numpy(features.std(0)),
+        )
+        head.start_from_prior(targets[self.cache.labels[self.train_rows]].mean(0))
+        self.head = head.to(runtime.device)
+        self.module = CatLIPStep(self.head, targets.to(runtime.device))
+
+    def load_vocabulary(self) -> Vocabulary:
+        """The given vocabulary (checked against the cache's classes) or one built from the
+        training photos, with each class's labels in it."""
+        config, classes = self.config, self.classes
+        images = np.bincount(self.cache.labels[self.train_rows], minlength=len(classes))
+        captions = (self.cache.meta.get("captions") or {}).get("by_class")
+        if config.vocabulary:
+            given = Vocabulary.load(config.vocabulary)
+            per_class = class_labels(classes, captions, given.extractor, given.style)
+            given.class_ids, given.class_labels = classes.ids, given.labels_of(classes, per_class)
+            vocabulary = given
+        else:
+            per_class = class_labels(classes, captions, config.extractor, config.style)
+            vocabulary = build_vocabulary(
+                classes,
+                per_class,
+                images.tolist(),
+                extractor=config.extractor,
+                style=config.style,
+                min_count=config.min_count,
+                max_size=config.max_size,
+            )
+        trained = [c for c in np.flatnonzero(images) if not vocabulary.class_labels[c]]
+        if trained:
+            ids = ", ".join(classes.ids[c] for c in trained[:10])
+            raise TaxoclipError(
+                f"{len(trained)} training classes carry no label of the vocabulary ({ids}): their photos would "
+                "teach nothing. Lower --min-count, or use a vocabulary made from these classes"
+            )
+        return vocabulary
+
+    def param_groups(self) -> list[dict]:
+        return [
+            {"params": [self.head.linear.weight], "lr": self.config.lr, "weight_decay": self.config.weight_decay},
+            {"params": [self.head.linear.bias], "lr": self.config.lr, "weight_decay": 0.0},
+        ]
+
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.train_rows) // self.config.batch_size)
+
+    def batches(self, epoch: int) -> Iterator[Batch]:
+        """This rank's share of each global batch of cached embeddings."""
+        size, device = min(self.config.batch_size, len(self.train_rows)), self.runtime.device
+        order = np.random.default_rng([self.config.seed, epoch]).permutation(self.train_rows)
+        for step in range(self.steps_per_epoch()):
+            rows = np.sort(self.runtime.share(order[step * size : (step + 1) * size]))
+            features = torch.from_numpy(np.asarray(self.cache.features[rows], dtype=np.float32)).to(device)
+            labels = torch.from_numpy(self.cache.labels[rows].astype(np.int64)).to(device)
+            yield Batch({"features": features, "labels": labels}, len(rows))
+
+    @torch.no_grad()
+    def evaluate(self, epoch: int) -> dict:
+        """Top-1/top-5 on valid over all classes through Transfer Init rows; with held-out classes,
+        the seen classes' top-1 and the unseen ones' among themselves."""
+        if len(self.valid_rows) == 0:
+            return {}
+        classifier, _ = class_head(
+            self.head, self.vocabulary, self.vocabulary.class_labels, self.classes.ids, self.config.scoring
+        )
+        features = torch.from_numpy(np.asarray(self.cache.features[self.valid_rows], dtype=np.float32))
+        labels = torch.from_numpy(self.cache.labels[self.valid_rows].astype(np.int64))
+        return seen_unseen_accuracy(classifier, features, labels, self.held_out)
+
+
+def train_catlip(config: CatLIPConfig) -> dict:
+    """Train on the shared loop and write the model directory (kind ``catlip``); returns the last
+    epoch's metrics."""
+    config.check()
+    runtime = setup(config.device)
+    seed_everything(config.seed)
+    trainer = CatLIPTrainer(config, runtime)
+    signature = {k: v for k, v in asdict(config).items() if k not in ("progress", "device", "output")}
+    history = fit(trainer, LoopConfig.from_settings(config, signature=signature), runtime)
+    if runtime.is_main:
+        training = asdict(config) | {"held_out": trainer.held_out.tolist(), "world_size": runtime.world_size}
+        save_catlip(
+            Path(config.output),
+            trainer.head,
+            trainer.vocabulary,
+            trainer.classes,
+            trainer.cache.meta["tower"],
+            training,
+        )
+    runtime.barrier()
+    return history[-1] if history else {}
