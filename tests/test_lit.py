@@ -17,6 +17,7 @@ from taxoclip import TaxoclipError
 from taxoclip.models.losses import class_contrastive_loss, clip_loss, unique_targets
 from taxoclip.train.lit import train_lit
 from taxoclip.train.loop import warmup_cosine
+from test_catlip import count_epochs
 
 
 def test_same_class_images_are_not_negatives():
@@ -97,7 +98,9 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(colour_features, 
     with pytest.raises(KeyboardInterrupt):
         train_lit(config(colour_features, tmp_path / "resumed", tiny_text_tower))
     monkeypatch.setattr(loop_module, "save_checkpoint", original)
+    epochs_run = count_epochs(monkeypatch)
     train_lit(config(colour_features, tmp_path / "resumed", tiny_text_tower))
+    assert epochs_run == [2, 3]  # it went on from the checkpoint, not from scratch
 
     clean = load_file(str(tmp_path / "clean" / "model.safetensors"))
     resumed = load_file(str(tmp_path / "resumed" / "model.safetensors"))
@@ -256,7 +259,9 @@ def test_unlocked_image_tower_is_checkpointed_and_resumes_exactly(
     checkpoint = load_file(str(tmp_path / "resumed" / "checkpoint" / "model.safetensors"))
     assert any(key.startswith("image.") for key in checkpoint)
     monkeypatch.setattr(loop_module, "save_checkpoint", original)
+    epochs_run = count_epochs(monkeypatch)
     train_lit(config(colour_features, tmp_path / "resumed", tiny_text_tower, **settings))
+    assert epochs_run == [2]
     for name in ("image_tower.safetensors", "model.safetensors"):
         clean = load_file(str(tmp_path / "clean" / name))
         resumed = load_file(str(tmp_path / "resumed" / name))

@@ -64,7 +64,13 @@ def taxonomy_labels(row: dict[str, str]) -> list[str]:
 
 
 class WordNetLabeller:
-    """Nouns of a caption as WordNet synset names, longest phrase first."""
+    """Nouns of a caption as WordNet synset names, longest phrase first.
+
+    Offline there is no part-of-speech tagger (NLTK's must be downloaded), so a single word that
+    WordNet knows as a noun is taken as one unless its adjective senses are more frequent in
+    WordNet's sense counts ("two", "pink", "common" are adjectives in captions; "rose", "bee" are
+    nouns). Verb senses are ignored: inflections collide with nouns (rose/rise) and captions
+    name things."""
 
     def __init__(self):
         from taxoclip.data.wordnet import wordnet
@@ -75,8 +81,15 @@ class WordNetLabeller:
     def synset(self, phrase: str) -> str | None:
         if phrase not in self.known:
             synsets = self.wordnet.synsets(phrase, pos="n")  # lemmatises (morphy) first
-            self.known[phrase] = synsets[0].name() if synsets else None
+            noun = bool(synsets) and ("_" in phrase or self.sense_count(phrase, "n") >= self.sense_count(phrase, "a"))
+            self.known[phrase] = synsets[0].name() if noun else None
         return self.known[phrase]
+
+    def sense_count(self, word: str, pos: str) -> int:
+        """How often WordNet's tagged corpus used ``word`` in this part of speech."""
+        lemma = self.wordnet.morphy(word, pos) or word
+        synsets = self.wordnet.synsets(word, pos=pos)
+        return sum(x.count() for s in synsets for x in s.lemmas() if x.name().lower() == lemma)
 
     def __call__(self, caption: str) -> list[str]:
         tokens = re.findall(r"[a-z]+", caption.lower())

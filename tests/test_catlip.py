@@ -1,0 +1,239 @@
+"""CatLIP: labels from captions, the label head on the shared loop, Transfer Init, and the
+catlip model kind through predict and eval."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import taxoclip
+import taxoclip.train.loop as loop_module
+from conftest import torchrun
+from taxoclip import ClassTable, TaxoclipError
+from taxoclip.apps.cli import main
+from taxoclip.data.features import load_features
+from taxoclip.data.labels import Vocabulary, build_vocabulary, class_labels, label_weight, taxonomy_labels
+from taxoclip.models.catlip import catlip_loss, transfer_init
+from taxoclip.train.catlip import CatLIPConfig, train_catlip
+
+ROW = {
+    "kingdom": "Plantae",
+    "family": "Fabaceae",
+    "genus": "Lathyrus",
+    "species": "Lathyrus odoratus",
+    "common_name": "Sweet pea of the garden",
+}
+
+
+def wordnet_or_skip():
+    from taxoclip.data.wordnet import wordnet
+
+    try:
+        return wordnet()
+    except TaxoclipError as error:
+        pytest.skip(f"WordNet is not installed here: {error}")
+
+
+def test_taxonomy_labels_are_every_rank_and_the_common_words():
+    assert taxonomy_labels(ROW) == [
+        "kingdom:Plantae",
+        "family:Fabaceae",
+        "genus:Lathyrus",
+        "species:Lathyrus odoratus",
+        "common:sweet",
+        "common:pea",
+        "common:garden",
+    ]
+    assert label_weight("species:Lathyrus odoratus") > label_weight("genus:Lathyrus") > label_weight("kingdom:Plantae")
+
+
+def test_wordnet_labels_longest_match_plurals_and_no_label():
+    from taxoclip.data.labels import WordNetLabeller
+
+    wordnet_or_skip()
+    labeller = WordNetLabeller()
+    assert labeller("A photo of the sweet pea") == ["sweet_pea.n.01"]  # one synset, not sweet + pea
+    assert labeller("Two roses and a bee") == ["rose.n.01", "bee.n.01"]  # plural lemmatised, "two" an adjective
+    assert labeller("A photo of the Xyzzyqua") == []  # the photo is boilerplate, the rest unknown
+
+
+def test_vocabulary_threshold_cap_coverage_and_the_empty_case():
+    table = ClassTable.from_records(
+        [
+            {"id": "1", "genus": "Rosa", "specific_epithet": "canina"},
+            {"id": "2", "genus": "Rosa", "specific_epithet": "gallica"},
+            {"id": "3", "genus": "Tulipa", "specific_epithet": "sylvestris"},
+        ],
+        origin="test",
+    )
+    per_class = class_labels(table, None, "taxonomy")
+    vocabulary = build_vocabulary(table, per_class, [5, 1, 0], extractor="taxonomy", min_count=2)
+    # Rosa is carried by 6 photos, R. canina by 5; R. gallica (1) is under the threshold and
+    # Tulipa's photos are absent (0), so their labels are not in the vocabulary.
+    assert vocabulary.labels == ["genus:Rosa", "species:Rosa canina"] and vocabulary.counts == [6, 5]
+    assert vocabulary.class_labels == [[0, 1], [0], []]
+    assert vocabulary.coverage["classes_without_label"] == 1
+    assert vocabulary.coverage["classes_without_label_ids"] == ["3"]
+    capped = build_vocabulary(table, per_class, [5, 1, 0], extractor="taxonomy", max_size=1)
+    assert capped.labels == ["genus:Rosa"]
+    with pytest.raises(TaxoclipError, match="vocabulary would be empty"):
+        build_vocabulary(table, per_class, [5, 1, 0], extractor="taxonomy", min_count=100)
+
+
+def test_loss_is_summed_over_labels_and_averaged_over_samples():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 0.0, 0.0]])
+    targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    per_entry = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    assert catlip_loss(logits, targets) == pytest.approx(float(per_entry.sum() / 2))
+    assert catlip_loss(logits, targets) == pytest.approx(float(per_entry.mean() * 3))
+
+
+def test_transfer_init_rows_are_the_weighted_mean_and_likelihood_the_sum():
+    labels = ["genus:Rosa", "species:Rosa canina", "family:Rosaceae"]
+    weight, bias = torch.randn(3, 4), torch.randn(3)
+    rows, biases, coverage = transfer_init(weight, bias, labels, [[0, 1, 2], [0, 2]], ["1", "2"])
+    w = torch.tensor([32.0, 64.0, 16.0])
+    assert torch.allclose(rows[0], (w[:, None] * weight).sum(0) / w.sum())
+    assert torch.allclose(rows[1], (32 * weight[0] + 16 * weight[2]) / 48)
+    assert torch.allclose(biases[1], (32 * bias[0] + 16 * bias[2]) / 48)
+    assert coverage["deepest_rank"] == {"species": 1, "genus": 1}
+    sums, _, _ = transfer_init(weight, bias, labels, [[0, 1, 2], [0, 2]], ["1", "2"], scoring="likelihood")
+    assert torch.allclose(sums[1], weight[0] + weight[2])
+    with pytest.raises(TaxoclipError, match="1 of 2 classes share no label with the model's vocabulary \\(2\\)"):
+        transfer_init(weight, bias, labels, [[0], []], ["1", "2"])
+
+
+def settings(features, out, **overrides):
+    values = dict(features=str(features), output=str(out), batch_size=32, epochs=8, lr=1e-2, progress=False)
+    return CatLIPConfig(**values | overrides)
+
+
+def test_catlip_learns_and_its_model_serves_predict_and_eval(colour_features, colour_shards, tmp_path, capsys):
+    final = train_catlip(settings(colour_features, tmp_path / "m"))
+    assert final["top1"] >= 0.9
+    model = taxoclip.load(tmp_path / "m")
+    assert model.kind == "catlip" and model.classes.ids == ["1", "2", "3", "4", "5", "6"]
+    x, y = load_features(colour_features).split("valid")
+    assert (model.probabilities_from_features(x).argmax(-1).numpy() == y).mean() == pytest.approx(final["top1"])
+    photo = tmp_path / "photo.jpg"
+    from taxoclip.data.shards import iter_tar_samples
+
+    photo.write_bytes(next(iter_tar_samples(sorted(colour_shards.glob("valid-*.tar"))[0]))["jpg"])
+    assert main(["predict", str(photo), "--model", str(tmp_path / "m"), "--format", "json", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["top"]
+    assert (
+        main(["eval", "--model", str(tmp_path / "m"), "--data", str(colour_features), "-o", str(tmp_path / "r"), "-q"])
+        == 0
+    )
+    report = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert report["metrics"]["top1"] == pytest.approx(final["top1"])
+
+
+def count_epochs(monkeypatch) -> list[int]:
+    """The epochs the shared loop trains from now on (1-based), recorded as they run."""
+    ran, original = [], loop_module.train_epoch
+
+    def counting(model, trainer, optimizer, epoch, *args, **kwargs):
+        ran.append(epoch + 1)
+        return original(model, trainer, optimizer, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "train_epoch", counting)
+    return ran
+
+
+def test_killed_and_resumed_catlip_run_ends_like_an_uninterrupted_one(colour_features, tmp_path, monkeypatch):
+    train_catlip(settings(colour_features, tmp_path / "clean", epochs=3))
+    original, calls = loop_module.save_checkpoint, []
+
+    def save_then_die(*args, **kwargs):
+        original(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_catlip(settings(colour_features, tmp_path / "resumed", epochs=3))
+    monkeypatch.setattr(loop_module, "save_checkpoint", original)
+    epochs_run = count_epochs(monkeypatch)
+    train_catlip(settings(colour_features, tmp_path / "resumed", epochs=3))
+    assert epochs_run == [2, 3]  # it went on from the checkpoint, not from scratch
+    clean = load_file(str(tmp_path / "clean" / "head.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "head.safetensors"))
+    for key in clean:
+        assert torch.equal(clean[key], resumed[key]), key
+
+
+def test_held_out_species_are_scored_through_the_labels_they_share(colour_features, tmp_path):
+    final = train_catlip(settings(colour_features, tmp_path / "m", holdout=2))
+    assert final["unseen_count"] == 10 and 0 <= final["unseen_top1"] <= 1
+    model = taxoclip.load(tmp_path / "m")
+    held_out = model.training["held_out"]
+    vocabulary = Vocabulary.load(tmp_path / "m" / "vocabulary.json")
+    for c in held_out:  # never trained: its species label is not in the vocabulary, its genus is
+        row = model.classes.rows[c]
+        assert f"species:{row['species']}" not in vocabulary.labels
+        assert f"genus:{row['genus']}" in vocabulary.labels
+    # Any other class table: classes sharing a genus are scored; one sharing nothing is refused.
+    new = ClassTable.from_records([{"id": "a", "genus": "Genus1", "specific_epithet": "novus"}], origin="new")
+    width = model.config["width"]
+    assert model.for_classes(new).probabilities_from_features(np.zeros((1, width), np.float32)).shape == (1, 1)
+    alien = ClassTable.from_records([{"id": "z", "genus": "Nothing", "specific_epithet": "alike"}], origin="new")
+    with pytest.raises(TaxoclipError, match="share no label"):
+        model.for_classes(alien)
+
+
+def test_two_processes_under_torchrun_match_one(colour_features, tmp_path):
+    arguments = [
+        "train",
+        "catlip",
+        "--features",
+        str(colour_features),
+        "--batch-size",
+        "32",
+        "--epochs",
+        "2",
+        "--lr",
+        "0.01",
+        "-q",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(
+        [sys.executable, "-m", "taxoclip", *arguments, "-o", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = subprocess.run(
+        torchrun(*arguments, "-o", str(tmp_path / "two"), port=29541),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert double.returncode == 0, double.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["samples_by_rank"] for row in rows] == [[48, 48], [48, 48]]
+    assert double.stdout.count("kind catlip") == 1
+    one = load_file(str(tmp_path / "one" / "head.safetensors"))
+    two = load_file(str(tmp_path / "two" / "head.safetensors"))
+    for key in one:
+        assert torch.allclose(one[key], two[key], atol=1e-5, rtol=1e-4), key
+
+
+def test_labels_command_and_its_errors(image_folder, tmp_path, capsys):
+    assert main(["labels", str(image_folder), "-o", str(tmp_path / "v.json")]) == 0
+    vocabulary = Vocabulary.load(tmp_path / "v.json")
+    assert "genus:Lathyrus" in vocabulary.labels and vocabulary.counted == "images"
+    assert vocabulary.counts[vocabulary.labels.index("genus:Lathyrus")] == 10  # 2 classes x 5 train photos
+    assert main(["labels", str(image_folder), "-o", str(tmp_path / "w.json"), "--min-count", "1000"]) == 2
+    assert "vocabulary would be empty" in capsys.readouterr().err
+    assert main(["train", "catlip", "--features", str(tmp_path), "-o", str(tmp_path / "m"), "-q"]) == 2
+    assert "not a feature cache" in capsys.readouterr().err
