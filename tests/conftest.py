@@ -215,6 +215,29 @@ def torchrun(*arguments: str, port: int, processes: int = 2) -> list[str]:
     ]
 
 
+def one_and_two_processes(arguments: list[str], out: Path, *, port: int):
+    """Run ``taxoclip ARGUMENTS`` once alone (into out/one) and once under torchrun with two CPU
+    processes (into out/two); returns the two-process run's completed process."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(
+        [sys.executable, "-m", "taxoclip", *arguments, "-o", str(out / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = subprocess.run(
+        torchrun(*arguments, "-o", str(out / "two"), port=port), env=env, capture_output=True, text=True, timeout=300
+    )
+    assert double.returncode == 0, double.stderr[-2000:]
+    return double
+
+
 def tiny_train_config(features, out, text_tower: str, **overrides):
     """LiT settings that train the tiny text tower on the colour photos in seconds."""
     from taxoclip.train.lit import TrainConfig

@@ -2,9 +2,6 @@
 catlip model kind through predict and eval."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +10,7 @@ from safetensors.torch import load_file
 
 import taxoclip
 import taxoclip.train.loop as loop_module
-from conftest import torchrun
+from conftest import one_and_two_processes
 from taxoclip import ClassTable, TaxoclipError
 from taxoclip.apps.cli import main
 from taxoclip.data.features import load_features
@@ -202,23 +199,7 @@ def test_two_processes_under_torchrun_match_one(colour_features, tmp_path):
         "0.01",
         "-q",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run(
-        [sys.executable, "-m", "taxoclip", *arguments, "-o", str(tmp_path / "one")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert single.returncode == 0, single.stderr[-2000:]
-    double = subprocess.run(
-        torchrun(*arguments, "-o", str(tmp_path / "two"), port=29541),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert double.returncode == 0, double.stderr[-2000:]
+    double = one_and_two_processes(arguments, tmp_path, port=29541)
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [row["samples_by_rank"] for row in rows] == [[48, 48], [48, 48]]
     assert double.stdout.count("kind catlip") == 1

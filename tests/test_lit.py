@@ -1,8 +1,5 @@
 import itertools
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,7 +9,7 @@ from safetensors.torch import load_file
 import taxoclip
 import taxoclip.train.lit as lit_module
 import taxoclip.train.loop as loop_module
-from conftest import tiny_train_config, torchrun
+from conftest import one_and_two_processes, tiny_train_config
 from taxoclip import TaxoclipError
 from taxoclip.models.losses import class_contrastive_loss, clip_loss, unique_targets
 from taxoclip.train.lit import train_lit
@@ -177,23 +174,7 @@ def test_two_processes_under_torchrun_match_one(colour_features, tiny_text_tower
         "1e-3",
         "-q",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run(
-        [sys.executable, "-m", "taxoclip", *arguments, "-o", str(tmp_path / "one")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert single.returncode == 0, single.stderr[-2000:]
-    double = subprocess.run(
-        torchrun(*arguments, "-o", str(tmp_path / "two"), port=29531),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert double.returncode == 0, double.stderr[-2000:]
+    double = one_and_two_processes(arguments, tmp_path, port=29531)
     # One process group of two: each rank trained on its half of every global batch of 32
     # (96 train photos: 3 steps of 16 per rank per epoch) ...
     history = lit_module.load_history(tmp_path / "two")
