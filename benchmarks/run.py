@@ -18,7 +18,8 @@ sys.path.insert(0, str(HERE))
 
 
 def main() -> int:
-    import bench_eval  # noqa: F401  (each bench_* module registers its benchmarks)
+    import bench_catlip  # noqa: F401  (each bench_* module registers its benchmarks)
+    import bench_eval  # noqa: F401
     import bench_features  # noqa: F401
     import bench_field  # noqa: F401
     import bench_gpu  # noqa: F401

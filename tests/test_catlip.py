@@ -218,3 +218,12 @@ def test_labels_command_and_its_errors(image_folder, tmp_path, capsys):
     assert "vocabulary would be empty" in capsys.readouterr().err
     assert main(["train", "catlip", "--features", str(tmp_path), "-o", str(tmp_path / "m"), "-q"]) == 2
     assert "not a feature cache" in capsys.readouterr().err
+
+
+def test_temperature_scaling_recovers_an_overconfident_scale():
+    from taxoclip.models.catlip import fit_temperature
+
+    generator = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(4000, 10, generator=generator)
+    labels = torch.multinomial(true_logits.softmax(-1), 1, generator=generator).squeeze(1)
+    assert fit_temperature(3 * true_logits, labels) == pytest.approx(3, rel=0.15)

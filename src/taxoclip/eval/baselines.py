@@ -52,32 +52,53 @@ def nearest_class_mean(
     return logits.softmax(-1)
 
 
+def fit_linear(
+    train_x: torch.Tensor,
+    train_y: np.ndarray,
+    test_x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    normalise_weight: bool = False,
+    epochs: int = 30,
+    lr: float = 1e-3,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> torch.Tensor:
+    """A linear classifier ``scale * x @ W.T + b`` started from ``weight``/``bias`` (an initial
+    classifier, or random), trained with cross-entropy; test probabilities."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.nn.Parameter(weight.clone().float())
+    bias = torch.nn.Parameter(bias.clone().float())
+    optimizer = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=0.0)
+    labels = torch.from_numpy(train_y.astype(np.int64))
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        rows = F.normalize(weight, dim=-1) if normalise_weight else weight
+        return scale * x @ rows.T + bias
+
+    for _ in range(epochs):
+        order = torch.randperm(len(labels), generator=generator)
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            loss = F.cross_entropy(logits(train_x[rows]), labels[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        return logits(test_x).softmax(-1)
+
+
 def transfer_init(
     train_embeddings: torch.Tensor,
     train_y: np.ndarray,
     test_embeddings: torch.Tensor,
     class_embeddings: torch.Tensor,
     scale: float,
-    *,
-    epochs: int = 30,
-    lr: float = 1e-3,
-    batch_size: int = 256,
-    seed: int = 0,
+    **options,
 ) -> torch.Tensor:
     """Image embeddings are the model's (normalised); the classifier starts as zero-shot."""
-    generator = torch.Generator().manual_seed(seed)
-    weight = torch.nn.Parameter(class_embeddings.clone().float())
-    bias = torch.nn.Parameter(torch.zeros(len(class_embeddings)))
-    optimizer = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=0.0)
-    labels = torch.from_numpy(train_y.astype(np.int64))
-    for _ in range(epochs):
-        order = torch.randperm(len(labels), generator=generator)
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            logits = scale * train_embeddings[rows] @ F.normalize(weight, dim=-1).T + bias
-            loss = F.cross_entropy(logits, labels[rows])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    with torch.no_grad():
-        return (scale * test_embeddings @ F.normalize(weight, dim=-1).T + bias).softmax(-1)
+    bias = torch.zeros(len(class_embeddings))
+    start = {"weight": class_embeddings, "bias": bias, "scale": scale, "normalise_weight": True}
+    return fit_linear(train_embeddings, train_y, test_embeddings, **start, **options)

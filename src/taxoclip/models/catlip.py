@@ -97,17 +97,29 @@ def transfer_init(
 
 
 class ClassHead(nn.Module):
-    """Standardised features -> one logit per class (Transfer Init rows)."""
+    """Standardised features -> one logit per class (rows from the label layer), divided by a
+    temperature: summed label logits are far apart, and a softmax over them would claim
+    certainty it does not have (the temperature changes no ranking)."""
 
-    def __init__(self, label_head: LabelHead, rows: torch.Tensor, biases: torch.Tensor):
+    def __init__(self, label_head: LabelHead, rows: torch.Tensor, biases: torch.Tensor, temperature: float = 1.0):
         super().__init__()
+        self.temperature = float(temperature)
         self.register_buffer("mean", label_head.mean.detach().cpu().clone())
         self.register_buffer("std", label_head.std.detach().cpu().clone())
         self.register_buffer("rows", rows.detach().clone())
         self.register_buffer("biases", biases.detach().clone())
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return ((features.float() - self.mean) / self.std) @ self.rows.T + self.biases
+        return (((features.float() - self.mean) / self.std) @ self.rows.T + self.biases) / self.temperature
+
+
+@torch.no_grad()
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature that minimises the negative log-likelihood of ``labels`` (a grid over
+    0.01 .. 100, log-spaced): temperature scaling, fitted on held-out photos."""
+    grid = torch.logspace(-2, 2, 81)
+    losses = torch.stack([torch.nn.functional.cross_entropy(logits / t, labels) for t in grid])
+    return float(grid[int(losses.argmin())])
 
 
 def class_head(
@@ -116,14 +128,24 @@ def class_head(
     class_labels: list[list[int]],
     class_ids: list[str],
     scoring: str = "likelihood",
+    temperature: float = 1.0,
 ):
     """The classifier over a class table from a label head: (ClassHead, coverage)."""
     weight, bias = head.linear.weight.detach().cpu(), head.linear.bias.detach().cpu()
     rows, biases, covered = transfer_init(weight, bias, vocabulary.labels, class_labels, class_ids, scoring)
-    return ClassHead(head, rows, biases), covered
+    return ClassHead(head, rows, biases, temperature), covered
 
 
-def save_catlip(out: Path, head: LabelHead, vocabulary: Vocabulary, classes: ClassTable, tower: dict, training: dict):
+def save_catlip(
+    out: Path,
+    head: LabelHead,
+    vocabulary: Vocabulary,
+    classes: ClassTable,
+    tower: dict,
+    training: dict,
+    scoring: str = "likelihood",
+    temperature: float = 1.0,
+):
     from taxoclip.models.bundle import save_weights, write_config
 
     out.mkdir(parents=True, exist_ok=True)
@@ -134,6 +156,8 @@ def save_catlip(out: Path, head: LabelHead, vocabulary: Vocabulary, classes: Cla
         "image_tower": tower,
         "width": int(head.linear.in_features),
         "vocabulary": {"labels": len(vocabulary), "extractor": vocabulary.extractor, "style": vocabulary.style},
+        "scoring": scoring,
+        "temperature": temperature,
         "training": training,
     }
     write_config(out, "catlip", fields)
@@ -158,9 +182,11 @@ class CatLIPClassifier(Classifier):
         self.label_head = LabelHead(config["width"], len(self.vocabulary))
         self.label_head.load_state_dict(weights)
         self.label_head.eval()
-        self._head, self.coverage = class_head(
-            self.label_head, self.vocabulary, self.vocabulary.class_labels, self.classes.ids
-        )
+        self.scoring, self.temperature = config.get("scoring", "likelihood"), config.get("temperature", 1.0)
+        self._head, self.coverage = self.class_head(self.vocabulary.class_labels, self.classes.ids)
+
+    def class_head(self, class_labels: list[list[int]], class_ids: list[str]):
+        return class_head(self.label_head, self.vocabulary, class_labels, class_ids, self.scoring, self.temperature)
 
     def head(self) -> nn.Module:
         return self._head
@@ -174,7 +200,7 @@ class CatLIPClassifier(Classifier):
         other = object.__new__(CatLIPClassifier)
         other.__dict__.update(self.__dict__)
         other.classes = classes
-        other._head, other.coverage = class_head(self.label_head, self.vocabulary, indices, classes.ids)
+        other._head, other.coverage = self.class_head(indices, classes.ids)
         return other
 
 

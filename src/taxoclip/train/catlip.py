@@ -20,7 +20,7 @@ from taxoclip.data.features import load_features
 from taxoclip.data.labels import Vocabulary, build_vocabulary, class_labels
 from taxoclip.errors import TaxoclipError
 from taxoclip.eval.zeroshot import seen_unseen_accuracy
-from taxoclip.models.catlip import LabelHead, catlip_loss, class_head, save_catlip
+from taxoclip.models.catlip import LabelHead, catlip_loss, class_head, fit_temperature, save_catlip
 from taxoclip.runtime import Runtime, seed_everything, setup
 from taxoclip.train.catlip_config import CatLIPConfig
 from taxoclip.train.loop import Batch, LoopConfig, Trainer, fit
@@ -116,6 +116,20 @@ class CatLIPTrainer(Trainer):
             yield Batch({"features": features, "labels": labels}, len(rows))
 
     @torch.no_grad()
+    def calibrate(self) -> float:
+        """The softmax temperature fitted on valid (the ranking, and so accuracy, is unchanged);
+        1 without valid photos."""
+        if len(self.valid_rows) == 0:
+            return 1.0
+        classifier, _ = class_head(
+            self.head, self.vocabulary, self.vocabulary.class_labels, self.classes.ids, self.config.scoring
+        )
+        features = torch.from_numpy(np.asarray(self.cache.features[self.valid_rows], dtype=np.float32))
+        return fit_temperature(
+            classifier(features), torch.from_numpy(self.cache.labels[self.valid_rows].astype(np.int64))
+        )
+
+    @torch.no_grad()
     def evaluate(self, epoch: int) -> dict:
         """Top-1/top-5 on valid over all classes through Transfer Init rows; with held-out classes,
         the seen classes' top-1 and the unseen ones' among themselves."""
@@ -147,6 +161,8 @@ def train_catlip(config: CatLIPConfig) -> dict:
             trainer.classes,
             trainer.cache.meta["tower"],
             training,
+            config.scoring,
+            trainer.calibrate(),
         )
     runtime.barrier()
     return history[-1] if history else {}
