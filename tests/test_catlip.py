@@ -227,3 +227,46 @@ def test_temperature_scaling_recovers_an_overconfident_scale():
     true_logits = torch.randn(4000, 10, generator=generator)
     labels = torch.multinomial(true_logits.softmax(-1), 1, generator=generator).squeeze(1)
     assert fit_temperature(3 * true_logits, labels) == pytest.approx(3, rel=0.15)
+
+
+def test_upper_stages_train_on_cached_activations_and_the_model_predicts_photos(colour_shards, tmp_path):
+    """--depth upper: the lower stages run once (their activations cached), the last stage and
+    the label layer train; the saved model runs the whole changed tower on photos."""
+    from taxoclip.data.images import decode_image
+    from taxoclip.data.shards import iter_tar_samples
+    from taxoclip.models.split import split_tower
+    from taxoclip.models.towers import create_image_tower
+
+    config = CatLIPConfig(
+        output=str(tmp_path / "m"),
+        depth="upper",
+        shards=str(colour_shards),
+        tower="timm:test_efficientnet",
+        pretrained=False,
+        batch_size=32,
+        epochs=6,
+        lr=1e-2,
+        tower_lr=1e-3,
+        progress=False,
+    )
+    final = train_catlip(config)
+    assert final["top1"] >= 0.8
+    activations = load_features(tmp_path / "m" / "activations")
+    tower = create_image_tower("timm:test_efficientnet", pretrained=False)
+    lower, upper = split_tower(tower, 1)
+    assert activations.meta["tower"]["name"] == "timm:test_efficientnet|lower:4"
+    assert activations.features.shape[1] == lower.width
+    # The split is exact: lower then upper is the whole tower.
+    size = tower.preprocess.size
+    pixels = torch.randint(0, 255, (2, 3, size, size), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.allclose(upper.eval()(lower.embed(pixels).clone()), tower.embed(pixels), atol=1e-4)
+    # The model directory carries the trained tower: photos give what the training evaluated.
+    model = taxoclip.load(tmp_path / "m")
+    trained = load_file(str(tmp_path / "m" / "image_tower.safetensors"))
+    assert any(not torch.equal(trained[k], v) for k, v in tower.state_dict().items())
+    assert all(torch.equal(trained[k], v.cpu()) for k, v in model.image_tower.state_dict().items())
+    samples = [s for tar in sorted(colour_shards.glob("valid-*.tar")) for s in iter_tar_samples(tar)]
+    predictions = model.classify_images([decode_image(s["jpg"]) for s in samples]).argmax(-1)
+    truth = torch.tensor([int(s["cls"]) for s in samples])
+    assert float((predictions == truth).float().mean()) == pytest.approx(final["top1"], abs=0.05)

@@ -282,7 +282,7 @@ def cmd_train_catlip(args: argparse.Namespace) -> int:
     from taxoclip.train.catlip import train_catlip
 
     same = {f.name: getattr(args, f.name) for f in fields(CatLIPConfig) if hasattr(args, f.name)}
-    final = train_catlip(CatLIPConfig(**same | {"progress": not args.quiet}))
+    final = train_catlip(CatLIPConfig(**same | {"pretrained": not args.random_weights, "progress": not args.quiet}))
     runtime = setup(args.device)
     if "top1" in final:
         runtime.print(f"final on valid: top-1 {100 * final['top1']:.1f}%, top-5 {100 * final['top5']:.1f}%")
@@ -297,8 +297,14 @@ def add_catlip_arguments(p: argparse.ArgumentParser) -> None:
         value = default(CatLIPConfig, name)
         p.add_argument(flag, default=value, help=f"{help} (default {value})", **options)
 
-    p.add_argument("--features", required=True, help="feature cache from 'taxoclip features' (train + valid)")
+    p.add_argument("--features", help="feature cache from 'taxoclip features' (for --depth head)")
+    p.add_argument("--shards", help="the photos' shards (for --depth upper: lower stages cached once)")
     p.add_argument("-o", "--output", required=True, help="model directory to write")
+    setting("--tower", "tower", "image tower to cut, for --depth upper")
+    setting("--train-blocks", "train_blocks", "final stages of the tower that train, for --depth upper", type=int)
+    p.add_argument("--activations", help="activation cache folder for --depth upper (default OUTPUT/activations)")
+    setting("--tower-lr", "tower_lr", "learning rate of the tower's stages, for --depth upper", type=float)
+    p.add_argument("--random-weights", action="store_true", help="the tower's architecture with random weights")
     p.add_argument("--vocabulary", help="vocabulary.json from 'taxoclip labels' (default: built from the features)")
     setting("--extractor", "extractor", "labels from the taxonomy or from captions' WordNet nouns", choices=EXTRACTORS)
     setting("--style", "style", "caption style the wordnet extractor reads", choices=STYLE_NAMES)

@@ -5,6 +5,7 @@ classifier for any class table whose row for a class is the weighted mean of its
 Model directory (kind ``catlip``):
   config.json        image tower, feature width, vocabulary summary, training record
   head.safetensors   the label layer (weight, bias) and the feature standardisation (mean, std)
+  image_tower.safetensors  only when the tower's upper stages trained too (--depth upper)
   vocabulary.json    labels, counts, each class's labels
   classes.csv        the class table
 """
@@ -145,11 +146,15 @@ def save_catlip(
     training: dict,
     scoring: str = "likelihood",
     temperature: float = 1.0,
+    image_tower=None,
 ):
+    """Write the model directory; ``image_tower`` when the tower's own stages trained too."""
     from taxoclip.models.bundle import save_weights, write_config
 
     out.mkdir(parents=True, exist_ok=True)
     save_weights(out / "head.safetensors", head)
+    if image_tower is not None:
+        save_weights(out / "image_tower.safetensors", image_tower)
     vocabulary.save(out / "vocabulary.json")
     classes.to_csv(out / "classes.csv")
     fields = {
@@ -190,6 +195,12 @@ class CatLIPClassifier(Classifier):
 
     def head(self) -> nn.Module:
         return self._head
+
+    def customise_image_tower(self, tower):
+        trained = self.path / "image_tower.safetensors"
+        if trained.exists():  # trained with --depth upper: the tower's last stages changed
+            tower.load_state_dict(load_file(str(trained)))
+        return tower
 
     def for_classes(self, classes: ClassTable, captions_by_class: list[dict] | None = None) -> CatLIPClassifier:
         """The same model over another class table (e.g. species it never saw), by Transfer Init."""

@@ -16,11 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from taxoclip.data.features import load_features
+from taxoclip.data.features import extract_features, load_features
 from taxoclip.data.labels import Vocabulary, build_vocabulary, class_labels
 from taxoclip.errors import TaxoclipError
 from taxoclip.eval.zeroshot import seen_unseen_accuracy
 from taxoclip.models.catlip import LabelHead, catlip_loss, class_head, fit_temperature, save_catlip
+from taxoclip.models.split import UpperPart, split_tower
+from taxoclip.models.towers import create_image_tower
 from taxoclip.runtime import Runtime, seed_everything, setup
 from taxoclip.train.catlip_config import CatLIPConfig
 from taxoclip.train.loop import Batch, LoopConfig, Trainer, fit
@@ -28,23 +30,46 @@ from taxoclip.train.splits import held_out_classes, split_rows
 
 __all__ = ["CatLIPConfig", "CatLIPTrainer", "train_catlip"]
 
+STANDARDISE_ROWS = 4096  # training rows whose embeddings set the label layer's input standardisation
+
 
 class CatLIPStep(nn.Module):
-    """The loss of one batch: label logits against the classes' multi-hot targets."""
+    """The loss of one batch: label logits against the classes' multi-hot targets. With an
+    ``upper`` part, the cached inputs are lower-stage activations that it turns into embeddings."""
 
-    def __init__(self, head: LabelHead, targets: torch.Tensor):
+    def __init__(self, head: LabelHead, targets: torch.Tensor, upper: UpperPart | None = None):
         super().__init__()
-        self.head = head
+        self.head, self.upper = head, upper
         self.register_buffer("targets", targets, persistent=False)  # (classes, labels), fixed
 
+    def train(self, mode: bool = True) -> CatLIPStep:
+        """Training mode, except the upper part's batch norms, which keep their running statistics:
+        the embeddings the label layer learns on are then the ones the saved tower gives at
+        prediction time, and every rank normalises alike (their affine weights still train)."""
+        super().train(mode)
+        if self.upper is not None:
+            for module in self.upper.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return catlip_loss(self.head(features), self.targets[labels])
+        embeddings = self.upper(features) if self.upper is not None else features
+        return catlip_loss(self.head(embeddings), self.targets[labels])
 
 
 class CatLIPTrainer(Trainer):
     def __init__(self, config: CatLIPConfig, runtime: Runtime):
         self.config, self.runtime = config, runtime
-        self.cache = load_features(config.features)
+        self.tower, self.upper = None, None
+        if config.depth == "head":
+            self.cache = load_features(config.features)
+        else:  # the lower stages run once over the photos; their activations are cached
+            self.tower = create_image_tower(config.tower, pretrained=config.pretrained)
+            lower, upper = split_tower(self.tower, config.train_blocks)
+            folder = config.activations or Path(config.output) / "activations"
+            self.cache = extract_features(config.shards, lower, folder, progress=config.progress)
+            self.upper = upper.to(runtime.device)
         self.classes = self.cache.classes
         self.held_out = held_out_classes(len(self.classes), config.holdout, config.holdout_seed)
         self.train_rows, self.valid_rows = split_rows(self.cache, self.held_out)
@@ -54,16 +79,27 @@ class CatLIPTrainer(Trainer):
         targets = torch.zeros(len(self.classes), len(self.vocabulary))
         for c, indices in enumerate(self.vocabulary.class_labels):
             targets[c, indices] = 1.0
-        features = np.asarray(self.cache.features[self.train_rows], dtype=np.float32)
-        head = LabelHead(
-            features.shape[1],
-            len(self.vocabulary),
-            torch.from_numpy(features.mean(0)),
-            torch.from_numpy(features.std(0)),
-        )
+        sample = self.embed(self.train_rows[:: max(1, len(self.train_rows) // STANDARDISE_ROWS)])
+        head = LabelHead(sample.shape[1], len(self.vocabulary), sample.mean(0), sample.std(0))
         head.start_from_prior(targets[self.cache.labels[self.train_rows]].mean(0))
         self.head = head.to(runtime.device)
-        self.module = CatLIPStep(self.head, targets.to(runtime.device))
+        self.module = CatLIPStep(self.head, targets.to(runtime.device), self.upper)
+
+    @torch.no_grad()
+    def embed(self, rows: np.ndarray, chunk: int = 512) -> torch.Tensor:
+        """Tower embeddings of cached rows (on the CPU): the cache itself, or the upper part's
+        output on the cached activations (evaluation mode, then back)."""
+        if self.upper is None:
+            return torch.from_numpy(np.asarray(self.cache.features[rows], dtype=np.float32))
+        was_training = self.upper.training
+        self.upper.eval()
+        device = self.runtime.device
+        parts = [
+            self.upper(torch.from_numpy(np.asarray(self.cache.features[rows[i : i + chunk]])).to(device)).cpu()
+            for i in range(0, len(rows), chunk)
+        ]
+        self.upper.train(was_training)
+        return torch.cat(parts)
 
     def load_vocabulary(self) -> Vocabulary:
         """The given vocabulary (checked against the cache's classes) or one built from the
@@ -97,10 +133,14 @@ class CatLIPTrainer(Trainer):
         return vocabulary
 
     def param_groups(self) -> list[dict]:
-        return [
-            {"params": [self.head.linear.weight], "lr": self.config.lr, "weight_decay": self.config.weight_decay},
-            {"params": [self.head.linear.bias], "lr": self.config.lr, "weight_decay": 0.0},
+        config = self.config
+        groups = [
+            {"params": [self.head.linear.weight], "lr": config.lr, "weight_decay": config.weight_decay},
+            {"params": [self.head.linear.bias], "lr": config.lr, "weight_decay": 0.0},
         ]
+        if self.upper is not None:
+            groups.append({"params": list(self.upper.parameters()), "lr": config.tower_lr, "weight_decay": 0.0})
+        return groups
 
     def steps_per_epoch(self) -> int:
         return max(1, len(self.train_rows) // self.config.batch_size)
@@ -124,7 +164,7 @@ class CatLIPTrainer(Trainer):
         classifier, _ = class_head(
             self.head, self.vocabulary, self.vocabulary.class_labels, self.classes.ids, self.config.scoring
         )
-        features = torch.from_numpy(np.asarray(self.cache.features[self.valid_rows], dtype=np.float32))
+        features = self.embed(self.valid_rows)
         return fit_temperature(
             classifier(features), torch.from_numpy(self.cache.labels[self.valid_rows].astype(np.int64))
         )
@@ -138,7 +178,7 @@ class CatLIPTrainer(Trainer):
         classifier, _ = class_head(
             self.head, self.vocabulary, self.vocabulary.class_labels, self.classes.ids, self.config.scoring
         )
-        features = torch.from_numpy(np.asarray(self.cache.features[self.valid_rows], dtype=np.float32))
+        features = self.embed(self.valid_rows)
         labels = torch.from_numpy(self.cache.labels[self.valid_rows].astype(np.int64))
         return seen_unseen_accuracy(classifier, features, labels, self.held_out)
 
@@ -159,10 +199,11 @@ def train_catlip(config: CatLIPConfig) -> dict:
             trainer.head,
             trainer.vocabulary,
             trainer.classes,
-            trainer.cache.meta["tower"],
+            trainer.cache.meta["tower"] if trainer.tower is None else trainer.tower.describe(),
             training,
             config.scoring,
             trainer.calibrate(),
+            image_tower=trainer.tower,
         )
     runtime.barrier()
     return history[-1] if history else {}

@@ -7,13 +7,21 @@ from dataclasses import dataclass
 from taxoclip.data.labels import EXTRACTORS
 from taxoclip.errors import TaxoclipError
 
-DEPTHS = ("head",)  # next: "upper" (upper blocks on cached activations), "full" (the whole tower on photos)
+# head: the label layer on cached embeddings; upper: the tower's last --train-blocks stages too, on
+# cached activations of the stages below. (Next: "full", the whole tower on augmented photos.)
+DEPTHS = ("head", "upper")
 
 
 @dataclass
 class CatLIPConfig:
-    features: str
     output: str
+    features: str | None = None  # depth head: the feature cache
+    shards: str | None = None  # depth upper: the photos, whose lower-stage activations are cached once
+    tower: str = "efficientnet-lite0"  # depth upper: the image tower to cut
+    pretrained: bool = True  # False: the tower's architecture with random weights (tests)
+    train_blocks: int = 1  # depth upper: how many final stages train
+    activations: str | None = None  # depth upper: the activation cache (default OUTPUT/activations)
+    tower_lr: float = 1e-4  # depth upper: learning rate of the tower's stages
     vocabulary: str | None = None  # a vocabulary.json from 'taxoclip labels'; default: built from the features
     extractor: str = "taxonomy"
     style: str = "paper"  # the caption style the wordnet extractor reads
@@ -39,7 +47,11 @@ class CatLIPConfig:
             raise TaxoclipError(f"unknown label extractor {self.extractor!r}; use one of {', '.join(EXTRACTORS)}")
         if self.depth not in DEPTHS:
             raise TaxoclipError(
-                f"--depth {self.depth}: only {', '.join(DEPTHS)} (the label layer on cached embeddings) exists so far"
+                f"--depth {self.depth}: use one of {', '.join(DEPTHS)} (the whole tower is not built yet)"
             )
+        if self.depth == "head" and not self.features:
+            raise TaxoclipError("--depth head trains on cached embeddings: give --features (from 'taxoclip features')")
+        if self.depth == "upper" and not self.shards:
+            raise TaxoclipError("--depth upper caches the lower stages' activations of the photos: give --shards")
         if self.batch_size < 1 or self.epochs < 1:
             raise TaxoclipError("--batch-size and --epochs must be at least 1")
