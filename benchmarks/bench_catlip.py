@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import statistics
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -110,6 +111,65 @@ def bench_catlip(args) -> list[dict]:
             )
         rows.extend(few_shot(load_classifier(tmp / "catlip-holdout-0"), cache))
     return rows
+
+
+def upper_depth_speed(steps: int = 3) -> list[dict]:
+    """Seconds per step (batch 512) with the tower's last stage training on cached activations:
+    CatLIP's label layer against the contrastive LiT loss (text tower + projections) on the same
+    upper stage, interleaved."""
+    import copy
+
+    from taxoclip.data.labels import build_vocabulary, class_labels
+    from taxoclip.models.catlip import LabelHead
+    from taxoclip.models.lit import CaptionBank, LiTConfig, LiTModel
+    from taxoclip.models.split import split_tower
+    from taxoclip.models.towers import create_image_tower, create_text_tower
+    from taxoclip.train.catlip import CatLIPStep
+
+    tower = create_image_tower("efficientnet-lite0")
+    lower, upper = split_tower(tower, 1)
+    acts = extract_features(CACHE / "flowers-shards", lower, CACHE / "flowers-lite0-lower", progress=False)
+    x, y = acts.split("train")
+    rows = np.random.default_rng(0).choice(len(y), BATCH, replace=False)
+    batch, labels = torch.from_numpy(x[rows]), torch.from_numpy(y[rows].astype(np.int64))
+    classes, captions = acts.classes, acts.meta["captions"]["by_class"]
+    vocabulary = build_vocabulary(classes, class_labels(classes, None, "taxonomy"), None, extractor="taxonomy")
+    targets = torch.zeros(len(classes), len(vocabulary))
+    for c, indices in enumerate(vocabulary.class_labels):
+        targets[c, indices] = 1.0
+    catlip = CatLIPStep(LabelHead(upper.head[0].out_channels, len(vocabulary)), targets, upper).train()
+    text = create_text_tower("minilm-l6")
+    width = upper.head[0].out_channels
+    lit_config = LiTConfig("efficientnet-lite0", "minilm-l6", width, text.width, width, image_projection=True)
+    lit = LiTModel(lit_config, text)
+    bank = CaptionBank(lit.text_tower, [[entry["paper"] for entry in captions]], torch.device("cpu"))
+    contrastive_upper = copy.deepcopy(upper).train()
+    styles = torch.zeros(len(classes), dtype=torch.long)
+
+    def contrastive(features, labels):
+        return lit(contrastive_upper(features), labels, bank, styles)
+
+    timings: dict[str, list[float]] = {"catlip": [], "contrastive": []}
+    runs = {
+        "catlip": (catlip, list(catlip.parameters())),
+        "contrastive": (contrastive, [*contrastive_upper.parameters(), *lit.parameters()]),
+    }
+    optimizers = {name: torch.optim.AdamW([p for p in params if p.requires_grad]) for name, (_, params) in runs.items()}
+    for step in range(steps + 1):  # the first round warms up, untimed
+        for name, (loss_of, _) in runs.items():
+            started = time.perf_counter()
+            loss = loss_of(batch, labels)
+            optimizers[name].zero_grad()
+            loss.backward()
+            optimizers[name].step()
+            if step:
+                timings[name].append(time.perf_counter() - started)
+    catlip_step, contrastive_step = statistics.median(timings["catlip"]), statistics.median(timings["contrastive"])
+    return [
+        {"what": "CatLIP step, last stage + label layer on cached activations", "seconds": catlip_step},
+        {"what": "contrastive step, last stage + LiT text side on the same activations", "seconds": contrastive_step},
+        {"what": "speed-up of CatLIP, upper depth", "ratio": contrastive_step / catlip_step},
+    ]
 
 
 def among_all(classifier, valid_x: np.ndarray, valid_y: np.ndarray) -> float:

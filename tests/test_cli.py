@@ -31,6 +31,14 @@ def test_train_defaults_are_the_librarys():
     assert from_cli == library
 
 
+def test_catlip_defaults_are_the_librarys():
+    from taxoclip.apps.cli import catlip_config_from
+    from taxoclip.train.catlip_config import CatLIPConfig
+
+    args = build_parser().parse_args(["train", "catlip", "--features", "f", "-o", "m"])
+    assert asdict(catlip_config_from(args)) == asdict(CatLIPConfig(output="m", features="f"))
+
+
 def test_eval_defaults_and_choices_are_the_librarys():
     args = build_parser().parse_args(["eval", "--model", "m", "--data", "d", "-o", "r"])
     assert args.split == EvalConfig.split

@@ -277,12 +277,16 @@ def cmd_labels(args: argparse.Namespace) -> int:
     return 0
 
 
+def catlip_config_from(args: argparse.Namespace) -> CatLIPConfig:
+    same = {f.name: getattr(args, f.name) for f in fields(CatLIPConfig) if hasattr(args, f.name)}
+    return CatLIPConfig(**same | {"pretrained": not args.random_weights, "progress": not args.quiet})
+
+
 def cmd_train_catlip(args: argparse.Namespace) -> int:
     from taxoclip.runtime import setup
     from taxoclip.train.catlip import train_catlip
 
-    same = {f.name: getattr(args, f.name) for f in fields(CatLIPConfig) if hasattr(args, f.name)}
-    final = train_catlip(CatLIPConfig(**same | {"pretrained": not args.random_weights, "progress": not args.quiet}))
+    final = train_catlip(catlip_config_from(args))
     runtime = setup(args.device)
     if "top1" in final:
         runtime.print(f"final on valid: top-1 {100 * final['top1']:.1f}%, top-5 {100 * final['top5']:.1f}%")
