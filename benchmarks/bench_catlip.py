@@ -172,6 +172,40 @@ def upper_depth_speed(steps: int = 3) -> list[dict]:
     ]
 
 
+def full_depth_speed(features: str, tmp: Path, steps: int = 3) -> list[dict]:
+    """Seconds per step (batch 512) with the whole tower training on photos: CatLIP (label layer,
+    augmented photos) against LiT with the tower unlocked (the contrastive loss, text side too)."""
+    shards = str(CACHE / "flowers-shards")
+    catlip = CatLIPConfig(
+        output=str(tmp / "full-catlip"),
+        depth="full",
+        shards=shards,
+        batch_size=BATCH,
+        epochs=1,
+        max_steps_per_epoch=steps,
+        progress=False,
+    )
+    lit = TrainConfig(
+        features=features,
+        output=str(tmp / "full-lit"),
+        unlock_image=True,
+        shards=shards,
+        batch_size=BATCH,
+        epochs=1,
+        max_steps_per_epoch=steps,
+        progress=False,
+    )
+    train_catlip(catlip)
+    train_lit(lit)
+    catlip_step = load_history(catlip.output)[-1]["seconds"] / steps
+    lit_step = load_history(lit.output)[-1]["seconds"] / steps
+    return [
+        {"what": "CatLIP step, whole tower on augmented photos", "seconds": catlip_step},
+        {"what": "LiT step, whole tower unlocked (contrastive, text side too)", "seconds": lit_step},
+        {"what": "speed-up of CatLIP, full depth", "ratio": lit_step / catlip_step},
+    ]
+
+
 def among_all(classifier, valid_x: np.ndarray, valid_y: np.ndarray) -> float:
     """Top-1 over all classes on the valid photos of the held-out classes (the generalised setting)."""
     unseen = np.isin(valid_y, classifier.held_out)

@@ -270,3 +270,35 @@ def test_upper_stages_train_on_cached_activations_and_the_model_predicts_photos(
     predictions = model.classify_images([decode_image(s["jpg"]) for s in samples]).argmax(-1)
     truth = torch.tensor([int(s["cls"]) for s in samples])
     assert float((predictions == truth).float().mean()) == pytest.approx(final["top1"], abs=0.05)
+
+
+def test_whole_tower_trains_on_augmented_photos(colour_shards, tmp_path):
+    config = CatLIPConfig(
+        output=str(tmp_path / "m"),
+        depth="full",
+        shards=str(colour_shards),
+        tower="timm:test_efficientnet",
+        pretrained=False,
+        batch_size=32,
+        epochs=4,
+        lr=1e-2,
+        tower_lr=1e-3,
+        progress=False,
+    )
+    final = train_catlip(config)
+    assert final["top1"] >= 0.8
+    rows = [json.loads(line) for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["samples"] == 96 for row in rows)  # 3 steps of 32 of the 96 training photos
+    model = taxoclip.load(tmp_path / "m")
+    trained = load_file(str(tmp_path / "m" / "image_tower.safetensors"))
+    assert all(torch.equal(trained[k], v.cpu()) for k, v in model.image_tower.state_dict().items())
+
+
+def test_crop_and_flip_keeps_the_size_and_is_reproducible():
+    from taxoclip.train.photos import crop_and_flip
+
+    pixels = torch.arange(2 * 3 * 16 * 16, dtype=torch.int64).remainder(256).to(torch.uint8).view(2, 3, 16, 16)
+    once = crop_and_flip(pixels, torch.Generator().manual_seed(1))
+    again = crop_and_flip(pixels, torch.Generator().manual_seed(1))
+    assert once.shape == pixels.shape and once.dtype == torch.uint8
+    assert torch.equal(once, again) and not torch.equal(once, pixels)

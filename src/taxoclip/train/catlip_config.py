@@ -8,8 +8,8 @@ from taxoclip.data.labels import EXTRACTORS
 from taxoclip.errors import TaxoclipError
 
 # head: the label layer on cached embeddings; upper: the tower's last --train-blocks stages too, on
-# cached activations of the stages below. (Next: "full", the whole tower on augmented photos.)
-DEPTHS = ("head", "upper")
+# cached activations of the stages below; full: the whole tower, on augmented photos.
+DEPTHS = ("head", "upper", "full")
 
 
 @dataclass
@@ -21,7 +21,8 @@ class CatLIPConfig:
     pretrained: bool = True  # False: the tower's architecture with random weights (tests)
     train_blocks: int = 1  # depth upper: how many final stages train
     activations: str | None = None  # depth upper: the activation cache (default OUTPUT/activations)
-    tower_lr: float = 1e-4  # depth upper: learning rate of the tower's stages
+    tower_lr: float = 1e-4  # depths upper and full: learning rate of the tower's stages
+    augment: bool = True  # depth full: random resized crops and flips
     vocabulary: str | None = None  # a vocabulary.json from 'taxoclip labels'; default: built from the features
     extractor: str = "taxonomy"
     style: str = "paper"  # the caption style the wordnet extractor reads
@@ -39,6 +40,7 @@ class CatLIPConfig:
     seed: int = 0
     device: str = "auto"
     eval_every: int = 1
+    max_steps_per_epoch: int | None = None  # for benchmarks: a partial epoch
     scoring: str = "likelihood"  # how evaluation turns label logits into class scores (models.catlip)
     progress: bool = True
 
@@ -51,7 +53,7 @@ class CatLIPConfig:
             )
         if self.depth == "head" and not self.features:
             raise TaxoclipError("--depth head trains on cached embeddings: give --features (from 'taxoclip features')")
-        if self.depth == "upper" and not self.shards:
-            raise TaxoclipError("--depth upper caches the lower stages' activations of the photos: give --shards")
+        if self.depth in ("upper", "full") and not self.shards:
+            raise TaxoclipError(f"--depth {self.depth} runs the tower on the photos: give --shards")
         if self.batch_size < 1 or self.epochs < 1:
             raise TaxoclipError("--batch-size and --epochs must be at least 1")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from taxoclip.data.features import FeatureCache, image_loader, load_features, plan_from_shards
+from taxoclip.data.features import FeatureCache, load_features
 from taxoclip.errors import TaxoclipError
 from taxoclip.eval.zeroshot import seen_unseen_accuracy
 from taxoclip.models.lit import CaptionBank, LiTConfig, LiTModel, ridge_text_projection, save_lit
@@ -27,6 +27,7 @@ from taxoclip.models.towers import create_image_tower, create_text_tower
 from taxoclip.runtime import Runtime, gather_with_grad, seed_everything, setup
 from taxoclip.train.lit_config import TrainConfig
 from taxoclip.train.loop import Batch, LoopConfig, Trainer, fit
+from taxoclip.train.photos import ShardBatches, embed_split
 from taxoclip.train.splits import held_out_classes, split_rows
 
 __all__ = ["LiTTrainer", "TrainConfig", "train_lit"]
@@ -91,7 +92,9 @@ class LiTTrainer(Trainer):
         bank = CaptionBank(self.model.text_tower, self.captions_by_style, runtime.device)
         self.module = LiTStep(self.model, bank, config.loss, runtime, self.image_tower, config.unlock_image)
         self.shard_batches = (
-            ShardBatches(config.shards, self.image_tower, config.batch_size) if self.image_tower is not None else None
+            ShardBatches(config.shards, self.image_tower.preprocess, config.batch_size)
+            if self.image_tower is not None
+            else None
         )
 
     def build_model(self) -> LiTModel:
@@ -177,7 +180,7 @@ class LiTTrainer(Trainer):
     def evaluate(self, epoch: int) -> dict:
         valid_features = None
         if self.config.unlock_image:  # the cache holds the old tower's embeddings: embed the photos again
-            valid_features = embed_split(self.config.shards, self.image_tower, "valid")
+            valid_features, _ = embed_split(self.config.shards, self.image_tower, "valid")
         return evaluate(
             self.model,
             self.cache,
@@ -250,40 +253,6 @@ def evaluate(
     result = seen_unseen_accuracy(lambda x: x @ class_embeddings.T, image, labels, held_out)
     model.train()
     return result
-
-
-class ShardBatches:
-    """Global batches of decoded photos from the shards, for the image tower to embed on the fly
-    (the baseline the cache replaces, and the way to train an unlocked image tower). Every rank
-    decodes the whole global batch and keeps its share; the tower's forward is what it saves."""
-
-    def __init__(self, shards: str, tower, batch_size: int):
-        self.plan = plan_from_shards(Path(shards), "train")
-        self.tower, self.batch_size = tower, batch_size
-
-    def epoch(self, epoch: int, held_out: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        units = list(self.plan.units)
-        np.random.default_rng(epoch).shuffle(units)
-        device = next(self.tower.parameters()).device
-        loader = image_loader(units, self.tower.preprocess, self.batch_size, device)
-        excluded = set(held_out.tolist())
-        for batch in loader:
-            keep = [i for i, item in enumerate(batch["good"]) if item["label"] not in excluded]
-            labels = torch.tensor([batch["good"][i]["label"] for i in keep])
-            yield batch["pixels"][keep], labels
-
-
-@torch.no_grad()
-def embed_split(shards: str, tower, split: str) -> torch.Tensor:
-    """The current image tower's embeddings of one split, in the feature cache's row order."""
-    plan = plan_from_shards(Path(shards), split)
-    device = next(tower.parameters()).device
-    loader = image_loader(plan.units, tower.preprocess, 64, device)
-    was_training = tower.training
-    tower.eval()
-    outputs = [tower.embed(batch["pixels"].to(device)).cpu() for batch in loader if batch["pixels"] is not None]
-    tower.train(was_training)
-    return torch.cat(outputs)
 
 
 def load_history(output: str | Path) -> list[dict]:
