@@ -197,9 +197,20 @@ def quick_demo(flowers, tmp_path_factory) -> Path:
     return out
 
 
-def torchrun(*arguments: str, port: int, processes: int = 2) -> list[str]:
+def free_port() -> int:
+    """A TCP port nobody listens on now (a fixed one can still be held by a run just finished)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def torchrun(*arguments: str, port: int | None = None, processes: int = 2) -> list[str]:
     """The command running `taxoclip ARGUMENTS` in ``processes`` CPU processes under torchrun."""
     import sys
+
+    port = port or free_port()
 
     return [
         sys.executable,
@@ -215,7 +226,7 @@ def torchrun(*arguments: str, port: int, processes: int = 2) -> list[str]:
     ]
 
 
-def one_and_two_processes(arguments: list[str], out: Path, *, port: int):
+def one_and_two_processes(arguments: list[str], out: Path):
     """Run ``taxoclip ARGUMENTS`` once alone (into out/one) and once under torchrun with two CPU
     processes (into out/two); returns the two-process run's completed process."""
     import os
@@ -232,7 +243,7 @@ def one_and_two_processes(arguments: list[str], out: Path, *, port: int):
     )
     assert single.returncode == 0, single.stderr[-2000:]
     double = subprocess.run(
-        torchrun(*arguments, "-o", str(out / "two"), port=port), env=env, capture_output=True, text=True, timeout=300
+        torchrun(*arguments, "-o", str(out / "two")), env=env, capture_output=True, text=True, timeout=300
     )
     assert double.returncode == 0, double.stderr[-2000:]
     return double

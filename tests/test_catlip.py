@@ -199,7 +199,10 @@ def test_two_processes_under_torchrun_match_one(colour_features, tmp_path):
         "0.01",
         "-q",
     ]
-    double = one_and_two_processes(arguments, tmp_path, port=29541)
+    double = one_and_two_processes(
+        arguments,
+        tmp_path,
+    )
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [row["samples_by_rank"] for row in rows] == [[48, 48], [48, 48]]
     assert double.stdout.count("kind catlip") == 1

@@ -129,7 +129,6 @@ def test_two_processes_under_torchrun_match_one(shards, tmp_path):
         "--workers",
         "0",
         "-q",
-        port=29517,
     )
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -174,7 +174,10 @@ def test_two_processes_under_torchrun_match_one(colour_features, tiny_text_tower
         "1e-3",
         "-q",
     ]
-    double = one_and_two_processes(arguments, tmp_path, port=29531)
+    double = one_and_two_processes(
+        arguments,
+        tmp_path,
+    )
     # One process group of two: each rank trained on its half of every global batch of 32
     # (96 train photos: 3 steps of 16 per rank per epoch) ...
     history = lit_module.load_history(tmp_path / "two")
