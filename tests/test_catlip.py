@@ -232,6 +232,13 @@ def test_temperature_scaling_recovers_an_overconfident_scale():
     assert fit_temperature(3 * true_logits, labels) == pytest.approx(3, rel=0.15)
 
 
+def tower_settings(shards, out, depth: str, **overrides) -> CatLIPConfig:
+    """CatLIP settings that train a random-weight tiny EfficientNet's stages on the colour photos."""
+    values = dict(output=str(out), depth=depth, shards=str(shards), tower="timm:test_efficientnet", pretrained=False)
+    values |= dict(batch_size=32, lr=1e-2, tower_lr=1e-3, progress=False)
+    return CatLIPConfig(**values | overrides)
+
+
 def test_upper_stages_train_on_cached_activations_and_the_model_predicts_photos(colour_shards, tmp_path):
     """--depth upper: the lower stages run once (their activations cached), the last stage and
     the label layer train; the saved model runs the whole changed tower on photos."""
@@ -240,19 +247,7 @@ def test_upper_stages_train_on_cached_activations_and_the_model_predicts_photos(
     from taxoclip.models.split import split_tower
     from taxoclip.models.towers import create_image_tower
 
-    config = CatLIPConfig(
-        output=str(tmp_path / "m"),
-        depth="upper",
-        shards=str(colour_shards),
-        tower="timm:test_efficientnet",
-        pretrained=False,
-        batch_size=32,
-        epochs=6,
-        lr=1e-2,
-        tower_lr=1e-3,
-        progress=False,
-    )
-    final = train_catlip(config)
+    final = train_catlip(tower_settings(colour_shards, tmp_path / "m", "upper", epochs=6))
     assert final["top1"] >= 0.8
     activations = load_features(tmp_path / "m" / "activations")
     tower = create_image_tower("timm:test_efficientnet", pretrained=False)
@@ -276,19 +271,7 @@ def test_upper_stages_train_on_cached_activations_and_the_model_predicts_photos(
 
 
 def test_whole_tower_trains_on_augmented_photos(colour_shards, tmp_path):
-    config = CatLIPConfig(
-        output=str(tmp_path / "m"),
-        depth="full",
-        shards=str(colour_shards),
-        tower="timm:test_efficientnet",
-        pretrained=False,
-        batch_size=32,
-        epochs=4,
-        lr=1e-2,
-        tower_lr=1e-3,
-        progress=False,
-    )
-    final = train_catlip(config)
+    final = train_catlip(tower_settings(colour_shards, tmp_path / "m", "full", epochs=4))
     assert final["top1"] >= 0.8
     rows = [json.loads(line) for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
     assert all(row["samples"] == 96 for row in rows)  # 3 steps of 32 of the 96 training photos
