@@ -18,6 +18,17 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
+# CatLIP's wordnet labels read WordNet's database from Debian's wordnet-base package; install it
+# when this machine lets us (root with apt-get), else say how once.
+if [ ! -f /usr/share/wordnet/index.noun ] && [ -z "${TAXOCLIP_WORDNET:-}" ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base >/dev/null) \
+      || echo "could not install wordnet-base: 'taxoclip labels --extractor wordnet' will say how" >&2
+  else
+    echo "note: for 'taxoclip labels --extractor wordnet', install Debian's wordnet-base (or set TAXOCLIP_WORDNET)" >&2
+  fi
+fi
+
 what=${1:-}
 shift || true
 case "$what" in

@@ -304,7 +304,7 @@ def add_catlip_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", help="feature cache from 'taxoclip features' (for --depth head)")
     p.add_argument("--shards", help="the photos' shards (--depth upper: lower stages cached once; --depth full)")
     p.add_argument("-o", "--output", required=True, help="model directory to write")
-    setting("--tower", "tower", "image tower to cut, for --depth upper")
+    setting("--tower", "tower", "image tower that trains (--depth upper, full)")
     setting("--train-blocks", "train_blocks", "final stages of the tower that train, for --depth upper", type=int)
     p.add_argument("--activations", help="activation cache folder for --depth upper (default OUTPUT/activations)")
     setting("--tower-lr", "tower_lr", "learning rate of the tower's stages (--depth upper, full)", type=float)

@@ -120,7 +120,9 @@ class CatLIPTrainer(Trainer):
         """Embeddings of up to STANDARDISE_ROWS training photos, to standardise the label layer's input."""
         if self.cache is not None:
             return self.embed(self.train_rows[:: max(1, len(self.train_rows) // STANDARDISE_ROWS)])
-        pixels, _ = next(ShardBatches(self.config.shards, self.tower.preprocess, 512).epoch(0, self.held_out))
+        photos = ShardBatches(self.config.shards, self.tower.preprocess, 512).epoch(0, self.held_out)
+        pixels, _ = next(photos)
+        photos.close()  # stop its decoding workers before any other loader starts
         was_training = self.tower.training
         with torch.no_grad():
             sample = self.tower.eval().embed(pixels.to(self.runtime.device)).cpu()

@@ -153,7 +153,8 @@ def train_epoch(
         leave=False,
         disable=not (config.progress and runtime.is_main),
     )
-    for step, batch in zip(range(steps), trainer.batches(epoch), strict=False):
+    batches = trainer.batches(epoch)
+    for step, batch in zip(range(steps), batches, strict=False):
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * warmup_cosine(epoch * steps + step, config.warmup_steps, total_steps)
         # bfloat16 on GPUs (no loss scaling needed); full precision on CPU, where it is not faster.
@@ -169,6 +170,11 @@ def train_epoch(
         bar.update()
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
+    # An epoch may stop before its batches run out; closing them now stops any decoding workers
+    # (a loader left half-read while the next one forks its workers can deadlock them).
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
     samples_by_rank = runtime.gather_objects(samples)
     return {
         "epoch": epoch + 1,
