@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 import warnings
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # The WebDataset key an image is stored under, by PIL format; the bytes are kept as they are.
 FORMAT_KEYS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
@@ -44,10 +45,28 @@ def check_image(data: bytes) -> str:
         raise BadImage(f"corrupt or truncated image ({error})") from None
 
 
+EXIF_ORIENTATION = 0x0112
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """The photo as a person sees it, in 8-bit RGB: turned upright by its EXIF orientation (a
+    phone stores portrait photos sideways), and high-bit-depth grey scaled down rather than clipped
+    (PIL's convert would turn a 16-bit PNG white). Ordinary photos pass through untouched."""
+    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
+        image = ImageOps.exif_transpose(image)
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(values / top * 255 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
 def resize_shorter_side(data: bytes, size: int, quality: int = 90) -> bytes:
     """Re-encode as JPEG with the shorter side at most ``size`` pixels (bicubic)."""
     with Image.open(io.BytesIO(data)) as image:
-        image = image.convert("RGB")
+        image = as_rgb(image)
         scale = size / min(image.size)
         if scale < 1:
             image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from taxoclip.data.images import as_rgb
 from taxoclip.errors import TaxoclipError
 
 OFFLINE_IMAGE_TOWERS = {
@@ -76,7 +77,7 @@ class Preprocess:
         resize_to = round(self.size / self.crop_pct)
         if image.format == "JPEG" and min(image.size) >= 2 * resize_to:
             image.draft("RGB", (resize_to, resize_to))  # DCT-domain downscale: much faster for big photos
-        image = image.convert("RGB")
+        image = as_rgb(image)  # upright, 8-bit RGB
         scale = resize_to / min(image.size)
         width, height = max(self.size, round(image.width * scale)), max(self.size, round(image.height * scale))
         resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[self.interpolation]
