@@ -4,8 +4,10 @@ exit 2, or a counted reject), and photos are read as a person sees them."""
 import io
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from taxoclip.apps.cli import main
 from taxoclip.data.images import as_rgb, decode_image
 from taxoclip.models.towers import Preprocess
 
@@ -47,3 +49,77 @@ def test_sixteen_bit_grey_is_scaled_not_clipped():
     assert pixels.shape == (32, 32, 3)
     assert abs(pixels.mean() - 127.5) < 2  # PIL's own convert makes this 254.99 (white)
     assert np.array_equal(pixels[..., 0], np.round(ramp / 65535 * 255).astype(np.uint8))
+
+
+ARGUMENT_CASES = [
+    (["shards", "SRC", "-o", "OUT", "--resize", "-10"], "--resize"),
+    (["shards", "SRC", "-o", "OUT", "--shard-mb", "0"], "--shard-mb"),
+    (["shards", "SRC", "-o", "OUT", "--shard-size", "0"], "--shard-size"),
+    (["shards", "SRC", "-o", "OUT", "--workers", "zero"], "--workers"),
+    (["features", "SRC", "-o", "OUT", "--batch-size", "0"], "--batch-size"),
+    (["train", "lit", "--features", "F", "-o", "OUT", "--epochs", "0"], "--epochs"),
+    (["train", "lit", "--features", "F", "-o", "OUT", "--lr", "nan"], "--lr"),
+    (["train", "lit", "--features", "F", "-o", "OUT", "--batch-size", "-3"], "--batch-size"),
+    (["train", "lit", "--features", "F", "-o", "OUT", "--eval-every", "0"], "--eval-every"),
+    (["train", "catlip", "--features", "F", "-o", "OUT", "--epochs", "0"], "--epochs"),
+    (["train", "catlip", "--features", "F", "-o", "OUT", "--grad-clip", "-1"], "--grad-clip"),
+    (["labels", "SRC", "-o", "OUT", "--min-count", "0"], "--min-count"),
+    (["predict", "PHOTO", "--model", "M", "--top-k", "0"], "--top-k"),
+    (["predict", "PHOTO", "--model", "M", "--threshold", "2"], "--threshold"),
+    (["predict", "PHOTO", "--model", "M", "--threshold", "nan"], "--threshold"),
+    (["serve", "--model", "M", "--port", "99999"], "--port"),
+    (["eval", "--model", "M", "--data", "D", "-o", "OUT", "--group-by"], "--group-by"),
+]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"), ARGUMENT_CASES, ids=[" ".join(a[:2]) + " " + n for a, n in ARGUMENT_CASES]
+)
+def test_bad_arguments_are_refused_when_parsed(arguments, named, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(arguments)
+    assert exit_.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_output_of_the_wrong_kind_and_impossible_paths(image_folder, tmp_path, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    assert main(["shards", str(image_folder), "-o", str(a_file)]) == 2
+    assert "is a file" in capsys.readouterr().err and a_file.read_text() == "mine"
+    assert main(["classes", str(image_folder), "-o", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert main(["classes", str(image_folder), "-o", str(a_file / "classes.csv")]) == 2
+    assert "notes.txt" in capsys.readouterr().err
+
+
+def test_an_empty_subset_is_a_message(tmp_path, capsys):
+    from conftest import write_image
+
+    photo = write_image(tmp_path / "a.jpg", 1)
+    assert main(["predict", str(photo), "--model", str(tmp_path), "--subset", ",,,"]) == 2
+    assert "names no taxon" in capsys.readouterr().err
+
+
+def test_onnx_for_other_classes_or_damaged_is_refused(colour_features, tiny_text_tower, tmp_path, capsys):
+    import shutil
+
+    from conftest import tiny_train_config, write_image
+    from taxoclip.inference.export import export_onnx
+    from taxoclip.train.lit import train_lit
+
+    train_lit(tiny_train_config(colour_features, tmp_path / "m", tiny_text_tower, epochs=1))
+    onnx = export_onnx(tmp_path / "m", tmp_path / "m.onnx")
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "m", other)
+    (other / "classes.csv").write_text("id,scientific_name\n1,Bellis perennis\n2,Taraxacum officinale\n")
+    photo = write_image(tmp_path / "a.jpg", 1)
+    capsys.readouterr()
+    assert main(["predict", str(photo), "--onnx", str(onnx), "--model", str(other), "-q"]) == 2
+    assert "other classes" in capsys.readouterr().err
+    assert main(["predict", str(photo), "--onnx", str(onnx), "--model", str(tmp_path / "m"), "-q"]) == 0
+    capsys.readouterr()
+    damaged = tmp_path / "damaged.onnx"
+    damaged.write_bytes(onnx.read_bytes()[:1000])
+    assert main(["predict", str(photo), "--onnx", str(damaged), "-q"]) == 2
+    assert "not a readable ONNX model" in capsys.readouterr().err

@@ -23,6 +23,43 @@ RANKS = [rank.column for rank in Rank]
 LINEAGE_RANKS = RANKS[:-1]  # kingdom ... genus: the species is the answer itself
 
 
+def at_least(minimum: float, kind: type = int):
+    """An argparse type: a number of ``kind`` that is at least ``minimum`` (NaN refused)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'a whole number' if kind is int else 'a number'}"
+            ) from None
+        if not value >= minimum:  # also false for NaN
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} >= {minimum}"
+    return parse
+
+
+POSITIVE, NON_NEGATIVE = at_least(1), at_least(0)
+POSITIVE_NUMBER = at_least(1e-12, float)
+NON_NEGATIVE_NUMBER = at_least(0.0, float)
+
+
+def probability(text: str) -> float:
+    value = NON_NEGATIVE_NUMBER(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = POSITIVE(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, got {text}")
+    return value
+
+
 def default(config_class: type, name: str):
     """The library's default for one field of a settings dataclass (what --help shows)."""
     field = next(f for f in fields(config_class) if f.name == name)
@@ -45,7 +82,9 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
         choices=STYLE_NAMES,
         help="caption style for the 'txt' field (default: auto, the columns that best separate classes)",
     )
-    parser.add_argument("--max-columns", type=int, default=3, help="most metadata columns auto may combine (default 3)")
+    parser.add_argument(
+        "--max-columns", type=POSITIVE, default=3, help="most metadata columns auto may combine (default 3)"
+    )
 
 
 def load_dataset(args: argparse.Namespace):
@@ -217,13 +256,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     setting("--styles", "styles", "caption styles to train on, comma-separated, sampled per step")
     p.add_argument("--eval-style", help="caption style for evaluation (default: the first training style)")
     setting("--loss", "loss", "class: same-class images are positives; clip: standard CLIP loss", choices=LOSSES)
-    setting("--batch-size", "batch_size", "the global batch, shared among processes", type=int)
-    setting("--epochs", "epochs", "passes over the training photos", type=int)
-    setting("--lr", "lr", "learning rate of projections and temperature", type=float)
-    setting("--text-lr", "text_lr", "learning rate of the text tower's trainable blocks", type=float)
-    setting("--weight-decay", "weight_decay", "AdamW weight decay", type=float)
-    setting("--warmup", "warmup_steps", "linear warm-up steps before the cosine decay", type=int)
-    setting("--grad-clip", "grad_clip", "gradient norm clip", type=float)
+    setting("--batch-size", "batch_size", "the global batch, shared among processes", type=POSITIVE)
+    setting("--epochs", "epochs", "passes over the training photos", type=POSITIVE)
+    setting("--lr", "lr", "learning rate of projections and temperature", type=NON_NEGATIVE_NUMBER)
+    setting("--text-lr", "text_lr", "learning rate of the text tower's trainable blocks", type=NON_NEGATIVE_NUMBER)
+    setting("--weight-decay", "weight_decay", "AdamW weight decay", type=NON_NEGATIVE_NUMBER)
+    setting("--warmup", "warmup_steps", "linear warm-up steps before the cosine decay", type=NON_NEGATIVE)
+    setting("--grad-clip", "grad_clip", "gradient norm clip", type=POSITIVE_NUMBER)
     setting("--text-layers", "text_layers", "top text blocks that train (0 = projection only, or all)", type=str)
     setting(
         "--image-projection",
@@ -231,21 +270,23 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "a trainable linear map on the locked image embeddings",
         action=argparse.BooleanOptionalAction,
     )
-    p.add_argument("--embed-dim", type=int, help="shared embedding width (with --image-projection)")
+    p.add_argument("--embed-dim", type=POSITIVE, help="shared embedding width (with --image-projection)")
     setting(
         "--projection-init",
         "projection_init",
         "ridge: start the text projection from a fit to class-mean image embeddings",
         choices=PROJECTION_INITS,
     )
-    setting("--holdout", "holdout", "classes left out of training, to measure unseen classes", type=int)
+    setting("--holdout", "holdout", "classes left out of training, to measure unseen classes", type=NON_NEGATIVE)
     setting("--holdout-seed", "holdout_seed", "which classes are left out", type=int)
     setting("--seed", "seed", "data order, caption styles and dropout", type=int)
     setting("--device", "device", "auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--image-in-loop", action="store_true", help="run the image tower every step (the slow baseline)")
     p.add_argument("--unlock-image", action="store_true", help="train the image tower too (needs --shards)")
     p.add_argument("--shards", help="the shards, for --image-in-loop / --unlock-image")
-    setting("--eval-every", "eval_every", "epochs between zero-shot evaluations on valid (the last always)", type=int)
+    setting(
+        "--eval-every", "eval_every", "epochs between zero-shot evaluations on valid (the last always)", type=POSITIVE
+    )
     p.add_argument("-q", "--quiet", action="store_true")
 
 
@@ -305,28 +346,32 @@ def add_catlip_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", help="the photos' shards (--depth upper: lower stages cached once; --depth full)")
     p.add_argument("-o", "--output", required=True, help="model directory to write")
     setting("--tower", "tower", "image tower that trains (--depth upper, full)")
-    setting("--train-blocks", "train_blocks", "final stages of the tower that train, for --depth upper", type=int)
+    setting("--train-blocks", "train_blocks", "final stages of the tower that train, for --depth upper", type=POSITIVE)
     p.add_argument("--activations", help="activation cache folder for --depth upper (default OUTPUT/activations)")
-    setting("--tower-lr", "tower_lr", "learning rate of the tower's stages (--depth upper, full)", type=float)
+    setting(
+        "--tower-lr", "tower_lr", "learning rate of the tower's stages (--depth upper, full)", type=NON_NEGATIVE_NUMBER
+    )
     setting("--augment", "augment", "random crops and flips (--depth full)", action=argparse.BooleanOptionalAction)
     p.add_argument("--random-weights", action="store_true", help="the tower's architecture with random weights")
     p.add_argument("--vocabulary", help="vocabulary.json from 'taxoclip labels' (default: built from the features)")
     setting("--extractor", "extractor", "labels from the taxonomy or from captions' WordNet nouns", choices=EXTRACTORS)
     setting("--style", "style", "caption style the wordnet extractor reads", choices=STYLE_NAMES)
-    setting("--min-count", "min_count", "drop labels carried by fewer training photos (V_tau)", type=int)
-    p.add_argument("--max-size", type=int, help="keep at most this many labels, the most frequent")
+    setting("--min-count", "min_count", "drop labels carried by fewer training photos (V_tau)", type=POSITIVE)
+    p.add_argument("--max-size", type=POSITIVE, help="keep at most this many labels, the most frequent")
     setting("--depth", "depth", "what trains", choices=DEPTHS)
-    setting("--batch-size", "batch_size", "the global batch, shared among processes", type=int)
-    setting("--epochs", "epochs", "passes over the training photos", type=int)
-    setting("--lr", "lr", "learning rate", type=float)
-    setting("--weight-decay", "weight_decay", "AdamW weight decay", type=float)
-    setting("--warmup-steps", "warmup_steps", "linear warm-up steps before the cosine decay", type=int)
-    setting("--grad-clip", "grad_clip", "gradient norm clip", type=float)
-    setting("--holdout", "holdout", "classes left out of training, scored through their shared labels", type=int)
+    setting("--batch-size", "batch_size", "the global batch, shared among processes", type=POSITIVE)
+    setting("--epochs", "epochs", "passes over the training photos", type=POSITIVE)
+    setting("--lr", "lr", "learning rate", type=NON_NEGATIVE_NUMBER)
+    setting("--weight-decay", "weight_decay", "AdamW weight decay", type=NON_NEGATIVE_NUMBER)
+    setting("--warmup-steps", "warmup_steps", "linear warm-up steps before the cosine decay", type=NON_NEGATIVE)
+    setting("--grad-clip", "grad_clip", "gradient norm clip", type=POSITIVE_NUMBER)
+    setting(
+        "--holdout", "holdout", "classes left out of training, scored through their shared labels", type=NON_NEGATIVE
+    )
     setting("--holdout-seed", "holdout_seed", "which classes are left out", type=int)
     setting("--seed", "seed", "data order", type=int)
     setting("--device", "device", "auto, cpu, cuda, cuda:1 ...")
-    setting("--eval-every", "eval_every", "epochs between evaluations on valid (the last always)", type=int)
+    setting("--eval-every", "eval_every", "epochs between evaluations on valid (the last always)", type=POSITIVE)
     setting("--scoring", "scoring", "class scores from label logits: likelihood (sum) or transfer (mean)")
     p.add_argument("-q", "--quiet", action="store_true")
 
@@ -367,17 +412,35 @@ def build_predictor(args: argparse.Namespace):
     """A Predictor from --model (any model directory, or open_clip:NAME with --classes) or --onnx."""
     from taxoclip.inference.predict import DEFAULT_THRESHOLD, Predictor, torch_predictor
 
-    subset = [t for t in args.subset.split(",")] if getattr(args, "subset", None) else None
+    subset = None
+    if getattr(args, "subset", None) is not None:
+        subset = [t.strip() for t in args.subset.split(",") if t.strip()]
+        if not subset:
+            raise TaxoclipError(f"--subset {args.subset!r} names no taxon; give names like 'Rosaceae,Tulipa'")
     threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
     if args.onnx:
         from taxoclip.inference.export import OnnxClassifier
         from taxoclip.models.bundle import read_classes
 
         runner = OnnxClassifier(args.onnx)
-        model_dir = args.model or runner.meta.get("model_dir")
-        if not model_dir:
-            raise TaxoclipError("--onnx needs --model (the model directory it was exported from)")
-        classes = runner.classes() or read_classes(Path(model_dir))
+        classes = runner.classes()  # the sidecar's class table
+        if args.model and not args.model.startswith("open_clip:"):
+            model_classes = read_classes(Path(args.model))
+            if classes is not None and classes.ids != model_classes.ids:
+                raise TaxoclipError(
+                    f"{args.onnx} was exported for other classes than {args.model}'s "
+                    f"({len(classes)} vs {len(model_classes)}); give the model it was exported from, or none"
+                )
+            classes = classes or model_classes
+        if classes is None:
+            model_dir = runner.meta.get("model_dir")
+            if not model_dir:
+                raise TaxoclipError("--onnx needs --model (the model directory it was exported from)")
+            classes = read_classes(Path(model_dir))
+        if runner.width_check is not None and runner.width_check != len(classes):
+            raise TaxoclipError(
+                f"{args.onnx} scores {runner.width_check} classes but the class table has {len(classes)}"
+            )
         return Predictor(classes, runner.preprocess, runner, subset=subset, threshold=threshold)
     if args.model is None:
         raise TaxoclipError("give --model (a model directory or open_clip:NAME) or --onnx")
@@ -497,7 +560,7 @@ def add_predictor_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subset", help="answer only among these taxa (any rank), comma-separated: 'Rosaceae,Tulipa'")
     p.add_argument(
         "--threshold",
-        type=float,
+        type=probability,
         help="probability the honest answer's rank must reach (default 0.5, measured on flowers valid)",
     )
 
@@ -536,14 +599,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="folder for the shards and manifest.json")
     p.add_argument(
         "--shard-size",
-        type=int,
+        type=POSITIVE,
         default=ShardOptions.max_count,
         help=f"most samples per shard (default {ShardOptions.max_count})",
     )
-    p.add_argument("--shard-mb", type=float, help="most megabytes per shard (with --shard-size, whichever comes first)")
+    p.add_argument(
+        "--shard-mb", type=POSITIVE_NUMBER, help="most megabytes per shard (with --shard-size, whichever comes first)"
+    )
     p.add_argument("--seed", type=int, default=ShardOptions.seed, help=f"shuffle seed (default {ShardOptions.seed})")
-    p.add_argument("--resize", type=int, help="re-encode as JPEG with the shorter side at most this many pixels")
-    p.add_argument("--workers", type=int, help="processes writing shards (default: all cores)")
+    p.add_argument("--resize", type=POSITIVE, help="re-encode as JPEG with the shorter side at most this many pixels")
+    p.add_argument("--workers", type=POSITIVE, help="processes writing shards (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace shards made from other inputs")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_shards)
@@ -557,8 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-o", "--output", required=True, help="cache folder")
     p.add_argument("--split", help="embed only this split")
-    p.add_argument("--batch-size", type=int, help="photos per forward pass (default: extract_features's)")
-    p.add_argument("--workers", type=int, help="decoding processes (default: half the cores)")
+    p.add_argument("--batch-size", type=POSITIVE, help="photos per forward pass (default: extract_features's)")
+    p.add_argument("--workers", type=NON_NEGATIVE, help="decoding processes (default: half the cores)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--random-weights", action="store_true", help="the tower's architecture with random weights")
     p.add_argument("--format", choices=FORMATS, help="source format, when not shards")
@@ -573,8 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="vocabulary JSON to write")
     p.add_argument("--extractor", default="taxonomy", choices=EXTRACTORS, help="taxonomy (default) or wordnet")
     p.add_argument("--style", default="paper", choices=STYLE_NAMES, help="caption style wordnet reads (default paper)")
-    p.add_argument("--min-count", type=int, default=1, help="drop labels carried by fewer training photos (V_tau)")
-    p.add_argument("--max-size", type=int, help="keep at most this many labels, the most frequent")
+    p.add_argument("--min-count", type=POSITIVE, default=1, help="drop labels carried by fewer training photos (V_tau)")
+    p.add_argument("--max-size", type=POSITIVE, help="keep at most this many labels, the most frequent")
     p.set_defaults(handler=cmd_labels, split="train")
 
     p = commands.add_parser(
@@ -616,7 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("predict", help="identify the species in photos (top-k, lineage, honest rank)")
     p.add_argument("photos", nargs="+", help="photos or folders of photos")
     add_predictor_arguments(p)
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=POSITIVE, default=5)
     p.add_argument(
         "--rank",
         choices=RANKS,
@@ -629,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("serve", help="a web page (and JSON API) to identify photos, on localhost")
     add_predictor_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
     p.set_defaults(handler=cmd_serve)
 
     p = commands.add_parser("export", help="export a model: 'export onnx'")
@@ -662,6 +727,21 @@ def build_verify_parser() -> argparse.ArgumentParser:
     return parser
 
 
+FOLDER_OUTPUTS = {"shards", "features", "train", "eval", "demo"}  # -o names a folder; elsewhere a file
+
+
+def check_output(args: argparse.Namespace) -> None:
+    """-o must be a folder where a command writes a folder, and a file where it writes a file."""
+    output = getattr(args, "output", None)
+    if not output:
+        return
+    path = Path(output)
+    if args.command in FOLDER_OUTPUTS and path.is_file():
+        raise TaxoclipError(f"-o {output} is a file; this command writes a folder there: give a folder path")
+    if args.command not in FOLDER_OUTPUTS and path.is_dir():
+        raise TaxoclipError(f"-o {output} is a folder; this command writes a file: give a file path")
+
+
 def package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -685,10 +765,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        check_output(args)
         return handler(args)
     except TaxoclipError as error:
         print(f"taxoclip {args.command}: error: {error}", file=sys.stderr)
         return error.exit_code
+    except OSError as error:  # the file system said no (permissions, a file where a folder goes, space)
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"taxoclip {args.command}: error: {error.strerror or error}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to continue where it stopped", file=sys.stderr)
         return 130

@@ -39,7 +39,7 @@ from taxoclip.models.towers import ImageTower, Preprocess, create_image_tower
 from taxoclip.runtime import setup
 from taxoclip.taxonomy import KNOWN_SPLITS, ClassTable
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: photos turned upright by EXIF, 16-bit grey scaled (caches from 1 are recomputed)
 SOURCE_UNIT = 1000  # images per resumable unit when reading a source folder directly
 
 

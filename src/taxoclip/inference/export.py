@@ -85,7 +85,14 @@ class OnnxClassifier:
         path = Path(path)
         if not path.exists():
             raise TaxoclipError(f"{path}: no such ONNX file; make one with 'taxoclip export onnx'")
-        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own exception types for a damaged file
+            raise TaxoclipError(
+                f"{path}: not a readable ONNX model ({type(error).__name__}); export it again"
+            ) from None
+        shape = self.session.get_outputs()[0].shape
+        self.width_check = shape[-1] if shape and isinstance(shape[-1], int) else None
         sidecar = Path(str(path) + ".json")
         self.meta = json.loads(sidecar.read_text()) if sidecar.exists() else {}
         self.preprocess = Preprocess(
