@@ -123,3 +123,36 @@ def test_onnx_for_other_classes_or_damaged_is_refused(colour_features, tiny_text
     damaged.write_bytes(onnx.read_bytes()[:1000])
     assert main(["predict", str(photo), "--onnx", str(damaged), "-q"]) == 2
     assert "not a readable ONNX model" in capsys.readouterr().err
+
+
+@pytest.fixture
+def small_shards(image_folder, tmp_path):
+    assert main(["shards", str(image_folder), "-o", str(tmp_path / "shards"), "--shard-size", "5", "-q"]) == 0
+    return tmp_path / "shards"
+
+
+def test_a_manifest_pointing_outside_its_folder_is_refused(small_shards, tmp_path, capsys):
+    import json
+
+    manifest = json.loads((small_shards / "manifest.json").read_text())
+    manifest["shards"][0]["name"] = "../../elsewhere/train-000000.tar"
+    (small_shards / "manifest.json").write_text(json.dumps(manifest))
+    before = sorted(p for p in tmp_path.parent.rglob("*") if "elsewhere" in str(p))
+    capsys.readouterr()
+    assert main(["shards", "verify", str(small_shards), "-q"]) == 2
+    assert "is not a file in" in capsys.readouterr().err
+    out = tmp_path / "features"
+    arguments = ["features", str(small_shards), "--tower", "timm:test_efficientnet", "--random-weights", "-o", str(out)]
+    assert main([*arguments, "--workers", "0", "-q"]) == 2
+    assert sorted(p for p in tmp_path.parent.rglob("*") if "elsewhere" in str(p)) == before
+
+
+def test_a_shard_changed_after_its_manifest_is_never_served_from_the_cache(small_shards, tmp_path, capsys):
+    arguments = ["features", str(small_shards), "--tower", "timm:test_efficientnet", "--random-weights"]
+    arguments += ["-o", str(tmp_path / "f"), "--workers", "0", "-q"]
+    assert main(arguments) == 0
+    shard = sorted(small_shards.glob("train-*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[:-2048])  # truncated after the manifest was written
+    capsys.readouterr()
+    assert main(arguments) == 2
+    assert "the shard changed after it was written" in capsys.readouterr().err

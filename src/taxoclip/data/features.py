@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from taxoclip.data.images import IMAGE_KEYS, decode_image
-from taxoclip.data.shards import MANIFEST, iter_tar_samples, read_manifest
+from taxoclip.data.shards import MANIFEST, check_shard_files, iter_tar_samples, read_manifest
 from taxoclip.errors import TaxoclipError
 from taxoclip.models.towers import ImageTower, Preprocess, create_image_tower
 from taxoclip.runtime import setup
@@ -68,6 +68,7 @@ def plan_from_shards(shard_dir: Path, split: str | None) -> DataPlan:
     shards = [s for s in manifest["shards"] if split is None or s["split"] == split]
     if not shards:
         raise TaxoclipError(f"{shard_dir}: no shards{f' for split {split!r}' if split else ''}")
+    check_shard_files(shard_dir, shards)
     units = [Unit(s["name"].removesuffix(".tar"), s["count"], shard=str(shard_dir / s["name"])) for s in shards]
     data_id = hashlib.sha256(json.dumps([manifest["plan_id"], [s["sha256"] for s in shards]]).encode()).hexdigest()
     return DataPlan(

@@ -371,9 +371,35 @@ def read_manifest(shard_dir: str | Path) -> dict:
     if not path.exists():
         raise TaxoclipError(f"{shard_dir}: no {MANIFEST}; is this a folder written by 'taxoclip shards'?")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
+        names = [shard["name"] for shard in manifest["shards"]]
     except json.JSONDecodeError as error:
         raise TaxoclipError(f"{path}: damaged ({error.msg}); re-run 'taxoclip shards' to rebuild it") from None
+    except (KeyError, TypeError):
+        raise TaxoclipError(
+            f"{path}: not a taxoclip shard manifest (no shard list); re-run 'taxoclip shards'"
+        ) from None
+    # Shard names come from a file anyone can edit: each must be a plain file name in this folder,
+    # never a path that reads (or makes the feature cache write) elsewhere.
+    outside = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", ".", "..")]
+    if outside:
+        raise TaxoclipError(f"{path}: shard name {outside[0]!r} is not a file in {shard_dir}; the manifest was altered")
+    return manifest
+
+
+def check_shard_files(shard_dir: str | Path, shards: list[dict]) -> None:
+    """Cheap evidence that the shard files are the ones the manifest describes (present, same
+    size), before anything trusts a cache keyed by the manifest; 'shards verify' checks the bytes."""
+    for shard in shards:
+        path = Path(shard_dir) / shard["name"]
+        if not path.is_file():
+            raise TaxoclipError(f"{path}: missing (the manifest lists it); re-run 'taxoclip shards'")
+        expected = shard.get("bytes")
+        if expected is not None and path.stat().st_size != expected:
+            raise TaxoclipError(
+                f"{path}: {path.stat().st_size} bytes, the manifest says {expected}: the shard changed after it "
+                "was written; run 'taxoclip shards verify' and rebuild the shards"
+            )
 
 
 def shard_paths(shard_dir: str | Path, split: str | None = None) -> list[Path]:
