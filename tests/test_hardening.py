@@ -5,6 +5,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from taxoclip.apps.cli import main
@@ -156,3 +157,90 @@ def test_a_shard_changed_after_its_manifest_is_never_served_from_the_cache(small
     capsys.readouterr()
     assert main(arguments) == 2
     assert "the shard changed after it was written" in capsys.readouterr().err
+
+
+def copy_cache(source, target):
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+def test_nan_embeddings_are_refused_naming_the_file_and_sample(colour_features, tiny_text_tower, tmp_path):
+    from conftest import tiny_train_config
+    from taxoclip import TaxoclipError
+    from taxoclip.data.features import load_features
+    from taxoclip.train.lit import train_lit
+
+    features = copy_cache(colour_features, tmp_path / "f")
+    array = np.load(features / "features.npy", mmap_mode="r+")
+    array[3, 5] = np.nan
+    array.flush()
+    key = load_features(features).keys[3]
+    with pytest.raises(TaxoclipError, match=f"features.npy: 1 rows hold NaN.*{key}"):
+        train_lit(tiny_train_config(features, tmp_path / "m", tiny_text_tower))
+
+
+def test_a_diverging_loss_stops_training_with_a_message(tmp_path):
+    from taxoclip import TaxoclipError
+    from taxoclip.runtime import Runtime
+    from taxoclip.train.loop import Batch, LoopConfig, Trainer, fit
+
+    class Diverging(Trainer):
+        def __init__(self):
+            self.module = torch.nn.Linear(2, 1)
+
+        def param_groups(self):
+            return [{"params": list(self.module.parameters()), "lr": 1e3}]
+
+        def steps_per_epoch(self):
+            return 2
+
+        def batches(self, epoch):
+            for _ in range(2):
+                yield Batch({"x": torch.tensor([[float("inf"), 1.0]])}, 1)
+
+    trainer = Diverging()
+    trainer.module.forward = lambda x: (trainer.module.weight * x).sum()  # inf * a weight: inf or nan
+    with pytest.raises(TaxoclipError, match=r"loss became -?(inf|nan) at epoch 1, step 1; lower the learning rate"):
+        fit(trainer, LoopConfig(output=tmp_path, epochs=1, progress=False), Runtime())
+
+
+def test_a_replaced_features_folder_is_another_run_not_a_resume(
+    colour_features, colour_shards, tiny_text_tower, tmp_path
+):
+    import shutil
+
+    from conftest import tiny_train_config
+    from taxoclip import TaxoclipError
+    from taxoclip.data.features import extract_features
+    from taxoclip.train.lit import train_lit
+
+    features = copy_cache(colour_features, tmp_path / "f")
+    train_lit(tiny_train_config(features, tmp_path / "m", tiny_text_tower, epochs=1))
+    other = extract_features(
+        colour_shards, "timm:test_resnet", tmp_path / "o", pretrained=False, workers=0, progress=False
+    )
+    shutil.rmtree(features)
+    copy_cache(other.path, features)  # the same path, another cache
+    with pytest.raises(TaxoclipError, match="other settings"):
+        train_lit(tiny_train_config(features, tmp_path / "m", tiny_text_tower, epochs=1))
+
+
+def test_eval_refuses_a_cache_of_the_same_tower_name_with_other_weights(colour_features, tiny_text_tower, tmp_path):
+    import json
+
+    from conftest import tiny_train_config
+    from taxoclip import TaxoclipError
+    from taxoclip.eval.report import EvalConfig, run_evaluation
+    from taxoclip.train.lit import train_lit
+
+    train_lit(tiny_train_config(colour_features, tmp_path / "m", tiny_text_tower, epochs=1))
+    features = copy_cache(colour_features, tmp_path / "f")
+    meta = json.loads((features / "meta.json").read_text())
+    meta["tower"]["id"] = "0123456789abcdef"  # e.g. pretrained vs --random-weights: same name, other weights
+    (features / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(TaxoclipError, match="another version of timm:test_efficientnet"):
+        run_evaluation(
+            EvalConfig(model=str(tmp_path / "m"), data=str(features), output=str(tmp_path / "r"), progress=False)
+        )

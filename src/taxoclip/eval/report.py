@@ -31,18 +31,25 @@ from taxoclip.taxonomy import ClassTable
 CONFUSION_MAX_GROUPS = 300  # beyond this a species-level matrix is unreadable: use a coarser rank
 
 
-def features_for(config: EvalConfig, tower_name: str, pretrained: bool) -> FeatureCache:
+def features_for(config: EvalConfig, tower_name: str, pretrained: bool, classifier=None) -> FeatureCache:
+    """The data's embeddings by the model's own image tower: a cache made by that very tower
+    (same id, not only the same name), or the photos embedded now."""
     data = Path(config.data)
     if (data / "meta.json").exists():
         cache = load_features(data)
-        if cache.meta["tower"]["name"] != tower_name:
+        cached = cache.meta["tower"]
+        wanted = getattr(classifier, "image_tower_id", None)
+        if cached["name"] != tower_name or (wanted and cached.get("id") != wanted):
+            what = cached["name"] if cached["name"] != tower_name else f"another version of {tower_name}"
             raise TaxoclipError(
-                f"{data} holds embeddings of {cache.meta['tower']['name']}, but the model uses "
-                f"{tower_name}; pass the shards or photos instead and they will be embedded"
+                f"{data} holds embeddings of {what} (tower id {cached.get('id')}), but the model uses "
+                f"{tower_name}{f' (id {wanted})' if wanted else ''}; pass the shards or photos instead and they "
+                "will be embedded with the model's tower"
             )
         return cache
+    tower = classifier.image_tower if classifier is not None else tower_name  # a trained tower, when it has one
     return extract_features(
-        data, tower_name, Path(config.output) / "features", pretrained=pretrained, progress=config.progress
+        data, tower, Path(config.output) / "features", pretrained=pretrained, progress=config.progress
     )
 
 
@@ -51,7 +58,7 @@ def run_evaluation(config: EvalConfig) -> dict:
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     tower_name, pretrained, classifier = resolve_tower(config)
-    cache = features_for(config, tower_name, pretrained)
+    cache = features_for(config, tower_name, pretrained, classifier)
     classes = cache.classes
     if classifier is None:  # open_clip: its class embeddings come from the data's class table
         classifier = load_classifier(

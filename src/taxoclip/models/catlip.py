@@ -180,6 +180,7 @@ class CatLIPClassifier(Classifier):
         self.path, self.config, self.name = path, config, str(path)
         self.image_tower_name = config["image_tower"]["name"]
         self.image_pretrained = config["image_tower"].get("pretrained", True)
+        self.image_tower_id = config["image_tower"].get("id")
         self.training = config.get("training", {})
         self.classes = read_classes(path)
         self.vocabulary = Vocabulary.load(path / "vocabulary.json")

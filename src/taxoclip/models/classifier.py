@@ -27,6 +27,7 @@ class Classifier:
     classes: ClassTable
     image_tower_name: str = ""
     image_pretrained: bool = True
+    image_tower_id: str | None = None  # the exact tower (weights included) its features must come from
     training: dict  # what the model recorded of its training ({} when it has no record)
 
     _tower: Any = None

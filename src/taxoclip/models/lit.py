@@ -191,7 +191,8 @@ def save_lit(out: Path, model: LiTModel, cache, eval_style: str, *, training: di
     ClassTable.from_json(cache.meta["classes"]).to_csv(out / "classes.csv")
     (out / "captions.json").write_text(json.dumps(captions, indent=1, ensure_ascii=False))
     np.save(out / "class_embeddings.npy", class_embeddings.astype(np.float32))
-    fields = {"lit": model.config.to_json(), "eval_style": eval_style, "image_tower": cache.meta["tower"]}
+    tower = image_tower.describe() if image_tower is not None else cache.meta["tower"]  # trained: its new id
+    fields = {"lit": model.config.to_json(), "eval_style": eval_style, "image_tower": tower}
     write_config(out, "lit", fields | {"training": training})
 
 
@@ -209,6 +210,7 @@ class LiTClassifier(EmbeddingClassifier):
         self.lit_config = LiTConfig(**config["lit"])
         self.image_tower_name = self.lit_config.image_tower
         self.image_pretrained = self.lit_config.image_pretrained
+        self.image_tower_id = config.get("image_tower", {}).get("id")
         self.training = config.get("training", {})
         self.classes = read_classes(path)
         with safe_open(str(path / "model.safetensors"), framework="pt") as weights:

@@ -116,11 +116,12 @@ class ImageTower(nn.Module):
         super().__init__()
         self.name, self.model, self.preprocess, self.width = name, model, preprocess, width
         self._encode = encode
-        self.id = hashlib.sha256(
-            json.dumps(
-                {"name": name, "pre": asdict(self.preprocess), "width": width, "weights": fingerprint(model)}
-            ).encode()
-        ).hexdigest()[:16]
+
+    @property
+    def id(self) -> str:
+        """Name, preprocessing, width and the weights as they are now (a trained tower gets a new id)."""
+        identity = {"name": self.name, "pre": asdict(self.preprocess), "width": self.width}
+        return hashlib.sha256(json.dumps(identity | {"weights": fingerprint(self.model)}).encode()).hexdigest()[:16]
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised float images (B, 3, H, W) -> embeddings (B, width)."""

@@ -242,6 +242,7 @@ def train_catlip(config: CatLIPConfig) -> dict:
     seed_everything(config.seed)
     trainer = CatLIPTrainer(config, runtime)
     signature = {k: v for k, v in asdict(config).items() if k not in ("progress", "device", "output")}
+    signature["data"] = trainer.cache.meta["cache_key"] if trainer.cache is not None else trainer.photos.plan.data_id
     history = fit(trainer, LoopConfig.from_settings(config, signature=signature), runtime)
     if runtime.is_main:
         training = asdict(config) | {"held_out": trainer.held_out.tolist(), "world_size": runtime.world_size}

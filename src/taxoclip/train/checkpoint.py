@@ -24,6 +24,19 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     os.replace(folder / "state.json.tmp", folder / "state.json")
 
 
+def read_state(folder: Path) -> dict | None:
+    """The progress record of a checkpoint (None when there is none yet)."""
+    path = folder / "state.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        from taxoclip.errors import TaxoclipError
+
+        raise TaxoclipError(f"{path}: damaged; delete {folder} to start the run again") from None
+
+
 def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
     state_path = folder / "state.json"
     if not state_path.exists():

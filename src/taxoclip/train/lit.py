@@ -202,7 +202,10 @@ def train_lit(config: TrainConfig) -> dict:
     runtime = setup(config.device)
     seed_everything(config.seed)
     trainer = LiTTrainer(config, runtime)
-    history = fit(trainer, LoopConfig.from_settings(config, signature=run_signature(config)), runtime)
+    # The signature names the data by its cache key: a features folder replaced by another cache
+    # is another run, never resumed.
+    signature = run_signature(config) | {"data": trainer.cache.meta["cache_key"]}
+    history = fit(trainer, LoopConfig.from_settings(config, signature=signature), runtime)
     if runtime.is_main:
         save_lit(
             Path(config.output),

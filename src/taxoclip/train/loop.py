@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from taxoclip.errors import TaxoclipError
 from taxoclip.runtime import Runtime
-from taxoclip.train.checkpoint import load_checkpoint, save_checkpoint
+from taxoclip.train.checkpoint import load_checkpoint, read_state, save_checkpoint
 from taxoclip.train.log import plot_history, write_log
 
 CHECKPOINT = "checkpoint"
@@ -121,11 +121,12 @@ def resume(
     folder: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer, config: LoopConfig, runtime: Runtime
 ) -> tuple[list[dict], int]:
     """(history, first epoch to run): a run killed and restarted ends exactly as one that never stopped."""
-    state = load_checkpoint(folder, module, optimizer) if folder.exists() else None
+    state = read_state(folder)
     if state is None:
         return [], 0
-    if state["config"] != config.signature:
+    if state.get("config") != config.signature:  # checked before any weight is loaded
         raise TaxoclipError(f"{folder.parent} holds a run with other settings; use another --output or delete it")
+    load_checkpoint(folder, module, optimizer)
     if config.progress:
         runtime.print(f"resuming after epoch {state['epoch']} from {folder}")
     return state["history"], state["epoch"]
@@ -160,6 +161,11 @@ def train_epoch(
         # bfloat16 on GPUs (no loss scaling needed); full precision on CPU, where it is not faster.
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = model(**batch.inputs)
+        if not torch.isfinite(loss):
+            raise TaxoclipError(
+                f"training diverged: the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                f"lower the learning rate (now {optimizer.param_groups[0]['base_lr']:g}) and start again"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip:

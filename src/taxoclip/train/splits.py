@@ -21,4 +21,20 @@ def split_rows(cache: FeatureCache, held_out: np.ndarray) -> tuple[np.ndarray, n
     """(training rows without the held-out classes, every valid row)."""
     train = np.flatnonzero(cache.split_mask("train") & ~np.isin(cache.labels, held_out))
     valid = np.flatnonzero(cache.split_mask("valid")) if "valid" in cache.split_names else np.zeros(0, np.int64)
+    check_finite(cache, np.concatenate([train, valid]))
     return train, valid
+
+
+def check_finite(cache: FeatureCache, rows: np.ndarray, chunk: int = 65536) -> None:
+    """Refuse NaN or infinite embeddings (a damaged cache) before they train into NaN weights."""
+    bad: list[int] = []
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        finite = np.isfinite(np.asarray(cache.features[part], dtype=np.float32)).all(axis=1)
+        bad.extend(part[~finite].tolist())
+    if bad:
+        keys = ", ".join(cache.keys[row] for row in bad[:5])
+        raise TaxoclipError(
+            f"{cache.path / 'features.npy'}: {len(bad)} rows hold NaN or infinite values (samples {keys}"
+            f"{' ...' if len(bad) > 5 else ''}); the cache is damaged: delete the folder and run 'taxoclip features'"
+        )
