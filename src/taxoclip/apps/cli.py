@@ -215,7 +215,6 @@ def train_config_from(args: argparse.Namespace) -> TrainConfig:
         | {
             "styles": styles,
             "eval_style": args.eval_style or styles[0],
-            "warmup_steps": args.warmup,
             "text_layers": None if str(args.text_layers) in ("all", "-1") else int(args.text_layers),
             "progress": not args.quiet,
         }
@@ -243,12 +242,35 @@ def cmd_train_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
+def settings_of(p: argparse.ArgumentParser, config_class: type):
+    """``setting(flag, field, help, ...)``: an option stored under the settings field's own name,
+    with the field's default, shown in the help."""
+
     def setting(flag: str, name: str, help: str, **options) -> None:
-        """An option whose default is TrainConfig's field ``name``, shown in the help."""
-        value = default(TrainConfig, name)
+        value = default(config_class, name)
         shown = ",".join(value) if isinstance(value, list) else value
-        p.add_argument(flag, default=shown, help=f"{help} (default {shown})", **options)
+        p.add_argument(flag, dest=name, default=shown, help=f"{help} (default {shown})", **options)
+
+    return setting
+
+
+def add_loop_settings(setting) -> None:
+    """The options every trainer shares (the training loop's and the held-out split's)."""
+    setting("--batch-size", "batch_size", "the global batch, shared among processes", type=POSITIVE)
+    setting("--epochs", "epochs", "passes over the training photos", type=POSITIVE)
+    setting("--weight-decay", "weight_decay", "AdamW weight decay", type=NON_NEGATIVE_NUMBER)
+    setting("--warmup", "warmup_steps", "linear warm-up steps before the cosine decay", type=NON_NEGATIVE)
+    setting("--grad-clip", "grad_clip", "gradient norm clip", type=POSITIVE_NUMBER)
+    setting("--holdout", "holdout", "classes left out of training, to measure unseen classes", type=NON_NEGATIVE)
+    setting("--holdout-seed", "holdout_seed", "which classes are left out", type=int)
+    setting("--seed", "seed", "data order, caption styles, dropout", type=int)
+    setting("--device", "device", "auto, cpu, cuda, cuda:1 ...")
+    setting("--eval-every", "eval_every", "epochs between evaluations on valid (the last always)", type=POSITIVE)
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    setting = settings_of(p, TrainConfig)
+    add_loop_settings(setting)
 
     p.add_argument("--features", required=True, help="feature cache from 'taxoclip features' (train + valid)")
     p.add_argument("-o", "--output", required=True, help="model directory to write")
@@ -256,13 +278,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     setting("--styles", "styles", "caption styles to train on, comma-separated, sampled per step")
     p.add_argument("--eval-style", help="caption style for evaluation (default: the first training style)")
     setting("--loss", "loss", "class: same-class images are positives; clip: standard CLIP loss", choices=LOSSES)
-    setting("--batch-size", "batch_size", "the global batch, shared among processes", type=POSITIVE)
-    setting("--epochs", "epochs", "passes over the training photos", type=POSITIVE)
     setting("--lr", "lr", "learning rate of projections and temperature", type=NON_NEGATIVE_NUMBER)
     setting("--text-lr", "text_lr", "learning rate of the text tower's trainable blocks", type=NON_NEGATIVE_NUMBER)
-    setting("--weight-decay", "weight_decay", "AdamW weight decay", type=NON_NEGATIVE_NUMBER)
-    setting("--warmup", "warmup_steps", "linear warm-up steps before the cosine decay", type=NON_NEGATIVE)
-    setting("--grad-clip", "grad_clip", "gradient norm clip", type=POSITIVE_NUMBER)
     setting("--text-layers", "text_layers", "top text blocks that train (0 = projection only, or all)", type=str)
     setting(
         "--image-projection",
@@ -277,16 +294,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "ridge: start the text projection from a fit to class-mean image embeddings",
         choices=PROJECTION_INITS,
     )
-    setting("--holdout", "holdout", "classes left out of training, to measure unseen classes", type=NON_NEGATIVE)
-    setting("--holdout-seed", "holdout_seed", "which classes are left out", type=int)
-    setting("--seed", "seed", "data order, caption styles and dropout", type=int)
-    setting("--device", "device", "auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--image-in-loop", action="store_true", help="run the image tower every step (the slow baseline)")
     p.add_argument("--unlock-image", action="store_true", help="train the image tower too (needs --shards)")
     p.add_argument("--shards", help="the shards, for --image-in-loop / --unlock-image")
-    setting(
-        "--eval-every", "eval_every", "epochs between zero-shot evaluations on valid (the last always)", type=POSITIVE
-    )
     p.add_argument("-q", "--quiet", action="store_true")
 
 
@@ -338,10 +348,8 @@ def cmd_train_catlip(args: argparse.Namespace) -> int:
 
 
 def add_catlip_arguments(p: argparse.ArgumentParser) -> None:
-    def setting(flag: str, name: str, help: str, **options) -> None:
-        value = default(CatLIPConfig, name)
-        p.add_argument(flag, default=value, help=f"{help} (default {value})", **options)
-
+    setting = settings_of(p, CatLIPConfig)
+    add_loop_settings(setting)
     p.add_argument("--features", help="feature cache from 'taxoclip features' (for --depth head)")
     p.add_argument("--shards", help="the photos' shards (--depth upper: lower stages cached once; --depth full)")
     p.add_argument("-o", "--output", required=True, help="model directory to write")
@@ -359,19 +367,7 @@ def add_catlip_arguments(p: argparse.ArgumentParser) -> None:
     setting("--min-count", "min_count", "drop labels carried by fewer training photos (V_tau)", type=POSITIVE)
     p.add_argument("--max-size", type=POSITIVE, help="keep at most this many labels, the most frequent")
     setting("--depth", "depth", "what trains", choices=DEPTHS)
-    setting("--batch-size", "batch_size", "the global batch, shared among processes", type=POSITIVE)
-    setting("--epochs", "epochs", "passes over the training photos", type=POSITIVE)
     setting("--lr", "lr", "learning rate", type=NON_NEGATIVE_NUMBER)
-    setting("--weight-decay", "weight_decay", "AdamW weight decay", type=NON_NEGATIVE_NUMBER)
-    setting("--warmup-steps", "warmup_steps", "linear warm-up steps before the cosine decay", type=NON_NEGATIVE)
-    setting("--grad-clip", "grad_clip", "gradient norm clip", type=POSITIVE_NUMBER)
-    setting(
-        "--holdout", "holdout", "classes left out of training, scored through their shared labels", type=NON_NEGATIVE
-    )
-    setting("--holdout-seed", "holdout_seed", "which classes are left out", type=int)
-    setting("--seed", "seed", "data order", type=int)
-    setting("--device", "device", "auto, cpu, cuda, cuda:1 ...")
-    setting("--eval-every", "eval_every", "epochs between evaluations on valid (the last always)", type=POSITIVE)
     setting("--scoring", "scoring", "class scores from label logits: likelihood (sum) or transfer (mean)")
     p.add_argument("-q", "--quiet", action="store_true")
 
