@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from taxoclip import ClassTable
 from taxoclip.apps.cli import main
 from taxoclip.data.images import as_rgb, decode_image
 from taxoclip.models.towers import Preprocess
@@ -244,3 +245,41 @@ def test_eval_refuses_a_cache_of_the_same_tower_name_with_other_weights(colour_f
         run_evaluation(
             EvalConfig(model=str(tmp_path / "m"), data=str(features), output=str(tmp_path / "r"), progress=False)
         )
+
+
+def test_a_pipe_named_like_a_photo_is_a_reason_not_a_hang(image_folder, tmp_path, capsys):
+    import json
+    import os
+
+    fifo = image_folder / "train" / "1" / "pipe.jpg"
+    os.mkfifo(fifo)
+    assert main(["shards", str(image_folder), "-o", str(tmp_path / "s"), "-q"]) == 0
+    rejects = json.loads((tmp_path / "s" / "manifest.json").read_text())["rejects"]
+    assert [r["reason"] for r in rejects] == ["not a regular file (a pipe, device or folder)"]
+    capsys.readouterr()
+    from taxoclip.inference.predict import Predictor
+
+    predictor = Predictor(ClassTable.from_records([{"id": "1"}], origin="t"), PRE, lambda x: torch.ones(len(x), 1))
+    (result,) = predictor.predict_paths([fifo])
+    assert result.error == "not a regular file (a pipe, device or folder)"
+
+
+def test_a_decompression_bomb_is_refused_by_every_decoder():
+    from taxoclip.data.images import BadImage
+
+    bomb = io.BytesIO()
+    Image.new("L", (Image.MAX_IMAGE_PIXELS // 1000 + 1, 1001)).save(bomb, format="PNG")
+    with pytest.raises(BadImage, match="decompression bomb"):
+        decode_image(bomb.getvalue())
+
+
+def test_the_server_refuses_a_declared_oversized_body_before_reading_it():
+    from fastapi.testclient import TestClient
+
+    from taxoclip.apps.serve import create_app
+    from taxoclip.inference.predict import Predictor
+
+    predictor = Predictor(ClassTable.from_records([{"id": "1"}], origin="t"), PRE, lambda x: torch.ones(len(x), 1))
+    client = TestClient(create_app(predictor, max_file_bytes=1000, max_files=2))
+    response = client.post("/api/predict", content=b"x" * 10, headers={"content-length": str(50 * 1024 * 1024)})
+    assert response.status_code == 413 and "request too large" in response.json()["error"]

@@ -42,6 +42,16 @@ def create_app(
     lock = threading.Lock()
     page = PAGE.read_text()
 
+    @app.middleware("http")
+    async def refuse_oversized_bodies(request: Request, call_next):
+        """A declared body over the limit is refused before a byte of it is read or spooled to disk."""
+        limit = max_files * max_file_bytes + 1024 * 1024
+        declared = request.headers.get("content-length")
+        if request.method == "POST" and declared and declared.isdigit() and int(declared) > limit:
+            message = f"request too large ({declared} bytes); at most {max_files} photos of {max_file_bytes} bytes each"
+            return JSONResponse({"error": message}, status_code=413)
+        return await call_next(request)
+
     @app.exception_handler(HTTPException)
     async def explain(request: Request, error: HTTPException):  # a plain {"error": "..."} for the page
         return JSONResponse({"error": error.detail}, status_code=error.status_code)

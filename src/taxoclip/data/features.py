@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from taxoclip.data.images import IMAGE_KEYS, decode_image
+from taxoclip.data.images import IMAGE_KEYS, BadImage, decode_image, read_photo
 from taxoclip.data.shards import MANIFEST, check_shard_files, iter_tar_samples, read_manifest
 from taxoclip.errors import TaxoclipError
 from taxoclip.models.towers import ImageTower, Preprocess, create_image_tower
@@ -135,7 +135,11 @@ class UnitImages(IterableDataset):
             for key, data, label, split in unit_items(unit):
                 item = {"unit": unit.name, "key": key, "label": label, "split": split, "pixels": None, "reason": ""}
                 try:
+                    if isinstance(data, BadImage):
+                        raise data
                     item["pixels"] = self.preprocess.to_uint8(decode_image(data))
+                except BadImage as error:
+                    item["reason"] = str(error)
                 except Exception as error:  # any decoder failure is a counted reject, never fatal
                     item["reason"] = f"cannot decode ({type(error).__name__}: {error})"
                 yield item
@@ -155,10 +159,11 @@ def unit_items(unit: Unit) -> Iterator[tuple[str, bytes, int, str]]:
     else:
         for key, path, label, split in unit.samples:
             try:
-                with open(path, "rb") as handle:
-                    data = handle.read()
-            except OSError:
-                data = b""
+                data = read_photo(path)
+            except BadImage as error:
+                data = error  # the reason travels with the item and becomes a counted reject
+            except OSError as error:
+                data = BadImage(f"cannot read: {error.strerror}")
             yield key, data, label, split
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 
 import numpy as np
@@ -76,7 +78,22 @@ def resize_shorter_side(data: bytes, size: int, quality: int = 90) -> bytes:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Open image bytes lazily (so a JPEG can still be decoded at reduced scale); raises on bad data."""
+    """Open image bytes lazily (so a JPEG can still be decoded at reduced scale); raises on bad
+    data, and refuses decompression bombs here, so every path that decodes refuses them."""
     if not data:
         raise BadImage("empty file")
-    return Image.open(io.BytesIO(data))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadImage("too many pixels (possible decompression bomb)") from None
+
+
+def read_photo(path: str | os.PathLike) -> bytes:
+    """A photo file's bytes; a pipe, device or folder named like a photo is a `BadImage`, never a
+    read that waits forever."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise BadImage("not a regular file (a pipe, device or folder)")
+    with open(path, "rb") as handle:
+        return handle.read()

@@ -28,12 +28,13 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import Manager
 from pathlib import Path
+from stat import S_ISREG
 from typing import TypeVar
 
 from tqdm import tqdm
 
 from taxoclip.data.captions import CaptionSet
-from taxoclip.data.images import IMAGE_KEYS, BadImage, check_image, resize_shorter_side
+from taxoclip.data.images import IMAGE_KEYS, BadImage, check_image, read_photo, resize_shorter_side
 from taxoclip.errors import TaxoclipError
 from taxoclip.taxonomy import ClassTable, Dataset
 
@@ -97,8 +98,10 @@ def plan_shards(dataset: Dataset, options: ShardOptions, fingerprint: dict) -> S
             key = f"{split}-{position:07d}"
             try:
                 stat = os.stat(sample.path)
-            except OSError as error:
-                reason = f"cannot read: {error.strerror}"
+                if not S_ISREG(stat.st_mode):
+                    raise BadImage("not a regular file (a pipe, device or folder)")
+            except (OSError, BadImage) as error:
+                reason = f"cannot read: {error.strerror}" if isinstance(error, OSError) else str(error)
                 rejects.append({"key": key, "path": sample.path, "split": split, "reason": reason})
                 continue
             hasher.update(f"{key}\0{sample.path}\0{sample.class_id}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
@@ -155,8 +158,7 @@ def write_one_shard(
                 progress.put(pending)
                 pending = 0
             try:
-                with open(path, "rb") as handle:
-                    data = handle.read()
+                data = read_photo(path)
                 image_key = check_image(data)
                 if resize:
                     data, image_key = resize_shorter_side(data, resize), "jpg"

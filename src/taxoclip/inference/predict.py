@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from taxoclip.data.images import BadImage, check_image, decode_image
+from taxoclip.data.images import BadImage, check_image, decode_image, read_photo
 from taxoclip.errors import TaxoclipError
 from taxoclip.eval.metrics import ROLLUP_RANKS, RankCodes, rollup
 from taxoclip.models.towers import Preprocess
@@ -183,7 +183,7 @@ class Predictor:
             chunk: list[Prediction | None] = []
             for path in batch:
                 try:
-                    data = Path(path).read_bytes()
+                    data = read_photo(path)
                     check_image(data)
                     good.append(decode_image(data))
                     sources.append(path)
