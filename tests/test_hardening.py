@@ -283,3 +283,44 @@ def test_the_server_refuses_a_declared_oversized_body_before_reading_it():
     client = TestClient(create_app(predictor, max_file_bytes=1000, max_files=2))
     response = client.post("/api/predict", content=b"x" * 10, headers={"content-length": str(50 * 1024 * 1024)})
     assert response.status_code == 413 and "request too large" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda f: (f / "meta.json").write_text("{not json"), "damaged"),
+        (lambda f: (f / "features.npy").write_bytes((f / "features.npy").read_bytes()[:200]), "damaged"),
+        (lambda f: (f / "keys.json").write_text("[]"), "keys.json has 0"),
+        (lambda f: np.save(f / "labels.npy", np.full(len(np.load(f / "labels.npy")), 99, np.int32)), "outside"),
+        (lambda f: (f / "splits.npy").unlink(), "damaged"),
+    ],
+    ids=["bad meta", "truncated features", "keys short", "labels out of range", "part missing"],
+)
+def test_a_damaged_feature_cache_is_named_not_a_traceback(colour_features, tmp_path, damage, message):
+    from taxoclip import TaxoclipError
+    from taxoclip.data.features import load_features
+
+    features = copy_cache(colour_features, tmp_path / "f")
+    damage(features)
+    with pytest.raises(TaxoclipError, match=message):
+        load_features(features)
+
+
+def test_a_damaged_model_directory_is_named_not_a_traceback(colour_features, tiny_text_tower, tmp_path, capsys):
+    import shutil
+
+    from conftest import tiny_train_config, write_image
+    from taxoclip.train.lit import train_lit
+
+    train_lit(tiny_train_config(colour_features, tmp_path / "m", tiny_text_tower, epochs=1))
+    photo = write_image(tmp_path / "a.jpg", 1)
+    for name, damage in {
+        "pickle": lambda m: (m / "model.safetensors").write_bytes(b"\x80\x04K\x01."),
+        "missing": lambda m: (m / "class_embeddings.npy").unlink(),
+    }.items():
+        broken = tmp_path / name
+        shutil.copytree(tmp_path / "m", broken)
+        damage(broken)
+        capsys.readouterr()
+        assert main(["predict", str(photo), "--model", str(broken), "-q"]) == 2, name
+        assert "model directory is damaged" in capsys.readouterr().err, name

@@ -215,15 +215,27 @@ def load_features(path: str | Path) -> FeatureCache:
     meta_path = path / "meta.json"
     if not meta_path.exists():
         raise TaxoclipError(f"{path}: not a feature cache (no meta.json); make one with 'taxoclip features'")
-    meta = json.loads(meta_path.read_text())
-    return FeatureCache(
-        path,
-        np.load(path / "features.npy", mmap_mode="r"),
-        np.load(path / "labels.npy"),
-        np.load(path / "splits.npy"),
-        json.loads((path / "keys.json").read_text()),
-        meta,
-    )
+    redo = f"delete {path} and run 'taxoclip features' again"
+    try:
+        meta = json.loads(meta_path.read_text())
+        cache = FeatureCache(
+            path,
+            np.load(path / "features.npy", mmap_mode="r"),
+            np.load(path / "labels.npy"),
+            np.load(path / "splits.npy"),
+            json.loads((path / "keys.json").read_text()),
+            meta,
+        )
+    except (OSError, ValueError, EOFError) as error:  # missing, truncated or not-JSON parts
+        raise TaxoclipError(f"{path}: the feature cache is damaged ({type(error).__name__}: {error}); {redo}") from None
+    rows, classes = len(cache.features), len(meta.get("classes") or [])
+    parts = {"labels.npy": len(cache.labels), "splits.npy": len(cache.split_codes), "keys.json": len(cache.keys)}
+    uneven = [f"{name} has {n}" for name, n in parts.items() if n != rows]
+    if uneven:
+        raise TaxoclipError(f"{path}: features.npy has {rows} rows but {', '.join(uneven)}; {redo}")
+    if rows and (cache.labels.min() < 0 or cache.labels.max() >= classes):
+        raise TaxoclipError(f"{path}: labels.npy names classes outside the cache's {classes}; {redo}")
+    return cache
 
 
 def cache_key(tower: ImageTower, plan: DataPlan) -> str:

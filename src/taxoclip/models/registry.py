@@ -56,7 +56,15 @@ def load_classifier(
             "upgrade taxoclip"
         )
     module_name, function = KINDS[kind].split(":")
-    classifier = getattr(importlib.import_module(module_name), function)(path, config)
+    try:
+        classifier = getattr(importlib.import_module(module_name), function)(path, config)
+    except TaxoclipError:
+        raise
+    except Exception as error:  # a missing, truncated or foreign file where the kind expects its own
+        raise TaxoclipError(
+            f"{path}: the {kind} model directory is damaged ({type(error).__name__}: {error}); "
+            "copy the whole directory again or retrain"
+        ) from None
     if style:
         use_style = getattr(classifier, "use_style", None)
         if use_style is None:
