@@ -324,3 +324,28 @@ def test_a_damaged_model_directory_is_named_not_a_traceback(colour_features, tin
         capsys.readouterr()
         assert main(["predict", str(photo), "--model", str(broken), "-q"]) == 2, name
         assert "model directory is damaged" in capsys.readouterr().err, name
+
+
+def test_a_ragged_csv_row_is_named_by_its_line(image_folder, tmp_path, capsys):
+    csv_path = image_folder / "classes.csv"
+    lines = csv_path.read_text().splitlines()
+    lines[2] += ",an extra field"  # the second class's row
+    csv_path.write_text("\n".join(lines) + "\n")
+    assert main(["classes", str(image_folder), "-o", str(tmp_path / "c.csv")]) == 2
+    assert "classes.csv, line 3: 8 fields but the header has 7" in capsys.readouterr().err
+    short = [
+        "class_id,common_name,genus",
+        "1,rose,Rosa",
+        "2,sweet pea",
+        "3,garden pea,Lathyrus",
+        "10,sunflower,Helianthus",
+    ]
+    csv_path.write_text("\n".join(short) + "\n")  # a short row: its last column is empty
+    assert main(["classes", str(image_folder), "-o", str(tmp_path / "c.csv")]) == 0
+
+
+def test_a_looping_symbolic_link_is_called_that(tmp_path, capsys):
+    (tmp_path / "a.jpg").symlink_to(tmp_path / "b.jpg")
+    (tmp_path / "b.jpg").symlink_to(tmp_path / "a.jpg")
+    assert main(["predict", str(tmp_path / "a.jpg"), "--model", str(tmp_path)]) == 2
+    assert "symbolic link that leads nowhere" in capsys.readouterr().err

@@ -229,6 +229,8 @@ def collect_photos(inputs: Sequence[str]) -> list[Path]:
             photos.extend(found)
         elif path.exists():
             photos.append(path)
+        elif path.is_symlink():
+            raise TaxoclipError(f"{path}: a symbolic link that leads nowhere (broken, or a loop); fix or remove it")
         else:
             raise TaxoclipError(f"{path}: no such photo or folder")
     if not photos:

@@ -24,7 +24,14 @@ def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         raise TaxoclipError(f"{path}: not a readable CSV ({error})") from None
     if not columns:
         raise TaxoclipError(f"{path}: empty CSV, expected a header row")
-    return columns, rows
+    for number, row in enumerate(rows, start=2):  # line 1 is the header
+        if None in row:  # more fields than the header names: the row is shifted, nothing is safe to read
+            raise TaxoclipError(
+                f"{path}, line {number}: {len(columns) + len(row[None])} fields but the header has {len(columns)}; "
+                "quote fields that contain commas"
+            )
+    # A short row leaves its last columns empty, as a spreadsheet would.
+    return columns, [{k: v if v is not None else "" for k, v in row.items()} for row in rows]
 
 
 def bioclip_style(columns: list[str], rows: list[dict[str, str]]) -> list[dict[str, str]]:
