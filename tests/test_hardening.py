@@ -250,7 +250,13 @@ def test_eval_refuses_a_cache_of_the_same_tower_name_with_other_weights(colour_f
 def test_a_pipe_named_like_a_photo_is_a_reason_not_a_hang(image_folder, tmp_path, capsys):
     import json
     import os
+    import signal
 
+    def hung(*_):
+        raise TimeoutError("reading a pipe hung: it was not refused as a non-regular file")
+
+    signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)  # a regression here would otherwise hang the suite instead of failing it
     fifo = image_folder / "train" / "1" / "pipe.jpg"
     os.mkfifo(fifo)
     assert main(["shards", str(image_folder), "-o", str(tmp_path / "s"), "-q"]) == 0
@@ -261,6 +267,7 @@ def test_a_pipe_named_like_a_photo_is_a_reason_not_a_hang(image_folder, tmp_path
 
     predictor = Predictor(ClassTable.from_records([{"id": "1"}], origin="t"), PRE, lambda x: torch.ones(len(x), 1))
     (result,) = predictor.predict_paths([fifo])
+    signal.alarm(0)
     assert result.error == "not a regular file (a pipe, device or folder)"
 
 

@@ -433,10 +433,8 @@ def build_predictor(args: argparse.Namespace):
             if not model_dir:
                 raise TaxoclipError("--onnx needs --model (the model directory it was exported from)")
             classes = read_classes(Path(model_dir))
-        if runner.width_check is not None and runner.width_check != len(classes):
-            raise TaxoclipError(
-                f"{args.onnx} scores {runner.width_check} classes but the class table has {len(classes)}"
-            )
+        if runner.n_classes is not None and runner.n_classes != len(classes):
+            raise TaxoclipError(f"{args.onnx} scores {runner.n_classes} classes but the class table has {len(classes)}")
         return Predictor(classes, runner.preprocess, runner, subset=subset, threshold=threshold)
     if args.model is None:
         raise TaxoclipError("give --model (a model directory or open_clip:NAME) or --onnx")

@@ -235,16 +235,15 @@ def label_data(
         images = [int(counts.get(class_id, 0)) for class_id in classes.ids] if counts else None
         return classes, (manifest.get("captions") or {}).get("by_class") or [], images
     if (path / "meta.json").exists():  # a feature cache
-        meta = json.loads((path / "meta.json").read_text())
         import numpy as np
 
-        classes = ClassTable.from_json(meta["classes"])
+        from taxoclip.data.features import load_features
+
+        cache = load_features(path)
         images = None
-        if split in meta["split_names"]:
-            in_split = np.load(path / "splits.npy") == meta["split_names"].index(split)
-            labels = np.load(path / "labels.npy")[in_split]
-            images = np.bincount(labels, minlength=len(classes)).tolist()
-        return classes, (meta.get("captions") or {}).get("by_class") or [], images
+        if split in cache.split_names:
+            images = np.bincount(cache.labels[cache.split_mask(split)], minlength=len(cache.classes)).tolist()
+        return cache.classes, (cache.meta.get("captions") or {}).get("by_class") or [], images
     from taxoclip.data.captions import build_captions
     from taxoclip.data.sources import load_source
 

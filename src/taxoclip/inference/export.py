@@ -92,7 +92,7 @@ class OnnxClassifier:
                 f"{path}: not a readable ONNX model ({type(error).__name__}); export it again"
             ) from None
         shape = self.session.get_outputs()[0].shape
-        self.width_check = shape[-1] if shape and isinstance(shape[-1], int) else None
+        self.n_classes = shape[-1] if shape and isinstance(shape[-1], int) else None  # None: a symbolic size
         sidecar = Path(str(path) + ".json")
         self.meta = json.loads(sidecar.read_text()) if sidecar.exists() else {}
         self.preprocess = Preprocess(

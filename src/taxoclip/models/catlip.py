@@ -81,20 +81,24 @@ def transfer_init(
             f"{len(empty)} of {len(class_ids)} classes share no label with the model's vocabulary ({shown}); "
             "they cannot be scored. Check the class table's taxonomy columns, or train with these classes"
         )
-    mix = torch.zeros(len(class_labels), len(labels))
+    if scoring not in SCORINGS:
+        raise TaxoclipError(f"unknown scoring {scoring!r}; use one of {', '.join(SCORINGS)}")
+    # A sparse (classes x labels) mix: dense, 10,000 classes x 21,883 labels would be 875 MB.
+    rows, columns, values = [], [], []
     covered: dict[str, int] = {}
     for c, indices in enumerate(class_labels):
-        mix[c, indices] = torch.tensor([label_weight(labels[i]) for i in indices])
+        weights = torch.tensor([label_weight(labels[i]) for i in indices])
+        weights = torch.ones_like(weights) if scoring == "likelihood" else weights / weights.sum()
+        rows += [c] * len(indices)
+        columns += list(indices)
+        values.append(weights)
         ranks = [r for r in (label_rank(labels[i]) for i in indices) if r is not None]
         depth = max(ranks).column if ranks else "other"
         covered[depth] = covered.get(depth, 0) + 1
-    if scoring == "likelihood":
-        mix = (mix > 0).float()
-    elif scoring == "transfer":
-        mix = mix / mix.sum(1, keepdim=True)
-    else:
-        raise TaxoclipError(f"unknown scoring {scoring!r}; use one of {', '.join(SCORINGS)}")
-    return mix @ weight, mix @ bias, {"classes": len(class_ids), "deepest_rank": covered}
+    size = (len(class_labels), len(labels))
+    mix = torch.sparse_coo_tensor(torch.tensor([rows, columns]), torch.cat(values), size, check_invariants=True)
+    summary = {"classes": len(class_ids), "deepest_rank": covered}
+    return torch.sparse.mm(mix, weight.float()), torch.sparse.mm(mix, bias.float()[:, None])[:, 0], summary
 
 
 class ClassHead(nn.Module):

@@ -11,7 +11,6 @@ embeddings onto class-mean image embeddings, so training starts from a working c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -243,21 +242,14 @@ class LiTClassifier(EmbeddingClassifier):
     def use_style(self, style: str) -> None:
         """Classify with another caption style, or ``templates`` (a CLIP-style prompt ensemble);
         the class embeddings are cached in the model directory."""
+        from taxoclip.data.shards import sha256_of
         from taxoclip.models.caption_embeddings import caption_sets, class_embeddings_cached
 
         by_class = json.loads((self.path / "captions.json").read_text())["by_class"]
         sets = caption_sets(by_class, self.classes, style)
         # Keyed by the weights file, so a model retrained in the same folder gets new embeddings.
-        tag = f"lit|{file_digest(self.path / 'model.safetensors')}"
+        tag = f"lit|{sha256_of(self.path / 'model.safetensors')[:16]}"
         self.class_embeddings = class_embeddings_cached(self.model.encode_captions, sets, self.path, tag=tag)
-
-
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def load_lit(path: Path, config: dict) -> LiTClassifier:

@@ -79,6 +79,7 @@ class CatLIPTrainer(Trainer):
     def __init__(self, config: CatLIPConfig, runtime: Runtime):
         self.config, self.runtime = config, runtime
         self.tower, self.upper, self.cache, self.photos = None, None, None, None
+        self.last_valid: tuple[torch.Tensor, torch.Tensor] | None = None  # embeddings of the latest evaluation
         if config.depth == "full":
             self.tower = create_image_tower(config.tower, pretrained=config.pretrained).to(runtime.device)
             self.upper = TowerOnPixels(self.tower)
@@ -106,12 +107,12 @@ class CatLIPTrainer(Trainer):
             raise TaxoclipError(f"{config.features or config.shards}: no training photos (split 'train') to learn from")
         self.images_per_class = images
         self.vocabulary = self.load_vocabulary(captions)
-        targets = torch.zeros(len(self.classes), len(self.vocabulary))
+        targets = torch.zeros(len(self.classes), len(self.vocabulary), dtype=torch.bool)  # a quarter of float's size
         for c, indices in enumerate(self.vocabulary.class_labels):
-            targets[c, indices] = 1.0
+            targets[c, indices] = True
         sample = self.standardisation_sample()
         head = LabelHead(sample.shape[1], len(self.vocabulary), sample.mean(0), sample.std(0))
-        frequency = (torch.from_numpy(images).float()[:, None] * targets).sum(0) / float(images.sum())
+        frequency = (torch.from_numpy(images).float() @ targets.float()) / float(images.sum())
         head.start_from_prior(frequency)
         self.head = head.to(runtime.device)
         self.module = CatLIPStep(self.head, targets.to(runtime.device), self.upper)
@@ -222,15 +223,15 @@ class CatLIPTrainer(Trainer):
     @torch.no_grad()
     def calibrate(self) -> float:
         """The softmax temperature fitted on valid (the ranking, and so accuracy, is unchanged);
-        1 without valid photos."""
-        valid = self.valid_embeddings()
+        1 without valid photos. The last epoch is always evaluated: its embeddings are reused."""
+        valid = self.last_valid if self.last_valid is not None else self.valid_embeddings()
         return 1.0 if valid is None else fit_temperature(self.classifier()(valid[0]), valid[1])
 
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict:
         """Top-1/top-5 on valid over all classes from the label logits; with held-out classes,
         the seen classes' top-1 and the unseen ones' among themselves."""
-        valid = self.valid_embeddings()
+        valid = self.last_valid = self.valid_embeddings()
         return {} if valid is None else seen_unseen_accuracy(self.classifier(), valid[0], valid[1], self.held_out)
 
 

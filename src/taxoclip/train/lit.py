@@ -83,12 +83,15 @@ class LiTTrainer(Trainer):
         self.train_rows, self.valid_rows = split_rows(cache, self.held_out)
         if len(self.train_rows) < config.batch_size:
             config.batch_size = max(2, len(self.train_rows))
-        self.model = self.build_model()
+        # Read once: the centring mean and the ridge fit both need every training embedding.
+        train_features = torch.from_numpy(np.asarray(cache.features[self.train_rows], dtype=np.float32))
+        self.model = self.build_model(train_features.mean(0).numpy())
         self.image_tower = self.build_image_tower()
         self.captions_by_style = [captions_for(cache, style) for style in config.styles]
         self.eval_captions = captions_for(cache, config.eval_style)
         if config.projection_init == "ridge":
-            self.initialise_text_projection()
+            self.initialise_text_projection(train_features)
+        del train_features
         bank = CaptionBank(self.model.text_tower, self.captions_by_style, runtime.device)
         self.module = LiTStep(self.model, bank, config.loss, runtime, self.image_tower, config.unlock_image)
         self.shard_batches = (
@@ -97,7 +100,7 @@ class LiTTrainer(Trainer):
             else None
         )
 
-    def build_model(self) -> LiTModel:
+    def build_model(self, image_mean: np.ndarray) -> LiTModel:
         config, cache = self.config, self.cache
         text_tower = create_text_tower(config.text_tower)
         width = cache.features.shape[1]
@@ -113,8 +116,7 @@ class LiTTrainer(Trainer):
         )
         if lit_config.embed_dim != width and not lit_config.image_projection:
             raise TaxoclipError("--embed-dim other than the image width needs --image-projection")
-        mean = np.asarray(cache.features[self.train_rows], dtype=np.float32).mean(0)
-        return LiTModel(lit_config, text_tower, image_mean=mean).to(self.runtime.device)
+        return LiTModel(lit_config, text_tower, image_mean=image_mean).to(self.runtime.device)
 
     def build_image_tower(self):
         if not (self.config.image_in_loop or self.config.unlock_image):
@@ -125,8 +127,7 @@ class LiTTrainer(Trainer):
             raise TaxoclipError(f"the image tower {meta['name']} is not the one that made {self.config.features}")
         return tower.requires_grad_(self.config.unlock_image)
 
-    def initialise_text_projection(self) -> None:
-        features = torch.from_numpy(np.asarray(self.cache.features[self.train_rows], dtype=np.float32))
+    def initialise_text_projection(self, features: torch.Tensor) -> None:
         labels = self.cache.labels[self.train_rows]
         class_means = class_mean_embeddings(self.model, features, labels, self.n_classes)
         has_class = torch.zeros(self.n_classes, dtype=torch.bool)
