@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,14 +125,16 @@ def plan_data(path: str | Path, split: str | None = None, **source_options) -> D
 class UnitImages(IterableDataset):
     """Decodes and preprocesses the images of the given units, split across DataLoader workers."""
 
-    def __init__(self, units: list[Unit], preprocess: Preprocess):
-        self.units, self.preprocess = units, preprocess
+    def __init__(self, units: list[Unit], preprocess: Preprocess, keep: Callable[[str], bool] | None = None):
+        self.units, self.preprocess, self.keep = units, preprocess, keep
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         mine = self.units if info is None else self.units[info.id :: info.num_workers]
         for unit in mine:
             for key, data, label, split in unit_items(unit):
+                if self.keep is not None and not self.keep(key):
+                    continue  # another part's photo (e.g. the selection split): not decoded at all
                 item = {"unit": unit.name, "key": key, "label": label, "split": split, "pixels": None, "reason": ""}
                 try:
                     if isinstance(data, BadImage):
@@ -321,13 +323,19 @@ def default_workers(device: torch.device | None = None) -> int:
 
 
 def image_loader(
-    units: list[Unit], preprocess: Preprocess, batch_size: int, device: torch.device, workers: int | None = None
+    units: list[Unit],
+    preprocess: Preprocess,
+    batch_size: int,
+    device: torch.device,
+    workers: int | None = None,
+    keep: Callable[[str], bool] | None = None,
 ) -> DataLoader:
     """Batches of decoded, preprocessed photos of ``units`` ({"pixels", "good", "bad"}), decoded
-    in worker processes: the one loader behind extraction and the trainers' image-in-loop paths."""
+    in worker processes: the one loader behind extraction and the trainers' image-in-loop paths.
+    ``keep(key)`` (picklable) picks which photos are decoded at all."""
     workers = default_workers(device) if workers is None else workers
     return DataLoader(
-        UnitImages(units, preprocess),
+        UnitImages(units, preprocess, keep),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=collate,

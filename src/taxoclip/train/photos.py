@@ -28,9 +28,10 @@ class ShardBatches:
         batch_size: int,
         split: str = "train",
         augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+        keep: Callable[[str], bool] | None = None,
     ):
         self.plan = plan_from_shards(Path(shards), split)
-        self.preprocess, self.batch_size, self.augment = preprocess, batch_size, augment
+        self.preprocess, self.batch_size, self.augment, self.keep = preprocess, batch_size, augment, keep
 
     @property
     def count(self) -> int:
@@ -40,7 +41,7 @@ class ShardBatches:
         units = list(self.plan.units)
         np.random.default_rng(epoch).shuffle(units)
         generator = torch.Generator().manual_seed(10_007 * (epoch + 1))  # the same crops on every rank
-        loader = image_loader(units, self.preprocess, self.batch_size, torch.device("cpu"))
+        loader = image_loader(units, self.preprocess, self.batch_size, torch.device("cpu"), keep=self.keep)
         excluded = set(held_out.tolist())
         for batch in loader:
             keep = [i for i, item in enumerate(batch["good"]) if item["label"] not in excluded]
@@ -72,12 +73,14 @@ def crop_and_flip(pixels: torch.Tensor, generator: torch.Generator, min_scale: f
 
 
 @torch.no_grad()
-def embed_split(shards: str | Path, tower, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The current image tower's embeddings of one split's photos, and their labels, in the
-    feature cache's row order (unreadable photos skipped, as the cache skips them)."""
+def embed_split(
+    shards: str | Path, tower, split: str, keep: Callable[[str], bool] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The current image tower's embeddings of one split's photos (those ``keep`` picks), and their
+    labels, in the feature cache's row order (unreadable photos skipped, as the cache skips them)."""
     plan = plan_from_shards(Path(shards), split)
     device = next(tower.parameters()).device
-    loader = image_loader(plan.units, tower.preprocess, 64, device)
+    loader = image_loader(plan.units, tower.preprocess, 64, device, keep=keep)
     was_training = tower.training
     tower.eval()
     features, labels = [], []
@@ -86,4 +89,6 @@ def embed_split(shards: str | Path, tower, split: str) -> tuple[torch.Tensor, to
             features.append(tower.embed(batch["pixels"].to(device)).cpu())
             labels.extend(item["label"] for item in batch["good"])
     tower.train(was_training)
+    if not features:
+        return torch.zeros(0, tower.width), torch.zeros(0, dtype=torch.long)
     return torch.cat(features), torch.tensor(labels)
