@@ -11,10 +11,12 @@ A trainer (a subclass of `Trainer`) supplies only what is its own:
   epoch_extras()    other numbers worth logging each epoch (e.g. the temperature)
 
 The loop does the rest, the same way for every model: AdamW, linear warm-up then cosine decay,
-gradient clipping, bfloat16 autocast on GPUs, DistributedDataParallel under torchrun (gradients
-averaged across ranks), evaluation every ``eval_every`` epochs and always after the last, a
-checkpoint per epoch with exact resume, metrics.jsonl/metrics.csv and plots, and output from
-rank 0 only. Each epoch's row records what every rank trained on (``samples_by_rank``).
+gradient accumulation, gradient clipping, an optional moving average of the weights, early
+stopping on a selection metric (keeping the best weights), bfloat16 autocast on GPUs,
+DistributedDataParallel under torchrun (gradients averaged across ranks), evaluation every
+``eval_every`` epochs and always after the last, a checkpoint per epoch with exact resume,
+metrics.jsonl/metrics.csv and plots, and output from rank 0 only. Each epoch's row records what
+every rank trained on (``samples_by_rank``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,8 @@ from tqdm import tqdm
 
 from taxoclip.errors import TaxoclipError
 from taxoclip.runtime import Runtime
-from taxoclip.train.checkpoint import load_checkpoint, read_state, save_checkpoint
+from taxoclip.train.checkpoint import load_checkpoint, load_extra, read_state, save_checkpoint
+from taxoclip.train.ema import WeightAverage
 from taxoclip.train.log import plot_history, write_log
 
 CHECKPOINT = "checkpoint"
@@ -76,6 +80,10 @@ class LoopConfig:
     progress: bool = True
     signature: dict = field(default_factory=dict)  # the settings a resumed run must share
     description: str = "epoch"
+    accumulate: int = 1  # batches whose gradients add up to one optimiser step
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0: none)
+    patience: int = 0  # stop after this many evaluations without a better `monitor` (0: never)
+    monitor: str = "select_top1"  # the metric early stopping and the kept best weights follow
 
     @classmethod
     def from_settings(cls, settings: Any, **overrides: Any) -> LoopConfig:
@@ -94,31 +102,77 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
 
 def fit(trainer: Trainer, config: LoopConfig, runtime: Runtime) -> list[dict]:
     """Train ``trainer`` for ``config.epochs`` (resuming a checkpoint in the output folder);
-    returns the per-epoch history."""
+    returns the per-epoch history. With ``patience``, stops once ``monitor`` has not improved for
+    that many evaluations and leaves the best evaluation's weights in the module; with ``ema``,
+    evaluation and the final weights use the weight average."""
     out = Path(config.output)
     groups = [dict(g, base_lr=g["lr"]) for g in trainer.param_groups() if g["params"]]
     optimizer = torch.optim.AdamW(groups)
-    history, start_epoch = resume(out / CHECKPOINT, trainer.module, optimizer, config, runtime)
+    average = WeightAverage(trainer.module, config.ema) if config.ema else None
+    history, start_epoch = resume(out / CHECKPOINT, trainer.module, optimizer, config, runtime, average)
+    best = load_extra(out / CHECKPOINT, BEST) if config.patience else None
     model = runtime.wrap(trainer.module)
     for epoch in range(start_epoch, config.epochs):
-        row = train_epoch(model, trainer, optimizer, epoch, config, runtime)
+        if stopped_early(history):
+            break
+        row = train_epoch(model, trainer, optimizer, epoch, config, runtime, average)
         if (epoch + 1) % max(1, config.eval_every) == 0 or epoch + 1 == config.epochs:
-            row.update(trainer.evaluate(epoch))
+            with average.applied() if average else nullcontext():
+                row.update(trainer.evaluate(epoch))
+                if config.patience and improved(history, row, config.monitor):
+                    best = {k: v.detach().cpu().clone() for k, v in trainer.module.state_dict().items()}
         history.append(row)
+        if config.patience and evaluations_since_best(history, config.monitor) >= config.patience:
+            row["stopped_early"] = True  # recorded, so a resumed run stops here too
         if runtime.is_main:
             if config.progress:
                 print(format_row(row))
             write_log(out, history)
             state = {"epoch": epoch + 1, "history": history, "config": config.signature}
-            save_checkpoint(out / CHECKPOINT, trainer.module, optimizer, state)
+            if average:
+                state["ema_updates"] = average.updates
+            extra = ({"ema": average.state()} if average else {}) | ({BEST: best} if best is not None else {})
+            save_checkpoint(out / CHECKPOINT, trainer.module, optimizer, state, extra)
         runtime.barrier()
+    if best is not None:  # the weights of the best evaluation (averaged ones when averaging)
+        trainer.module.load_state_dict(best)
+    elif average:
+        average.copy_to_module()
     if runtime.is_main and history:
         plot_history(out, history)
     return history
 
 
+BEST = "best"
+
+
+def improved(history: list[dict], row: dict, monitor: str) -> bool:
+    """Whether ``row`` beats every earlier evaluation on ``monitor`` (higher is better)."""
+    if monitor not in row:
+        raise TaxoclipError(
+            f"early stopping follows {monitor!r}, which this run's evaluation does not report "
+            f"(it reports {', '.join(k for k in row if k.endswith('top1')) or 'nothing'}); "
+            "keep a selection split (--select) or leave out --patience"
+        )
+    return all(row[monitor] > r[monitor] for r in history if monitor in r)
+
+
+def evaluations_since_best(history: list[dict], monitor: str) -> int:
+    scores = [r[monitor] for r in history if monitor in r]
+    return len(scores) - 1 - int(np.argmax(scores)) if scores else 0
+
+
+def stopped_early(history: list[dict]) -> bool:
+    return bool(history and history[-1].get("stopped_early"))
+
+
 def resume(
-    folder: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer, config: LoopConfig, runtime: Runtime
+    folder: Path,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: LoopConfig,
+    runtime: Runtime,
+    average: WeightAverage | None = None,
 ) -> tuple[list[dict], int]:
     """(history, first epoch to run): a run killed and restarted ends exactly as one that never stopped."""
     state = read_state(folder)
@@ -127,6 +181,8 @@ def resume(
     if state.get("config") != config.signature:  # checked before any weight is loaded
         raise TaxoclipError(f"{folder.parent} holds a run with other settings; use another --output or delete it")
     load_checkpoint(folder, module, optimizer)
+    if average is not None:
+        average.load(load_extra(folder, "ema"), state["ema_updates"])
     if config.progress:
         runtime.print(f"resuming after epoch {state['epoch']} from {folder}")
     return state["history"], state["epoch"]
@@ -139,11 +195,14 @@ def train_epoch(
     epoch: int,
     config: LoopConfig,
     runtime: Runtime,
+    average: WeightAverage | None = None,
 ) -> dict:
     started = time.perf_counter()
     trainer.module.train()
     torch.manual_seed(config.seed * 100_003 + epoch)  # dropout masks: reproducible across resumes
-    steps = trainer.steps_per_epoch()
+    np.random.seed((config.seed * 100_003 + epoch) % 2**32)  # libraries that draw from numpy (timm's mixup)
+    accumulate = max(1, config.accumulate)
+    steps = max(1, trainer.steps_per_epoch() // accumulate)  # optimiser steps; the trainer counts batches
     total_steps = steps * config.epochs
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     device = runtime.device
@@ -155,24 +214,34 @@ def train_epoch(
         disable=not (config.progress and runtime.is_main),
     )
     batches = trainer.batches(epoch)
-    for step, batch in zip(range(steps), batches, strict=False):
+    for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * warmup_cosine(epoch * steps + step, config.warmup_steps, total_steps)
-        # bfloat16 on GPUs (no loss scaling needed); full precision on CPU, where it is not faster.
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(**batch.inputs)
-        if not torch.isfinite(loss):
-            raise TaxoclipError(
-                f"training diverged: the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                f"lower the learning rate (now {optimizer.param_groups[0]['base_lr']:g}) and start again"
-            )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        used = 0
+        for micro, batch in zip(range(accumulate), batches, strict=False):
+            # Gradients of all but the last batch stay local: DDP averages once per optimiser step.
+            sync = micro == accumulate - 1 or not hasattr(model, "no_sync")
+            with nullcontext() if sync else model.no_sync():
+                # bfloat16 on GPUs (no loss scaling needed); full precision on CPU, where it is not faster.
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    loss = model(**batch.inputs)
+                if not torch.isfinite(loss):
+                    raise TaxoclipError(
+                        f"training diverged: the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                        f"lower the learning rate (now {optimizer.param_groups[0]['base_lr']:g}) and start again"
+                    )
+                (loss / accumulate).backward()
+            losses.append(loss.item())
+            samples += batch.size
+            used += 1
+        if used == 0:  # the batches ran out before the planned steps (a stream shorter than expected)
+            break
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
         optimizer.step()
-        losses.append(loss.item())
-        samples += batch.size
+        if average is not None:
+            average.update()
         bar.update()
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
