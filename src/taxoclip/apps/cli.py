@@ -17,6 +17,7 @@ from taxoclip.errors import TaxoclipError
 from taxoclip.eval.config import EvalConfig
 from taxoclip.taxonomy import Rank
 from taxoclip.train.catlip_config import DEPTHS, CatLIPConfig
+from taxoclip.train.finetune_config import HEADS, FinetuneConfig
 from taxoclip.train.lit_config import LOSSES, PROJECTION_INITS, TrainConfig
 
 RANKS = [rank.column for rank in Rank]
@@ -350,25 +351,96 @@ def cmd_train_catlip(args: argparse.Namespace) -> int:
 def add_catlip_arguments(p: argparse.ArgumentParser) -> None:
     setting = settings_of(p, CatLIPConfig)
     add_loop_settings(setting)
+    add_depth_arguments(p, setting)
+    p.add_argument("--vocabulary", help="vocabulary.json from 'taxoclip labels' (default: built from the features)")
+    setting("--extractor", "extractor", "labels from the taxonomy or from captions' WordNet nouns", choices=EXTRACTORS)
+    setting("--style", "style", "caption style the wordnet extractor reads", choices=STYLE_NAMES)
+    setting("--min-count", "min_count", "drop labels carried by fewer training photos (V_tau)", type=POSITIVE)
+    p.add_argument("--max-size", type=POSITIVE, help="keep at most this many labels, the most frequent")
+    setting("--lr", "lr", "learning rate", type=NON_NEGATIVE_NUMBER)
+    setting("--scoring", "scoring", "class scores from label logits: likelihood (sum) or transfer (mean)")
+    p.add_argument("-q", "--quiet", action="store_true")
+
+
+def finetune_config_from(args: argparse.Namespace) -> FinetuneConfig:
+    same = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig) if hasattr(args, f.name)}
+    return FinetuneConfig(**same | {"pretrained": not args.random_weights, "progress": not args.quiet})
+
+
+def cmd_train_finetune(args: argparse.Namespace) -> int:
+    from taxoclip.runtime import setup
+    from taxoclip.train.finetune import train_finetune
+
+    final = train_finetune(finetune_config_from(args))
+    runtime = setup(args.device)
+    if "top1" in final:
+        runtime.print(
+            f"valid: top-1 {100 * final['top1']:.1f}%, top-5 {100 * final['top5']:.1f}%, "
+            f"balanced {100 * final['balanced']:.1f}%"
+        )
+    if "select_top1" in final:
+        runtime.print(f"selection split: top-1 {100 * final['select_top1']:.1f}%")
+    runtime.print(f"model in {args.output} (kind finetune: predict, eval, serve and export open it)")
+    return 0
+
+
+def add_depth_arguments(p: argparse.ArgumentParser, setting) -> None:
+    """Where the embeddings come from (train/depths): shared by catlip and finetune."""
     p.add_argument("--features", help="feature cache from 'taxoclip features' (for --depth head)")
     p.add_argument("--shards", help="the photos' shards (--depth upper: lower stages cached once; --depth full)")
     p.add_argument("-o", "--output", required=True, help="model directory to write")
-    setting("--tower", "tower", "image tower that trains (--depth upper, full)")
+    setting(
+        "--depth", "depth", "what trains: the head, the tower's upper stages too, or the whole tower", choices=DEPTHS
+    )
+    setting("--tower", "tower", "image tower that trains (--depth upper, full): efficientnet-lite0/1/2, timm:NAME")
     setting("--train-blocks", "train_blocks", "final stages of the tower that train, for --depth upper", type=POSITIVE)
     p.add_argument("--activations", help="activation cache folder for --depth upper (default OUTPUT/activations)")
     setting(
         "--tower-lr", "tower_lr", "learning rate of the tower's stages (--depth upper, full)", type=NON_NEGATIVE_NUMBER
     )
     setting("--augment", "augment", "random crops and flips (--depth full)", action=argparse.BooleanOptionalAction)
-    p.add_argument("--random-weights", action="store_true", help="the tower's architecture with random weights")
-    p.add_argument("--vocabulary", help="vocabulary.json from 'taxoclip labels' (default: built from the features)")
-    setting("--extractor", "extractor", "labels from the taxonomy or from captions' WordNet nouns", choices=EXTRACTORS)
-    setting("--style", "style", "caption style the wordnet extractor reads", choices=STYLE_NAMES)
-    setting("--min-count", "min_count", "drop labels carried by fewer training photos (V_tau)", type=POSITIVE)
-    p.add_argument("--max-size", type=POSITIVE, help="keep at most this many labels, the most frequent")
-    setting("--depth", "depth", "what trains", choices=DEPTHS)
-    setting("--lr", "lr", "learning rate", type=NON_NEGATIVE_NUMBER)
-    setting("--scoring", "scoring", "class scores from label logits: likelihood (sum) or transfer (mean)")
+    p.add_argument(
+        "--random-weights", action="store_true", help="the tower's architecture with random weights (from scratch)"
+    )
+    setting("--select", "select_fraction", "share of train kept out to choose settings on", type=fraction_below_one)
+    setting("--select-seed", "select_seed", "which training photos form the selection split", type=int)
+
+
+def fraction_below_one(text: str) -> float:
+    value = probability(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return value
+
+
+def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
+    setting = settings_of(p, FinetuneConfig)
+    add_loop_settings(setting)
+    add_depth_arguments(p, setting)
+    setting("--head", "head", "the classifier on the tower's features", choices=HEADS)
+    setting("--hidden", "hidden", "the MLP head's hidden width", type=POSITIVE)
+    setting("--lr", "lr", "learning rate of the head", type=NON_NEGATIVE_NUMBER)
+    setting("--balance", "balance", "N: every class gets N images per epoch, over/under-sampled", type=NON_NEGATIVE)
+    setting(
+        "--class-weighted",
+        "class_weighted",
+        "loss weights inversely proportional to class size (instead of --balance)",
+        action=argparse.BooleanOptionalAction,
+    )
+    setting("--label-smoothing", "label_smoothing", "label smoothing of the targets", type=fraction_below_one)
+    setting("--mixup", "mixup", "mixup alpha, --depth full (0: off)", type=NON_NEGATIVE_NUMBER)
+    setting("--cutmix", "cutmix", "cutmix alpha, --depth full (0: off)", type=NON_NEGATIVE_NUMBER)
+    setting("--layer-decay", "layer_decay", "per-stage learning-rate decay down the tower (1: off)", type=probability)
+    setting(
+        "--ema",
+        "ema",
+        "decay of a moving average of the weights, used for eval and saving (0: off)",
+        type=fraction_below_one,
+    )
+    setting(
+        "--patience", "patience", "stop after this many evaluations without a better selection top-1", type=NON_NEGATIVE
+    )
+    setting("--accumulate", "accumulate", "batches whose gradients make one optimiser step", type=POSITIVE)
     p.add_argument("-q", "--quiet", action="store_true")
 
 
@@ -637,12 +709,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_labels, split="train")
 
     p = commands.add_parser(
-        "train", help="train a model: 'train lit', 'train catlip', or 'train sweep' (warm-up study)"
+        "train", help="train a model: 'train lit', 'train catlip', 'train finetune', or 'train sweep' (a study)"
     )
     trainers = p.add_subparsers(dest="trainer", metavar="TRAINER", required=True)
     q = trainers.add_parser("catlip", help="CatLIP: image features -> label vocabulary, binary cross-entropy")
     add_catlip_arguments(q)
     q.set_defaults(handler=cmd_train_catlip)
+    q = trainers.add_parser("finetune", help="supervised fine-tuning: a head (and the tower) on the classes")
+    add_finetune_arguments(q)
+    q.set_defaults(handler=cmd_train_finetune)
     q = trainers.add_parser("lit", help="tune a text tower against the locked image tower's cached embeddings")
     add_train_arguments(q)
     q.set_defaults(handler=cmd_train_lit)

@@ -24,6 +24,7 @@ OPEN_CLIP_PREFIX = "open_clip:"
 KINDS: dict[str, str] = {
     "lit": "taxoclip.models.lit:load_lit",
     "catlip": "taxoclip.models.catlip:load_catlip",
+    "finetune": "taxoclip.models.finetune:load_finetune",
 }
 
 

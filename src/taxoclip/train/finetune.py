@@ -1,0 +1,272 @@
+"""Supervised fine-tuning on the shared loop: a linear or MLP head over the classes, on the locked
+tower's cached embeddings, on its last stages (cached activations below), or with the whole tower
+on augmented photos (`TowerSource`); with class re-balancing or class-weighted loss, label
+smoothing, mixup/cutmix, layer-wise learning-rate decay, a weight average and early stopping on the
+selection split (the loop's), and the selection split's numbers next to valid's in every row.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from taxoclip.errors import TaxoclipError
+from taxoclip.eval.zeroshot import topk_correct
+from taxoclip.models.catlip import fit_temperature
+from taxoclip.models.finetune import FinetuneHead, save_finetune
+from taxoclip.runtime import Runtime, seed_everything, setup
+from taxoclip.train.depths import TowerOnPixels, TowerSource, freeze_batch_norm_statistics
+from taxoclip.train.finetune_config import FinetuneConfig
+from taxoclip.train.loop import Batch, LoopConfig, Trainer, fit
+from taxoclip.train.sampling import balanced_rows, class_weights, repeat_factors, repeats, sampling_summary
+
+__all__ = ["FinetuneConfig", "FinetuneTrainer", "train_finetune"]
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy against soft targets (smoothed or mixed labels); with class ``weights``, each
+    photo weighs its target's weight and the mean is over those weights (as torch's weighted mean)."""
+    per_photo = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+    if weights is None:
+        return per_photo.mean()
+    photo_weights = targets @ weights
+    return (per_photo * photo_weights).sum() / photo_weights.sum().clamp(min=1e-12)
+
+
+class FinetuneStep(nn.Module):
+    """The loss of one batch: head logits against the (smoothed, possibly mixed) class targets."""
+
+    def __init__(
+        self,
+        head: FinetuneHead,
+        upper: nn.Module | None,
+        n_classes: int,
+        label_smoothing: float = 0.0,
+        weights: torch.Tensor | None = None,
+        mixup=None,
+        keep_statistics: bool = True,
+    ):
+        super().__init__()
+        self.head, self.upper, self.n_classes = head, upper, n_classes
+        self.label_smoothing, self.mixup, self.keep_statistics = label_smoothing, mixup, keep_statistics
+        self.register_buffer("weights", weights, persistent=False)
+
+    def train(self, mode: bool = True) -> FinetuneStep:
+        """A pretrained tower's batch norms keep their statistics (see depths); one trained from
+        scratch has none worth keeping, so its batch norms learn them."""
+        super().train(mode)
+        if self.keep_statistics:
+            freeze_batch_norm_statistics(self.upper)
+        return self
+
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        smooth = self.label_smoothing
+        return F.one_hot(labels, self.n_classes).float() * (1 - smooth) + smooth / self.n_classes
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # mixup/cutmix (timm's) mix whole photos, so only on even batches of pixels at depth full
+        if self.mixup is not None and self.training and isinstance(self.upper, TowerOnPixels) and len(labels) % 2 == 0:
+            tower = self.upper.tower
+            pixels, targets = self.mixup(tower.prepare(features), labels)
+            embeddings = tower(pixels)
+        else:
+            embeddings = self.upper(features) if self.upper is not None else features
+            targets = self.targets(labels)
+        return soft_cross_entropy(self.head(embeddings), targets, self.weights)
+
+
+class FinetuneTrainer(Trainer):
+    def __init__(self, config: FinetuneConfig, runtime: Runtime):
+        self.config, self.runtime = config, runtime
+        self.source = source = TowerSource(config, runtime)
+        self.classes = source.classes
+        self.images_per_class = images = source.images_per_class
+        empty = [self.classes.ids[c] for c in np.flatnonzero(images == 0)]
+        if empty:
+            shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+            raise TaxoclipError(
+                f"{len(empty)} classes have no training photo ({shown}): a supervised classifier cannot learn "
+                "them. Add photos of them to train, remove them from the class table, or lower --select "
+                "(the selection split takes its photos from train)"
+            )
+        self.drawn = np.zeros(len(self.classes), dtype=np.int64)  # what the current epoch drew, per class
+        sample = source.standardisation_sample()
+        self.head = FinetuneHead(
+            sample.shape[1], len(self.classes), config.head, config.hidden, mean=sample.mean(0), std=sample.std(0)
+        ).to(runtime.device)
+        weights = class_weights(images).to(runtime.device) if config.class_weighted else None
+        self.module = FinetuneStep(
+            self.head,
+            source.upper,
+            len(self.classes),
+            config.label_smoothing,
+            weights,
+            self.make_mixup(),
+            keep_statistics=config.pretrained,
+        )
+        self.last_select: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def make_mixup(self):
+        config = self.config
+        if not (config.mixup or config.cutmix):
+            return None
+        from timm.data import Mixup
+
+        return Mixup(
+            mixup_alpha=config.mixup,
+            cutmix_alpha=config.cutmix,
+            label_smoothing=config.label_smoothing,
+            num_classes=len(self.classes),
+        )
+
+    def param_groups(self) -> list[dict]:
+        config = self.config
+        linear = [m for m in self.head.layers if isinstance(m, nn.Linear)]
+        groups = [
+            {"params": [m.weight for m in linear], "lr": config.lr, "weight_decay": config.weight_decay},
+            {"params": [m.bias for m in linear], "lr": config.lr, "weight_decay": 0.0},
+        ]
+        if self.source.upper is not None:
+            groups += self.tower_groups()
+        return groups
+
+    def tower_groups(self) -> list[dict]:
+        """The tower's trainable parameters at ``tower_lr``; with ``layer_decay`` < 1, timm's
+        layer-wise groups (each stage's rate shrinks by the factor per stage down from the top)."""
+        config, trainable = self.config, list(self.source.upper.parameters())
+        if config.layer_decay >= 1:
+            return [{"params": trainable, "lr": config.tower_lr, "weight_decay": config.weight_decay}]
+        from timm.optim import param_groups_layer_decay
+
+        mine = {id(p) for p in trainable}
+        groups = []
+        for group in param_groups_layer_decay(
+            self.source.tower.model, weight_decay=config.weight_decay, layer_decay=config.layer_decay
+        ):
+            params = [p for p in group["params"] if id(p) in mine]
+            if params:
+                lr = config.tower_lr * group["lr_scale"]
+                groups.append({"params": params, "lr": lr, "weight_decay": group["weight_decay"]})
+        return groups
+
+    def samples_per_epoch(self) -> int:
+        trained = int((self.images_per_class > 0).sum())
+        return self.config.balance * trained if self.config.balance else int(self.images_per_class.sum())
+
+    def steps_per_epoch(self) -> int:
+        steps = max(1, self.samples_per_epoch() // self.config.batch_size)
+        return min(steps, self.config.max_steps_per_epoch or steps)
+
+    def batches(self, epoch: int) -> Iterator[Batch]:
+        """Training rows (or photos), re-balanced to N per class with ``--balance``; counts what it draws."""
+        self.drawn[:] = 0
+        config, source = self.config, self.source
+        order, repeat = None, None
+        if config.balance and source.cache is not None:
+            rng = np.random.default_rng([config.seed, epoch, 1])
+            labels = source.cache.labels[source.train_rows]
+            order = balanced_rows(source.train_rows, labels, config.balance, rng)
+        elif config.balance:
+            factors = repeat_factors(self.images_per_class, config.balance)
+
+            def repeat(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+                return repeats(labels, factors, generator)
+
+        for batch in source.batches(epoch, order, repeat):
+            self.drawn += np.bincount(self.global_labels(batch), minlength=len(self.drawn))
+            yield batch
+
+    def global_labels(self, batch: Batch) -> np.ndarray:
+        """The labels of the whole global batch (every rank's share), for counting what was drawn."""
+        mine = batch.inputs["labels"].cpu().numpy()
+        if self.runtime.world_size == 1:
+            return mine
+        return np.concatenate(self.runtime.gather_objects(mine))
+
+    def epoch_extras(self) -> dict:
+        if not self.config.balance:
+            return {}
+        return {f"balance_{k}": v for k, v in sampling_summary(self.images_per_class, self.drawn).items()}
+
+    @torch.no_grad()
+    def evaluate(self, epoch: int) -> dict:
+        """Valid's top-1/top-5 and balanced accuracy (mean per-class recall) as ``top1``...; the
+        selection split's as ``select_top1``... (what early stopping and sweeps choose on)."""
+        metrics = {}
+        for part, prefix in (("valid", ""), ("select", "select_")):
+            found = self.source.split_embeddings(part)
+            if found is None:
+                continue
+            if part == "select":
+                self.last_select = found
+            logits = self.head.eval()(found[0].to(self.runtime.device)).cpu()
+            metrics.update({prefix + k: v for k, v in scores(logits, found[1]).items()})
+        self.head.train()
+        return metrics
+
+    @torch.no_grad()
+    def calibrate(self) -> float:
+        """The head's temperature, fitted on the selection split (valid when there is none)."""
+        found = self.last_select or self.source.split_embeddings("valid")
+        if found is None:
+            return 1.0
+        self.head.eval()
+        self.head.temperature.fill_(1.0)
+        temperature = fit_temperature(self.head(found[0].to(self.runtime.device)).cpu(), found[1])
+        self.head.temperature.fill_(temperature)
+        return temperature
+
+    def write_sampling(self, out: Path) -> None:
+        """sampling.csv: each class's training photos and what the last epoch drew of it."""
+        with open(out / "sampling.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["class_id", "training_images", "drawn_last_epoch"])
+            for class_id, have, drawn in zip(self.classes.ids, self.images_per_class, self.drawn, strict=True):
+                writer.writerow([class_id, int(have), int(drawn)])
+
+
+def scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """top1, top5, balanced (mean recall over the classes present) and the worst class's recall."""
+    counts = topk_correct(logits, labels, (1, 5))
+    predicted = logits.argmax(-1)
+    recalls = [float((predicted[labels == c] == c).float().mean()) for c in labels.unique()]
+    return {
+        "top1": counts[1] / len(labels),
+        "top5": counts[5] / len(labels),
+        "balanced": float(np.mean(recalls)),
+        "worst_recall": float(np.min(recalls)),
+    }
+
+
+def train_finetune(config: FinetuneConfig) -> dict:
+    """Train on the shared loop and write the model directory (kind ``finetune``); returns the
+    last epoch's metrics (the best selection epoch's weights are kept with --patience)."""
+    config.check()
+    runtime = setup(config.device)
+    seed_everything(config.seed)
+    trainer = FinetuneTrainer(config, runtime)
+    signature = {k: v for k, v in asdict(config).items() if k not in ("progress", "device", "output")}
+    signature["data"] = trainer.source.data_id
+    loop = LoopConfig.from_settings(config, signature=signature, monitor="select_top1")
+    history = fit(trainer, loop, runtime)
+    if runtime.is_main:
+        out = Path(config.output)
+        temperature = trainer.calibrate()
+        training = asdict(config) | {
+            "world_size": runtime.world_size,
+            "temperature": temperature,
+            "images_per_class": trainer.images_per_class.tolist(),
+            "epochs_run": len(history),
+        }
+        tower = trainer.source.tower if trainer.source.upper is not None else None
+        save_finetune(out, trainer.head, trainer.classes, trainer.source.tower_record(), training, tower)
+        trainer.write_sampling(out)
+    runtime.barrier()
+    return history[-1] if history else {}
