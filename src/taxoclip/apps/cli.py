@@ -420,7 +420,7 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     setting("--head", "head", "the classifier on the tower's features", choices=HEADS)
     setting("--hidden", "hidden", "the MLP head's hidden width", type=POSITIVE)
     setting("--lr", "lr", "learning rate of the head", type=NON_NEGATIVE_NUMBER)
-    setting("--balance", "balance", "N: every class gets N images per epoch, over/under-sampled", type=NON_NEGATIVE)
+    setting("--balance", "balance", "N: every class gets N images per epoch, over/under-sampled", type=POSITIVE)
     setting(
         "--class-weighted",
         "class_weighted",

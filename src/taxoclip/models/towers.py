@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import importlib
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -241,10 +242,20 @@ def map_by_order(source: dict, target: dict, origin: object) -> dict:
 def timm_tower(name: str, pretrained: bool) -> ImageTower:
     timm = require("timm", "timm")
     model_name = name.removeprefix("timm:")
+    refuse_neighbourhood_attention(model_name)
     try:
         model = timm.create_model(model_name, pretrained=pretrained, num_classes=0)
     except RuntimeError as error:  # timm raises RuntimeError for unknown names
-        raise TaxoclipError(f"timm has no model {model_name!r} ({error})") from None
+        raise TaxoclipError(
+            f'timm has no model {model_name!r} ({error}); list them with python -c "import timm; '
+            "print(timm.list_models('*vit*'))\""
+        ) from None
+    except OSError as error:  # the hub unreachable and the weights not in its cache
+        raise TaxoclipError(
+            f"the pretrained weights of timm:{model_name} come from the Hugging Face hub, which cannot be reached "
+            f"({type(error).__name__}); put them in the hub cache (HF_HOME) on a connected machine, or train the "
+            "architecture from scratch with --random-weights"
+        ) from None
     config = timm.data.resolve_data_config({}, model=model)
     preprocess = Preprocess(
         size=config["input_size"][-1],
@@ -254,6 +265,17 @@ def timm_tower(name: str, pretrained: bool) -> ImageTower:
         interpolation="bicubic" if config.get("interpolation") == "bicubic" else "bilinear",
     )
     return ImageTower(name, model.eval(), preprocess, model.num_features)
+
+
+def refuse_neighbourhood_attention(model_name: str) -> None:
+    """NAT and DiNAT (the fine-tuning study's other two backbones) are in neither timm nor, any
+    longer, transformers (deprecated there, and they need the natten package's kernels)."""
+    if re.match(r"(di)?nat(_|$)", model_name.split(".")[0].lower()):
+        raise TaxoclipError(
+            f"{model_name}: NAT and DiNAT are not in timm, and transformers deprecated them (they need the "
+            "natten kernels); use the study's two best instead: timm:davit_tiny.msft_in1k or "
+            "timm:maxvit_tiny_rw_224.sw_in1k"
+        )
 
 
 def open_clip_model(name: str, pretrained: bool):

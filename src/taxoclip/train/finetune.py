@@ -111,7 +111,6 @@ class FinetuneTrainer(Trainer):
             self.make_mixup(),
             keep_statistics=config.pretrained,
         )
-        self.last_select: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def make_mixup(self):
         config = self.config
@@ -204,8 +203,6 @@ class FinetuneTrainer(Trainer):
             found = self.source.split_embeddings(part)
             if found is None:
                 continue
-            if part == "select":
-                self.last_select = found
             logits = self.head.eval()(found[0].to(self.runtime.device)).cpu()
             metrics.update({prefix + k: v for k, v in scores(logits, found[1]).items()})
         self.head.train()
@@ -213,8 +210,9 @@ class FinetuneTrainer(Trainer):
 
     @torch.no_grad()
     def calibrate(self) -> float:
-        """The head's temperature, fitted on the selection split (valid when there is none)."""
-        found = self.last_select or self.source.split_embeddings("valid")
+        """The head's temperature, fitted on the selection split (valid when there is none), with
+        the weights as they are now (the best epoch's, with --patience)."""
+        found = self.source.split_embeddings("select") or self.source.split_embeddings("valid")
         if found is None:
             return 1.0
         self.head.eval()

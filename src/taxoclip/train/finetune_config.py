@@ -18,7 +18,7 @@ class FinetuneConfig(DepthSettings):
     select_fraction: float = 0.1
     head: str = "linear"  # linear | mlp
     hidden: int = 1024  # the MLP head's hidden width
-    balance: int = 0  # N: every class gets N training images per epoch, over/under-sampled (0: as they come)
+    balance: int | None = None  # N: every class gets N training images per epoch, over/under-sampled
     class_weighted: bool = False  # the alternative: loss weights inversely proportional to class size
     label_smoothing: float = 0.0
     mixup: float = 0.0  # depth full: mixup alpha (0: off)
@@ -47,8 +47,8 @@ class FinetuneConfig(DepthSettings):
                 "--holdout: a supervised classifier has no way to name classes it never saw; measure unseen "
                 "species with 'train lit --holdout' or 'train catlip --holdout'"
             )
-        if self.balance < 0:
-            raise TaxoclipError(f"--balance {self.balance}: images per class per epoch, at least 1 (0: no balancing)")
+        if self.balance is not None and self.balance < 1:
+            raise TaxoclipError(f"--balance {self.balance}: images per class per epoch, at least 1")
         if self.balance and self.class_weighted:
             raise TaxoclipError("--balance and --class-weighted both correct for class sizes: choose one")
         if (self.mixup or self.cutmix) and self.depth != "full":
