@@ -166,7 +166,8 @@ def test_killed_and_resumed_run_with_average_balance_and_patience_ends_like_an_u
         "average": dict(epochs=4, ema=0.9, balance=12, head="mlp", hidden=16),
         "patience": dict(epochs=4, patience=1, lr=0.1),
     }.items():
-        kill_after_epoch_two_and_resume(colour_features, tmp_path / name, monkeypatch, options)
+        rows = kill_after_epoch_two_and_resume(colour_features, tmp_path / name, monkeypatch, options)
+        assert bool(rows[-1].get("stopped_early")) == (name == "patience")  # it stopped at 2, then stayed stopped
 
 
 def kill_after_epoch_two_and_resume(colour_features, tmp_path, monkeypatch, options):
@@ -195,6 +196,7 @@ def kill_after_epoch_two_and_resume(colour_features, tmp_path, monkeypatch, opti
     assert [(r["epoch"], r["top1"], r.get("stopped_early")) for r in rows["resumed"]] == [
         (r["epoch"], r["top1"], r.get("stopped_early")) for r in rows["clean"]
     ]
+    return rows["resumed"]
 
 
 def test_weight_average_is_what_evaluates_and_saves(colour_features, tmp_path):
