@@ -310,3 +310,25 @@ def test_bad_input_gets_a_message(colour_features, tmp_path, capsys):
     np.save(copy / "splits.npy", splits)
     assert main(["train", "finetune", "--features", str(copy), "-o", str(tmp_path / "n"), "-q"]) == 2
     assert "1 classes have no training photo (6)" in capsys.readouterr().err
+
+
+def test_sweep_chooses_on_the_selection_split_and_draws_the_confusions(colour_features, tmp_path, capsys):
+    from taxoclip.train.sweep import choose
+
+    out = tmp_path / "sweep"
+    arguments = ["train", "sweep", "finetune", "--features", str(colour_features), "-o", str(out), "-q"]
+    arguments += ["--batch-size", "24", "--epochs", "2", "--select", "0.25", "--param", "balance"]
+    assert main([*arguments, "--values", "none,6,12"]) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    selection = [r["select_top1"] for r in result["rows"]]
+    assert result["chosen"] == int(np.argmax(selection))  # chosen on selection, whatever valid says
+    assert [r["balance"] for r in result["rows"]] == [None, 6, 12]
+    for name in ("sweep.md", "sweep.png", "sweep.csv", "confusion.png", "balance-6/per_class.csv"):
+        assert (out / name).exists(), name
+    assert "(chosen)" in capsys.readouterr().out
+    rows = [{"select_top1": 0.5, "top1": 0.9}, {"select_top1": 0.7, "top1": 0.1}, {"select_top1": None}]
+    assert choose(rows) == 1  # the better selection score wins even with the worse valid score
+    assert main([*arguments, "--values", "none,zero"]) == 2
+    assert "'zero' is not a value of balance" in capsys.readouterr().err
+    assert main([*arguments[:-2], "--param", "nonsense", "--values", "1"]) == 2
+    assert "not a setting of this trainer" in capsys.readouterr().err

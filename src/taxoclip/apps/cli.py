@@ -235,12 +235,29 @@ def cmd_train_lit(args: argparse.Namespace) -> int:
 
 
 def cmd_train_sweep(args: argparse.Namespace) -> int:
-    from taxoclip.train.sweep import warmup_sweep
+    from taxoclip.train.sweep import default_warmups, markdown, parse_values, run_sweep, setting_name
 
-    warmups = [int(w) for w in args.warmups.split(",")] if args.warmups else None
-    table = warmup_sweep(train_config_from(args), warmups)
-    print(table)
+    config = {"lit": train_config_from, "catlip": catlip_config_from, "finetune": finetune_config_from}[
+        args.sweep_trainer
+    ](args)
+    if args.sweep_trainer == "lit" and args.param is None:  # the paper's warm-up study
+        param = "warmup_steps"
+        values = parse_values(config, param, args.values or args.warmups) if (args.values or args.warmups) else None
+        values = values or default_warmups(config)
+    else:
+        if not args.param or not args.values:
+            raise TaxoclipError("give the setting to vary and its values: --param lr --values 1e-4,3e-4,1e-3")
+        param = setting_name(config, args.param)
+        values = parse_values(config, param, args.values)
+    result = run_sweep(args.sweep_trainer, config, param, values)
+    print(markdown(result["rows"], param, result["chosen"]))
+    print(f"table, plot and runs in {args.output} (sweep.md, sweep.png, sweep.csv, sweep.json)")
     return 0
+
+
+def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--param", help="the setting to vary, by its flag or field name (lr, balance, depth, warmup ...)")
+    p.add_argument("--values", help="its values, comma-separated ('none' for an absent value)")
 
 
 def settings_of(p: argparse.ArgumentParser, config_class: type):
@@ -721,9 +738,20 @@ def build_parser() -> argparse.ArgumentParser:
     q = trainers.add_parser("lit", help="tune a text tower against the locked image tower's cached embeddings")
     add_train_arguments(q)
     q.set_defaults(handler=cmd_train_lit)
-    q = trainers.add_parser("sweep", help="the paper's warm-up study: one LiT run per warm-up, compared")
-    add_train_arguments(q)
-    q.add_argument("--warmups", help="warm-up steps to compare, comma-separated (default: 0.5, 1, 2 epochs)")
+    q = trainers.add_parser(
+        "sweep", help="a study: one run per value of a setting, compared in one table and plot (chosen on selection)"
+    )
+    studies = q.add_subparsers(dest="sweep_trainer", metavar="TRAINER", required=True)
+    r = studies.add_parser("lit", help="LiT runs (default: the paper's warm-up study)")
+    add_train_arguments(r)
+    add_sweep_arguments(r)
+    r.add_argument("--warmups", help="warm-up steps to compare, comma-separated (default: 0.5, 1, 2 epochs)")
+    r = studies.add_parser("catlip", help="CatLIP runs")
+    add_catlip_arguments(r)
+    add_sweep_arguments(r)
+    r = studies.add_parser("finetune", help="fine-tuning runs (lr, balance, depth, head, label smoothing ...)")
+    add_finetune_arguments(r)
+    add_sweep_arguments(r)
     q.set_defaults(handler=cmd_train_sweep)
 
     p = commands.add_parser("eval", help="evaluate a model at every rank, with baselines, as a report")

@@ -221,6 +221,35 @@ class FinetuneTrainer(Trainer):
         self.head.temperature.fill_(temperature)
         return temperature
 
+    @torch.no_grad()
+    def write_valid_report(self, out: Path) -> dict | None:
+        """per_class.csv (each class's training photos, valid photos, recall and what it is most
+        often taken for) and confusion.npy (valid counts, true x predicted), with the final weights."""
+        found = self.source.split_embeddings("valid")
+        if found is None:
+            return None
+        self.head.eval()
+        predicted = self.head(found[0].to(self.runtime.device)).argmax(-1).cpu().numpy()
+        truth = found[1].numpy()
+        n = len(self.classes)
+        confusion = np.zeros((n, n), dtype=np.int64)
+        np.add.at(confusion, (truth, predicted), 1)
+        np.save(out / "confusion.npy", confusion)
+        names = [row.get("common_name") or row.get("species") or "" for row in self.classes.rows]
+        with open(out / "per_class.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["class_id", "name", "training_images", "valid_photos", "recall", "most_taken_for"])
+            for c in range(n):
+                photos = int(confusion[c].sum())
+                wrong = confusion[c].copy()
+                wrong[c] = 0
+                taken_for = self.classes.ids[int(wrong.argmax())] if wrong.any() else ""
+                recall = f"{confusion[c, c] / photos:.4f}" if photos else ""
+                writer.writerow(
+                    [self.classes.ids[c], names[c], int(self.images_per_class[c]), photos, recall, taken_for]
+                )
+        return {"confusion": confusion}
+
     def write_sampling(self, out: Path) -> None:
         """sampling.csv: each class's training photos and what the last epoch drew of it."""
         with open(out / "sampling.csv", "w", newline="") as handle:
@@ -254,6 +283,11 @@ def train_finetune(config: FinetuneConfig) -> dict:
     signature["data"] = trainer.source.data_id
     loop = LoopConfig.from_settings(config, signature=signature, monitor="select_top1")
     history = fit(trainer, loop, runtime)
+    if config.patience and history:  # the weights kept are the best selection epoch's: report that epoch
+        scored = [r for r in history if "select_top1" in r]
+        final = max(scored, key=lambda r: r["select_top1"]) if scored else history[-1]
+    else:
+        final = history[-1] if history else {}
     if runtime.is_main:
         out = Path(config.output)
         temperature = trainer.calibrate()
@@ -266,5 +300,6 @@ def train_finetune(config: FinetuneConfig) -> dict:
         tower = trainer.source.tower if trainer.source.upper is not None else None
         save_finetune(out, trainer.head, trainer.classes, trainer.source.tower_record(), training, tower)
         trainer.write_sampling(out)
+        trainer.write_valid_report(out)
     runtime.barrier()
-    return history[-1] if history else {}
+    return final
