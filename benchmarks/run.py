@@ -22,9 +22,11 @@ def main() -> int:
     import bench_eval  # noqa: F401
     import bench_features  # noqa: F401
     import bench_field  # noqa: F401
+    import bench_finetune  # noqa: F401
     import bench_gpu  # noqa: F401
     import bench_lit  # noqa: F401
     import bench_shards  # noqa: F401
+    import study_finetune  # noqa: F401
     from common import BENCHMARKS, print_table
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
