@@ -41,7 +41,9 @@ BATCH, ROUNDS, SEEDS, SHOTS = 512, 3, (0, 1, 2), (1, 2, 4, 8)
 def flowers_cache() -> FeatureCache:
     dataset = load_source(find_dataset("flowers102"))
     shards = CACHE / "flowers-shards"
-    write_shards(dataset, shards, build_captions(dataset.classes, "paper"), ShardOptions(progress=False))
+    write_shards(
+        dataset, shards, build_captions(dataset.classes, "paper"), ShardOptions(progress=False), overwrite=True
+    )  # our own cache folder: rebuilt when the data or the shard format changed
     return extract_features(shards, "efficientnet-lite0", CACHE / "flowers-lite0", progress=False)
 
 

@@ -57,7 +57,7 @@ def bench_finetune(args) -> list[dict]:
 
     def frozen_lower_every_step(inputs, targets):
         with torch.no_grad():
-            below = lower.embed(inputs)
+            below = lower.embed(inputs).clone()  # out of inference mode, so autograd may use it
         return on_cache(below, targets)
 
     runs = {

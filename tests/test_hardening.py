@@ -2,6 +2,7 @@
 exit 2, or a counted reject), and photos are read as a person sees them."""
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -160,6 +161,27 @@ def test_a_shard_changed_after_its_manifest_is_never_served_from_the_cache(small
     assert "the shard changed after it was written" in capsys.readouterr().err
 
 
+def test_a_shard_with_the_same_size_but_other_bytes_is_never_served_from_the_cache(small_shards, tmp_path, capsys):
+    import os
+
+    arguments = ["features", str(small_shards), "--tower", "timm:test_efficientnet", "--random-weights"]
+    arguments += ["-o", str(tmp_path / "f"), "--workers", "0", "-q"]
+    assert main(arguments) == 0
+    assert main(arguments) == 0  # unchanged: served, with no checksum recomputed (the record matches)
+    shard = sorted(small_shards.glob("train-*.tar"))[0]
+    original = shard.read_bytes()
+    data = bytearray(original)
+    data[1000:1010] = bytes(x ^ 0xFF for x in data[1000:1010])  # ten bytes changed in place: same size
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(arguments) == 2
+    assert "its bytes changed after it was written" in capsys.readouterr().err
+    # The right bytes with a new modification time (a copy to another disk): checked, then served.
+    shard.write_bytes(original)
+    os.utime(shard, ns=(1, 1))
+    assert main(arguments) == 0
+
+
 def copy_cache(source, target):
     import shutil
 
@@ -290,6 +312,68 @@ def test_the_server_refuses_a_declared_oversized_body_before_reading_it():
     client = TestClient(create_app(predictor, max_file_bytes=1000, max_files=2))
     response = client.post("/api/predict", content=b"x" * 10, headers={"content-length": str(50 * 1024 * 1024)})
     assert response.status_code == 413 and "request too large" in response.json()["error"]
+
+
+def guarded_app(timeout: float = 30.0):
+    from taxoclip.apps.serve import create_app
+    from taxoclip.inference.predict import Predictor
+
+    predictor = Predictor(ClassTable.from_records([{"id": "1"}], origin="t"), PRE, lambda x: torch.ones(len(x), 1))
+    app = create_app(predictor, max_file_bytes=1000, max_files=2)
+    for middleware in app.user_middleware:
+        middleware.kwargs["timeout"] = timeout
+    return app
+
+
+def call(app, body_messages, headers=()):
+    """Drive the ASGI app with the given body messages (an endless wait after them); returns
+    (status, JSON body, how many body messages were read)."""
+    import asyncio
+
+    messages, sent, read = list(body_messages), [], []
+
+    async def receive():
+        if messages:
+            read.append(1)
+            return messages.pop(0)
+        await asyncio.sleep(3600)  # a client that stops sending
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/api/predict",
+        "raw_path": b"/api/predict",
+        "query_string": b"",
+        "headers": [(b"content-type", b"multipart/form-data; boundary=xyz"), *headers],
+        "http_version": "1.1",
+        "scheme": "http",
+        "server": ("t", 80),
+        "client": ("c", 1),
+        "root_path": "",
+    }
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return status, json.loads(body), len(read)
+
+
+def test_a_body_without_a_length_is_cut_off_at_the_limit_not_spooled_whole():
+    head = b'--xyz\r\nContent-Disposition: form-data; name="files"; filename="a.jpg"\r\n'
+    head += b"Content-Type: image/jpeg\r\n\r\n"
+    endless = [{"type": "http.request", "body": head, "more_body": True}]
+    endless += [{"type": "http.request", "body": b"x" * 100_000, "more_body": True} for _ in range(1000)]  # 100 MB
+    status, body, read = call(guarded_app(), endless)
+    assert status == 413 and "request too large" in body["error"]
+    assert read <= 2 * 1000 * 1024 * 1024 // 100_000  # stopped near the limit, not after 100 MB
+
+
+def test_a_body_that_stops_arriving_is_answered_and_the_connection_freed():
+    started = [{"type": "http.request", "body": b"--xyz\r\n", "more_body": True}]
+    status, body, _ = call(guarded_app(timeout=0.3), started, headers=[(b"content-length", b"5000")])
+    assert status == 408 and "stopped arriving" in body["error"]
 
 
 @pytest.mark.parametrize(

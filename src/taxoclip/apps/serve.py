@@ -12,6 +12,7 @@ batch at a time behind a lock, so concurrent requests queue instead of oversubsc
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 
@@ -42,19 +43,15 @@ def create_app(
     lock = threading.Lock()
     page = PAGE.read_text()
 
-    @app.middleware("http")
-    async def refuse_oversized_bodies(request: Request, call_next):
-        """A declared body over the limit is refused before a byte of it is read or spooled to disk."""
-        limit = max_files * max_file_bytes + 1024 * 1024
-        declared = request.headers.get("content-length")
-        if request.method == "POST" and declared and declared.isdigit() and int(declared) > limit:
-            message = f"request too large ({declared} bytes); at most {max_files} photos of {max_file_bytes} bytes each"
-            return JSONResponse({"error": message}, status_code=413)
-        return await call_next(request)
-
     @app.exception_handler(HTTPException)
     async def explain(request: Request, error: HTTPException):  # a plain {"error": "..."} for the page
         return JSONResponse({"error": error.detail}, status_code=error.status_code)
+
+    app.add_middleware(
+        BodyGuard,
+        limit=max_files * max_file_bytes + 1024 * 1024,
+        what=f"{max_files} photos of {max_file_bytes} bytes each",
+    )
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
@@ -105,6 +102,60 @@ def create_app(
         return {"results": [p.to_json() for p in predictions]}
 
     return app
+
+
+BODY_TIMEOUT = 30.0  # seconds a request body may pause before the connection is answered and freed
+
+
+class BodyGuard:
+    """ASGI middleware bounding what a request body costs: a declared length over ``limit`` is
+    refused (413) before a byte is read; a body without one (chunked) is counted as it arrives and
+    cut off (413) once over ``limit``, so at most that much is ever spooled; a body that stops
+    arriving for ``timeout`` seconds is answered 408, freeing the connection."""
+
+    def __init__(self, app, limit: int, what: str = "", timeout: float = BODY_TIMEOUT):
+        self.app, self.limit, self.what, self.timeout = app, limit, what, timeout
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self.refuse(send, 413, f"request too large ({int(declared)} bytes); at most {self.what}")
+        received, complete, started = 0, False, False
+
+        async def guarded_receive():
+            nonlocal received, complete
+            if complete:  # the body is in: later calls wait for a disconnect, with no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except TimeoutError:
+                raise HTTPException(408, f"the request body stopped arriving for {self.timeout:g} s") from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
+                if received > self.limit:
+                    raise HTTPException(413, f"request too large (over {self.limit} bytes); at most {self.what}")
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, guarded_receive, tracking_send)
+        except HTTPException as error:  # raised outside a route (e.g. while FastAPI reads a form)
+            if started:
+                raise
+            await self.refuse(send, error.status_code, error.detail)
+
+    @staticmethod
+    async def refuse(send, status: int, message: str) -> None:
+        response = JSONResponse({"error": message}, status_code=status, headers={"connection": "close"})
+        await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body})
 
 
 def serve(predictor: Predictor, *, host: str = "127.0.0.1", port: int = 8000, model_name: str = "") -> None:

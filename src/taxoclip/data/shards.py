@@ -326,6 +326,7 @@ def write_shards(
         "images_per_second": round(total / elapsed, 1) if elapsed > 0 else None,
     }
     write_json_atomic(out / MANIFEST, manifest)
+    remember_written(out, manifest["shards"])
     return manifest
 
 
@@ -389,19 +390,62 @@ def read_manifest(shard_dir: str | Path) -> dict:
     return manifest
 
 
+VERIFIED = ".verified.json"  # shard -> [bytes, mtime_ns, sha256] of files whose checksum was checked
+
+
 def check_shard_files(shard_dir: str | Path, shards: list[dict]) -> None:
-    """Cheap evidence that the shard files are the ones the manifest describes (present, same
-    size), before anything trusts a cache keyed by the manifest; 'shards verify' checks the bytes."""
+    """Evidence that the shard files are the ones the manifest describes, before anything trusts a
+    cache keyed by the manifest: present, the same size, and the manifest's sha256, which is only
+    recomputed for a file whose size or modification time differs from when it was last checked
+    (``.verified.json``; written by 'taxoclip shards', updated here where the folder is writable)."""
+    folder = Path(shard_dir)
+    verified = read_verified(folder)
+    changed = False
     for shard in shards:
-        path = Path(shard_dir) / shard["name"]
+        path = folder / shard["name"]
         if not path.is_file():
             raise TaxoclipError(f"{path}: missing (the manifest lists it); re-run 'taxoclip shards'")
+        stat = path.stat()
         expected = shard.get("bytes")
-        if expected is not None and path.stat().st_size != expected:
+        if expected is not None and stat.st_size != expected:
             raise TaxoclipError(
-                f"{path}: {path.stat().st_size} bytes, the manifest says {expected}: the shard changed after it "
+                f"{path}: {stat.st_size} bytes, the manifest says {expected}: the shard changed after it "
                 "was written; run 'taxoclip shards verify' and rebuild the shards"
             )
+        wanted = shard.get("sha256")
+        if wanted is None or verified.get(shard["name"]) == [stat.st_size, stat.st_mtime_ns, wanted]:
+            continue
+        if sha256_of(path) != wanted:
+            raise TaxoclipError(
+                f"{path}: its bytes changed after it was written (the size is the same, the checksum is not); "
+                "anything computed from it would be stale: rebuild the shards with 'taxoclip shards --overwrite'"
+            )
+        verified[shard["name"]] = [stat.st_size, stat.st_mtime_ns, wanted]
+        changed = True
+    if changed:
+        write_verified(folder, verified)
+
+
+def read_verified(folder: Path) -> dict:
+    try:
+        record = json.loads((folder / VERIFIED).read_text())
+        return record if isinstance(record, dict) else {}
+    except (OSError, ValueError):
+        return {}  # absent or damaged: every shard is checked once more
+
+
+def write_verified(folder: Path, verified: dict) -> None:
+    with contextlib.suppress(OSError):  # a read-only folder: checked again next time, never wrong
+        write_json_atomic(folder / VERIFIED, verified)
+
+
+def remember_written(folder: Path, shards: list[dict]) -> None:
+    """The shards just written are the manifest's by construction: record them as checked."""
+    verified = {}
+    for shard in shards:
+        stat = (folder / shard["name"]).stat()
+        verified[shard["name"]] = [stat.st_size, stat.st_mtime_ns, shard["sha256"]]
+    write_verified(folder, verified)
 
 
 def shard_paths(shard_dir: str | Path, split: str | None = None) -> list[Path]:
