@@ -210,3 +210,54 @@ def test_eval_refuses_features_of_another_tower(trained_model, tmp_path, colour_
     )
     with pytest.raises(TaxoclipError, match="embeddings of timm:test_resnet"):
         run_evaluation(EvalConfig(model=str(model), data=str(other.path), output=str(tmp_path / "r"), progress=False))
+
+
+def test_test_only_data_gets_baselines_fitted_on_the_model_training_cache(colour_features, tiny_text_tower, tmp_path):
+    """A test set with no train split: the probe, nearest class mean and Transfer Init are fitted
+    on the cache the model trained on (same tower id), scored on the test set, and the report says
+    so; with that cache gone the report says that instead of leaving the rows out silently."""
+    import shutil
+
+    from conftest import tiny_train_config
+    from taxoclip.apps.cli import main
+    from taxoclip.train.lit import train_lit
+
+    training = tmp_path / "training-cache"
+    shutil.copytree(colour_features, training)
+    train_lit(tiny_train_config(training, tmp_path / "model", tiny_text_tower, epochs=2))
+    test_only = tmp_path / "test-set"  # the valid photos alone, relabelled as a test split
+    shutil.copytree(colour_features, test_only)
+    meta = json.loads((test_only / "meta.json").read_text())
+    splits = np.load(test_only / "splits.npy")
+    keep = splits == meta["split_names"].index("valid")
+    for name in ("features.npy", "labels.npy"):
+        np.save(test_only / name, np.load(test_only / name)[keep])
+    np.save(test_only / "splits.npy", np.zeros(int(keep.sum()), dtype=splits.dtype))
+    keys = json.loads((test_only / "keys.json").read_text())
+    (test_only / "keys.json").write_text(json.dumps([k for k, kept in zip(keys, keep, strict=True) if kept]))
+    (test_only / "meta.json").write_text(json.dumps(meta | {"split_names": ["test"]}))
+
+    arguments = ["eval", "--model", str(tmp_path / "model"), "--data", str(test_only), "--split", "test"]
+    assert main([*arguments, "-o", str(tmp_path / "report"), "--shots", "2", "-q"]) == 0
+    report = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    methods = {(r["method"], r["train images per class"]) for r in report["comparison"]}
+    assert {
+        ("logistic-regression probe", "all"),
+        ("nearest class mean", "2"),
+        ("Transfer Init (CatLIP)", "all"),
+    } <= methods
+    assert f"the model's training cache {training}" in report["baselines"]
+    probe = next(
+        r
+        for r in report["comparison"]
+        if r["method"] == "logistic-regression probe" and r["train images per class"] == "all"
+    )
+    assert probe["top1"] > 0.5  # fitted on 96 training photos, scored on the 30 test photos
+    assert "Where the baselines come from" in (tmp_path / "report" / "report.md").read_text()
+
+    shutil.rmtree(training)
+    assert main([*arguments, "-o", str(tmp_path / "report-2"), "-q"]) == 0
+    report = json.loads((tmp_path / "report-2" / "metrics.json").read_text())
+    assert [r["method"] for r in report["comparison"]] == ["LiT zero-shot"]
+    assert f"the feature cache the model trained on ({training}) is gone" in report["baselines"]
+    assert "is gone" in (tmp_path / "report-2" / "report.md").read_text()

@@ -75,9 +75,10 @@ def run_evaluation(config: EvalConfig) -> dict:
         )
     rows = np.flatnonzero(cache.split_mask(config.split))
     labels = cache.labels[rows].astype(np.int64)
+    train_cache, baseline_note = baseline_source(cache, classifier) if config.baselines else (None, "not asked for")
     train_counts = (
-        np.bincount(cache.labels[cache.split_mask("train")], minlength=len(classes))
-        if "train" in cache.split_names
+        np.bincount(train_cache.labels[train_cache.split_mask("train")], minlength=len(classes))
+        if train_cache is not None
         else None
     )
     seen = seen_classes(classifier, len(classes))
@@ -96,9 +97,9 @@ def run_evaluation(config: EvalConfig) -> dict:
     comparison = [summary_row(name, "all", metrics)]
 
     efficiency = []
-    if config.baselines and train_counts is not None:
+    if train_cache is not None:
         comparison, efficiency = run_baselines(
-            config, cache, classifier, rows, labels, classes, comparison, metrics["top1"]
+            config, train_cache, cache, classifier, rows, labels, classes, comparison, metrics["top1"]
         )
 
     report = {
@@ -108,6 +109,7 @@ def run_evaluation(config: EvalConfig) -> dict:
         "style": config.style or "model default",
         "metrics": metrics,
         "comparison": comparison,
+        "baselines": baseline_note,
         "data_efficiency": efficiency,
         "timing": {
             "scoring_seconds": round(scoring_seconds, 3),
@@ -160,10 +162,46 @@ def summary_row(method: str, shots: str, metrics: dict) -> dict:
     }
 
 
-def run_baselines(config, cache, classifier, rows, labels, classes, comparison, zero_shot_top1):
-    train_mask = cache.split_mask("train")
-    train_x_all = np.asarray(cache.features[train_mask], np.float32)
-    train_y_all = cache.labels[train_mask].astype(np.int64)
+def baseline_source(cache: FeatureCache, classifier: Classifier) -> tuple[FeatureCache | None, str]:
+    """(the cache whose train split the baselines are fitted on, a sentence for the report saying
+    which it is, or why there are no baselines). The data's own train split when it has one, else
+    the feature cache the model trained on, when it still exists with the same tower and classes."""
+    if "train" in cache.split_names:
+        return cache, f"fitted on the train split of {cache.path}"
+    recorded = (getattr(classifier, "training", None) or {}).get("features")
+    none = f"not run: {cache.path} has no train split"
+    if not recorded:
+        return (
+            None,
+            f"{none}, and the model records no feature cache it trained on; evaluate on data with a train split",
+        )
+    path = Path(recorded)
+    if not (path / "meta.json").exists():
+        return None, (
+            f"{none}, and the feature cache the model trained on ({path}) is gone; rebuild it with 'taxoclip "
+            "features' at that path, or evaluate on data with a train split"
+        )
+    source = load_features(path)
+    ours, theirs = cache.meta["tower"].get("id"), source.meta["tower"].get("id")
+    if ours != theirs:
+        return (
+            None,
+            f"{none}, and the model's training cache {path} holds another tower's embeddings ({theirs}, not {ours})",
+        )
+    if source.classes.ids != cache.classes.ids or "train" not in source.split_names:
+        return None, f"{none}, and the model's training cache {path} has another class table or no train split"
+    return (
+        source,
+        f"fitted on the train split of the model's training cache {path} (tower {theirs}), scored on {cache.path}",
+    )
+
+
+def run_baselines(config, train_cache, cache, classifier, rows, labels, classes, comparison, zero_shot_top1):
+    """The probe, nearest class mean and (embedding models) Transfer Init, fitted on
+    ``train_cache``'s train split and scored on ``rows`` of ``cache``."""
+    train_mask = train_cache.split_mask("train")
+    train_x_all = np.asarray(train_cache.features[train_mask], np.float32)
+    train_y_all = train_cache.labels[train_mask].astype(np.int64)
     test_x = np.asarray(cache.features[rows], np.float32)
     test_labels = torch.from_numpy(labels)
     test_embeddings = classifier.image_embeddings(test_x) if isinstance(classifier, EmbeddingClassifier) else None
@@ -391,6 +429,7 @@ def report_sections(report: dict, per_rank: list[dict], plots: list[str]) -> lis
     sections: list[tuple[str, object]] = [
         ("Summary", intro),
         ("Comparison (in the shape of the paper's Table 1)", comparison),
+        ("Where the baselines come from", f"Baselines: {report['baselines']}."),
         ("Accuracy at every rank", ranks),
     ]
     if "accuracy_by_rank.png" in plots:
