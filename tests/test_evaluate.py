@@ -96,6 +96,25 @@ def test_rank_accuracy_two_ways_and_per_class():
     assert evaluation.confused_pairs()[0]["true_id"] == "a"
 
 
+def test_unseen_classes_are_scored_among_all_and_among_the_unseen_only():
+    seen = np.array([True, True, True, False, False])  # d and e never trained
+    evaluation = Evaluation(TABLE, seen=seen)
+    probabilities = torch.tensor(
+        [
+            [0.1, 0.6, 0.0, 0.2, 0.1],  # d: a seen class wins overall, d wins among d and e
+            [0.0, 0.1, 0.5, 0.1, 0.3],  # e: seen c wins overall, e among the unseen
+            [0.0, 0.0, 0.0, 0.1, 0.9],  # d: wrong both ways
+            [0.9, 0.1, 0.0, 0.0, 0.0],  # a: seen, right
+        ]
+    )
+    evaluation.add(probabilities, torch.tensor([3, 4, 3, 0]))
+    result = evaluation.result()
+    assert result["unseen_images"] == 3 and result["unseen_classes"] == 2
+    assert result["unseen_top1"] == 0.0  # among all classes, no unseen photo is named right
+    assert result["unseen_top1_among_unseen"] == pytest.approx(2 / 3)
+    assert result["seen_top1"] == 1.0
+
+
 def test_chunks_add_up_to_one_pass():
     torch.manual_seed(0)
     probabilities = torch.rand(50, 5).softmax(-1)

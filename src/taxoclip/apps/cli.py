@@ -488,7 +488,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{100 * values['top1_lineage']:5.1f}% (top-1 lineage)"
         )
     if "unseen_top1" in metrics:
-        print(f"  seen classes {100 * metrics['seen_top1']:.1f}%, unseen {100 * metrics['unseen_top1']:.1f}%")
+        print(
+            f"  seen classes {100 * metrics['seen_top1']:.1f}%; unseen {100 * metrics['unseen_top1']:.1f}% among all "
+            f"classes, {100 * metrics['unseen_top1_among_unseen']:.1f}% among the {metrics['unseen_classes']} unseen"
+        )
     print(f"report: {args.output}/report.html (and report.md, metrics.json, CSVs, plots)")
     return 0
 

@@ -82,6 +82,7 @@ class Evaluation:
         self.rank_counted = {r.column: 0 for r in ROLLUP_RANKS}
         self.rank_confusion = {r.column: Counter() for r in ROLLUP_RANKS}
         self.severity = Counter()
+        self.unseen_among_unseen = 0  # unseen-class photos right when only unseen classes may be answered
 
     def add(self, probabilities: torch.Tensor, labels: torch.Tensor) -> None:
         """One chunk: probabilities (N, classes) summing to 1 per row, labels (N,) class indices."""
@@ -93,6 +94,12 @@ class Evaluation:
         np.add.at(self.count, labels_np, 1)
         np.add.at(self.top1, labels_np, predicted == labels_np)
         np.add.at(self.top5, labels_np, (top == labels_np[:, None]).any(1))
+        if self.seen is not None:  # the restricted setting: answers among the never-seen classes only
+            unseen_rows = ~self.seen[labels_np]
+            if unseen_rows.any():
+                columns = np.flatnonzero(~self.seen)
+                among = probabilities[torch.from_numpy(unseen_rows)][:, torch.from_numpy(columns)].argmax(1)
+                self.unseen_among_unseen += int((columns[among.cpu().numpy()] == labels_np[unseen_rows]).sum())
         wrong = predicted != labels_np
         self.pairs.update(zip(labels_np[wrong].tolist(), predicted[wrong].tolist(), strict=True))
         self.severity.update(lca_depth(labels_np[wrong], predicted[wrong], self.lineage).tolist())
@@ -146,6 +153,9 @@ class Evaluation:
                 if images:
                     result[f"{name}_top1"] = float(self.top1[mask].sum() / images)
                     result[f"{name}_images"] = images
+            if result.get("unseen_images"):
+                result["unseen_top1_among_unseen"] = self.unseen_among_unseen / result["unseen_images"]
+                result["unseen_classes"] = int((~self.seen).sum())
         return result
 
     def group_accuracy(self, codes: RankCodes) -> list[dict]:

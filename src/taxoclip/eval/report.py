@@ -399,7 +399,10 @@ def report_sections(report: dict, per_rank: list[dict], plots: list[str]) -> lis
         f"{pct(m['mean_class_top1'])}."
     )
     if "unseen_top1" in m:
-        intro += f" Classes seen in training: {pct(m.get('seen_top1'))}; never seen: {pct(m['unseen_top1'])}."
+        intro += (
+            f" Classes seen in training: {pct(m.get('seen_top1'))}; never seen: {pct(m['unseen_top1'])} among all "
+            f"classes, {pct(m.get('unseen_top1_among_unseen'))} among the {m.get('unseen_classes')} unseen only."
+        )
     if m["mistakes"]:
         intro += (
             f" Of {m['mistakes']} mistakes, the truth and the answer share on average "
