@@ -332,3 +332,25 @@ def test_sweep_chooses_on_the_selection_split_and_draws_the_confusions(colour_fe
     assert "'zero' is not a value of balance" in capsys.readouterr().err
     assert main([*arguments[:-2], "--param", "nonsense", "--values", "1"]) == 2
     assert "not a setting of this trainer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tower", ["timm:test_vit", "timm:test_maxvit"])
+def test_transformer_backbones_fine_tune_whole_with_layer_decay(colour_shards, tmp_path, tower):
+    """The study's transformer family (ViT, MaxViT) at depth full, from scratch, with layer-wise
+    learning-rate decay over their blocks; the model directory then predicts photos."""
+    from taxoclip.data.images import decode_image
+    from taxoclip.data.shards import iter_tar_samples
+    from taxoclip.runtime import setup
+
+    config = tower_settings(
+        colour_shards, tmp_path / "m", "full", tower=tower, epochs=1, layer_decay=0.7, max_steps_per_epoch=2
+    )
+    trainer = FinetuneTrainer(config, setup("cpu"))
+    rates = {round(g["lr"], 12) for g in trainer.param_groups()[2:]}
+    assert len(rates) >= 3 and max(rates) <= config.tower_lr  # one rate per depth of blocks
+    final = train_finetune(config)
+    assert "top1" in final
+    model = taxoclip.load(tmp_path / "m")
+    sample = next(iter_tar_samples(sorted(colour_shards.glob("valid-*.tar"))[0]))
+    probabilities = model.classify_images([decode_image(sample["jpg"])])
+    assert probabilities.shape == (1, 6) and torch.allclose(probabilities.sum(-1), torch.ones(1))
