@@ -346,9 +346,14 @@ def cmd_labels(args: argparse.Namespace) -> int:
     return 0
 
 
+def depth_settings_from(args: argparse.Namespace, config_class: type):
+    """A tower-depth trainer's settings (CatLIP, fine-tuning) from its parsed arguments."""
+    same = {f.name: getattr(args, f.name) for f in fields(config_class) if hasattr(args, f.name)}
+    return config_class(**same | {"pretrained": not args.random_weights, "progress": not args.quiet})
+
+
 def catlip_config_from(args: argparse.Namespace) -> CatLIPConfig:
-    same = {f.name: getattr(args, f.name) for f in fields(CatLIPConfig) if hasattr(args, f.name)}
-    return CatLIPConfig(**same | {"pretrained": not args.random_weights, "progress": not args.quiet})
+    return depth_settings_from(args, CatLIPConfig)
 
 
 def cmd_train_catlip(args: argparse.Namespace) -> int:
@@ -380,8 +385,7 @@ def add_catlip_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def finetune_config_from(args: argparse.Namespace) -> FinetuneConfig:
-    same = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig) if hasattr(args, f.name)}
-    return FinetuneConfig(**same | {"pretrained": not args.random_weights, "progress": not args.quiet})
+    return depth_settings_from(args, FinetuneConfig)
 
 
 def cmd_train_finetune(args: argparse.Namespace) -> int:

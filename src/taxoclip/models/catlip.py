@@ -21,7 +21,7 @@ from torch import nn
 
 from taxoclip.data.labels import Vocabulary, label_rank, label_weight
 from taxoclip.errors import TaxoclipError
-from taxoclip.models.classifier import Classifier
+from taxoclip.models.classifier import DirectoryClassifier
 from taxoclip.taxonomy import ClassTable
 
 
@@ -172,21 +172,14 @@ def save_catlip(
     write_config(out, "catlip", fields)
 
 
-class CatLIPClassifier(Classifier):
+class CatLIPClassifier(DirectoryClassifier):
     """A CatLIP model as a classifier over its class table: a class's score comes from its labels'
     rows (its species label when trained, else its genus, family ... labels)."""
 
     kind = "catlip"
 
     def __init__(self, path: Path, config: dict):
-        from taxoclip.models.bundle import read_classes
-
-        self.path, self.config, self.name = path, config, str(path)
-        self.image_tower_name = config["image_tower"]["name"]
-        self.image_pretrained = config["image_tower"].get("pretrained", True)
-        self.image_tower_id = config["image_tower"].get("id")
-        self.training = config.get("training", {})
-        self.classes = read_classes(path)
+        super().__init__(path, config)
         self.vocabulary = Vocabulary.load(path / "vocabulary.json")
         weights = load_file(str(path / "head.safetensors"))
         self.label_head = LabelHead(config["width"], len(self.vocabulary))
@@ -200,12 +193,6 @@ class CatLIPClassifier(Classifier):
 
     def head(self) -> nn.Module:
         return self._head
-
-    def customise_image_tower(self, tower):
-        trained = self.path / "image_tower.safetensors"
-        if trained.exists():  # trained with --depth upper: the tower's last stages changed
-            tower.load_state_dict(load_file(str(trained)))
-        return tower
 
     def for_classes(self, classes: ClassTable, captions_by_class: list[dict] | None = None) -> CatLIPClassifier:
         """The same model over another class table (e.g. species it never saw), by Transfer Init."""

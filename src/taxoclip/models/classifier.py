@@ -82,6 +82,31 @@ class Classifier:
         return predictor.predict_images(images, top_k=top_k, rank=rank)
 
 
+class DirectoryClassifier(Classifier):
+    """A classifier opened from a model directory: its config.json's image tower record, training
+    record and classes.csv, and the trained tower's weights (image_tower.safetensors) when the
+    tower trained too."""
+
+    def __init__(self, path: Path, config: dict):
+        from taxoclip.models.bundle import read_classes
+
+        self.path, self.config, self.name = path, config, str(path)
+        tower = config.get("image_tower") or {}
+        self.image_tower_name = tower.get("name", "")
+        self.image_pretrained = tower.get("pretrained", True)
+        self.image_tower_id = tower.get("id")
+        self.training = config.get("training", {})
+        self.classes = read_classes(path)
+
+    def customise_image_tower(self, tower):
+        from safetensors.torch import load_file
+
+        trained = self.path / "image_tower.safetensors"
+        if trained.exists():  # the tower (or its last stages) trained with the model
+            tower.load_state_dict(load_file(str(trained)))
+        return tower
+
+
 class EmbeddingHead(nn.Module):
     """Features -> (optional centring and projection) -> normalised embedding -> scaled cosine
     similarity to each class embedding."""

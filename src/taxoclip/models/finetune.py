@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from taxoclip.models.classifier import Classifier
+from taxoclip.models.classifier import DirectoryClassifier
 from taxoclip.taxonomy import ClassTable
 
 
@@ -71,18 +71,11 @@ def save_finetune(
     write_config(out, "finetune", fields)
 
 
-class FinetuneClassifier(Classifier):
+class FinetuneClassifier(DirectoryClassifier):
     kind = "finetune"
 
     def __init__(self, path: Path, config: dict):
-        from taxoclip.models.bundle import read_classes
-
-        self.path, self.config, self.name = path, config, str(path)
-        self.image_tower_name = config["image_tower"]["name"]
-        self.image_pretrained = config["image_tower"].get("pretrained", True)
-        self.image_tower_id = config["image_tower"].get("id")
-        self.training = config.get("training", {})
-        self.classes = read_classes(path)
+        super().__init__(path, config)
         shape = config["head"]
         self._head = FinetuneHead(config["width"], len(self.classes), shape["kind"], shape["hidden"])
         self._head.load_state_dict(load_file(str(path / "head.safetensors")))
@@ -90,12 +83,6 @@ class FinetuneClassifier(Classifier):
 
     def head(self) -> nn.Module:
         return self._head
-
-    def customise_image_tower(self, tower):
-        trained = self.path / "image_tower.safetensors"
-        if trained.exists():  # the tower (or its last stages) trained with the head
-            tower.load_state_dict(load_file(str(trained)))
-        return tower
 
 
 def load_finetune(path: Path, config: dict) -> FinetuneClassifier:

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from taxoclip.models.classifier import EmbeddingClassifier
+from taxoclip.models.classifier import DirectoryClassifier, EmbeddingClassifier
 from taxoclip.models.losses import class_contrastive_loss, clip_loss, unique_targets
 from taxoclip.models.towers import TextTower
 
@@ -195,7 +195,7 @@ def save_lit(out: Path, model: LiTModel, cache, eval_style: str, *, training: di
     write_config(out, "lit", fields | {"training": training})
 
 
-class LiTClassifier(EmbeddingClassifier):
+class LiTClassifier(EmbeddingClassifier, DirectoryClassifier):
     """A trained LiT model ready to classify. Opening it reads only the image-side head (centring,
     projection, temperature) and the stored class embeddings: predicting never builds the text
     tower. The text tower is loaded on demand, to embed captions of another style."""
@@ -203,15 +203,10 @@ class LiTClassifier(EmbeddingClassifier):
     kind = "lit"
 
     def __init__(self, path: Path, config: dict):
-        from taxoclip.models.bundle import read_classes
-
-        self.path, self.config, self.name = path, config, str(path)
+        super().__init__(path, config)
         self.lit_config = LiTConfig(**config["lit"])
         self.image_tower_name = self.lit_config.image_tower
         self.image_pretrained = self.lit_config.image_pretrained
-        self.image_tower_id = config.get("image_tower", {}).get("id")
-        self.training = config.get("training", {})
-        self.classes = read_classes(path)
         with safe_open(str(path / "model.safetensors"), framework="pt") as weights:
             self.image_mean = weights.get_tensor("image_mean")
             if "image_projection.weight" in weights.keys():  # noqa: SIM118 (safe_open has no __contains__)
@@ -232,12 +227,6 @@ class LiTClassifier(EmbeddingClassifier):
             model.load_state_dict(load_file(str(self.path / "model.safetensors")))
             self._model = model.eval()
         return self._model
-
-    def customise_image_tower(self, tower):
-        trained = self.path / "image_tower.safetensors"
-        if trained.exists():
-            tower.load_state_dict(load_file(str(trained)))
-        return tower
 
     def use_style(self, style: str) -> None:
         """Classify with another caption style, or ``templates`` (a CLIP-style prompt ensemble);

@@ -36,5 +36,3 @@ class CatLIPConfig(DepthSettings):
         if self.extractor not in EXTRACTORS:
             raise TaxoclipError(f"unknown label extractor {self.extractor!r}; use one of {', '.join(EXTRACTORS)}")
         self.check_depth()
-        if self.batch_size < 1 or self.epochs < 1:
-            raise TaxoclipError("--batch-size and --epochs must be at least 1")

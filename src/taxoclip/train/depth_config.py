@@ -38,5 +38,7 @@ class DepthSettings:
             raise TaxoclipError("--depth head trains on cached embeddings: give --features (from 'taxoclip features')")
         if self.depth in ("upper", "full") and not self.shards:
             raise TaxoclipError(f"--depth {self.depth} runs the tower on the photos: give --shards")
+        if getattr(self, "batch_size", 1) < 1 or getattr(self, "epochs", 1) < 1:
+            raise TaxoclipError("--batch-size and --epochs must be at least 1")
         if not 0 <= self.select_fraction < 1:
             raise TaxoclipError(f"--select {self.select_fraction}: a fraction of train, 0 (none) to below 1")

@@ -59,5 +59,5 @@ class FinetuneConfig(DepthSettings):
             raise TaxoclipError("--ema and --label-smoothing are between 0 and below 1")
         if self.patience and not self.select_fraction:
             raise TaxoclipError("--patience stops on the selection split: keep --select above 0")
-        if self.batch_size < 1 or self.epochs < 1 or self.accumulate < 1:
-            raise TaxoclipError("--batch-size, --epochs and --accumulate must be at least 1")
+        if self.accumulate < 1:
+            raise TaxoclipError("--accumulate must be at least 1")
