@@ -69,7 +69,7 @@ class TowerSource:
             self.classes, self.captions, images = label_data(config.shards, "train")
             self.augment = crop_and_flip if config.augment else None  # after any repetition: copies crop anew
             self.photos = ShardBatches(
-                config.shards, self.tower.preprocess, config.batch_size, keep=self.training_photo
+                config.shards, self.tower.preprocess, config.batch_size, keep=self.selection.complement()
             )
         else:
             if config.depth == "head":
@@ -99,9 +99,6 @@ class TowerSource:
             raise TaxoclipError(f"{config.features or config.shards}: no training photos (split 'train') to learn from")
         self.images_per_class = images
 
-    def training_photo(self, key: str) -> bool:
-        return self.selection.complement()(key)
-
     @property
     def data_id(self) -> str:
         """What the run trained on, for its resume signature (cache or shards, by content)."""
@@ -115,7 +112,7 @@ class TowerSource:
         """Embeddings of up to STANDARDISE_ROWS training photos, to standardise a head's input."""
         if self.cache is not None:
             return self.embed(self.train_rows[:: max(1, len(self.train_rows) // STANDARDISE_ROWS)])
-        photos = ShardBatches(self.config.shards, self.tower.preprocess, 512, keep=self.training_photo)
+        photos = ShardBatches(self.config.shards, self.tower.preprocess, 512, keep=self.selection.complement())
         batches = photos.epoch(0, self.held_out)
         pixels, _ = next(batches)
         batches.close()  # stop its decoding workers before any other loader starts
