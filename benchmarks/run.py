@@ -27,6 +27,7 @@ def main() -> int:
     import bench_lit  # noqa: F401
     import bench_shards  # noqa: F401
     import study_finetune  # noqa: F401
+    import study_unseen  # noqa: F401
     from common import BENCHMARKS, print_table
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
