@@ -159,6 +159,10 @@ CASES = [
     (["classes", "RAGGED", "-o", "OUT/c.csv"], "line 4"),  # a short row reads as empty fields; a long one cannot
     (["classes", "PHOTOS", "-o", "AFILE/c.csv"], "notes.txt"),
     (["captions", "EMPTY", "-o", "OUT/c.csv"], "empty"),
+    # questions
+    (["questions", "PHOTOS", "-o", "OUT/qa.jsonl", "--types", "riddles"], "riddles"),
+    (["questions", "MISSING", "-o", "OUT/qa.jsonl"], "missing.jpg"),
+    (["questions", "PHOTOS", "-o", "AFILE/qa.jsonl"], "notes.txt"),
     # shards
     (["shards", "EMPTY", "-o", "OUT"], "empty"),
     (["shards", "PHOTOS", "-o", "AFILE"], "notes.txt"),

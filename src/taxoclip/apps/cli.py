@@ -11,6 +11,7 @@ from pathlib import Path
 
 from taxoclip.data.captions import STYLE_NAMES  # the library's own choices and defaults: all light
 from taxoclip.data.labels import EXTRACTORS
+from taxoclip.data.questions import TYPES as QUESTION_TYPES
 from taxoclip.data.shards import ShardOptions
 from taxoclip.data.sources import FORMATS
 from taxoclip.errors import TaxoclipError
@@ -316,6 +317,20 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unlock-image", action="store_true", help="train the image tower too (needs --shards)")
     p.add_argument("--shards", help="the shards, for --image-in-loop / --unlock-image")
     p.add_argument("-q", "--quiet", action="store_true")
+
+
+def cmd_questions(args: argparse.Namespace) -> int:
+    from taxoclip.data.questions import write_questions
+
+    options = {k: getattr(args, k) for k in ("format", "root", "classes", "class_column") if getattr(args, k)}
+    types = tuple(t.strip() for t in args.types.split(",") if t.strip()) if args.types else QUESTION_TYPES
+    counts = write_questions(args.source, args.output, seed=args.seed, types=types, **options)
+    print(f"{counts['questions']} questions about {counts['photos']} photos -> {args.output}")
+    print("by type: " + ", ".join(f"{k} {v}" for k, v in counts["by_type"].items()))
+    print("by split: " + ", ".join(f"{k} {v}" for k, v in counts["by_split"].items()))
+    if counts["yes_no"]:
+        print(f"yes/no answers: {counts['yes_no'].get('yes', 0)} yes, {counts['yes_no'].get('no', 0)} no")
+    return 0
 
 
 def cmd_labels(args: argparse.Namespace) -> int:
@@ -722,6 +737,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-column", help="the CSV column naming the class")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_features)
+
+    p = commands.add_parser(
+        "questions", help="questions about every photo from its class row (species QA data), as JSON lines"
+    )
+    p.add_argument("source", help="a feature cache (keys join its embeddings), shards, or any source")
+    p.add_argument("--format", choices=FORMATS, help="source format, when not a cache or shards")
+    p.add_argument("--root", help="image root of a JSON/CSV source")
+    p.add_argument("--classes", help="class CSV for an image folder source")
+    p.add_argument("--class-column", help="the CSV column naming the class")
+    p.add_argument("-o", "--output", required=True, help="the JSON-lines file to write")
+    p.add_argument("--types", help=f"question types, comma-separated (default all: {', '.join(QUESTION_TYPES)})")
+    p.add_argument("--seed", type=int, default=0, help="phrasings, distractors, yes/no order (default 0)")
+    p.set_defaults(handler=cmd_questions)
 
     p = commands.add_parser("labels", help="CatLIP's label vocabulary from a class table's taxonomy or its captions")
     add_source_arguments(p)

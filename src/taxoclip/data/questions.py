@@ -1,0 +1,276 @@
+"""Questions about each photo, generated from its class row: the training and evaluation data of
+species question answering (``taxoclip questions``).
+
+For every photo (of a feature cache, shards or any source), in its own split:
+
+  species          "What species is this?" -> the scientific name (classes that name one)
+  common_name      "What is this plant called?" -> the common name
+  rank             "Which family does this belong to?" -> genus, family, order, class
+  yes_no           "Is this a member of the Rosaceae?" -> yes / no, balanced within each class
+                   and rank (a "no" names a relative: same order, other family ...)
+  multiple_choice  "Which of these is it: A, B, C or D?" -> the true species among look-alikes
+                   (same genus first, then family, order)
+  attributes       CUB's class attributes where present -> "grey wing color, ..."
+
+Each type has several phrasings, picked per photo by a hash of its key, so the same data and seed
+always give the same questions, and a photo's questions never depend on other photos' order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from taxoclip.errors import TaxoclipError
+from taxoclip.taxonomy import ClassTable
+
+TYPES = ("species", "common_name", "rank", "yes_no", "multiple_choice", "attributes")
+ASKED_RANKS = ("genus", "family", "order", "class")
+CHOICES = 4
+RELATIVES = 24  # closest classes kept per class: distractors and "no" answers come from them
+
+PHRASINGS = {
+    "species": [
+        "What species is this?",
+        "Which species is shown in this photo?",
+        "Name the species in the picture.",
+        "What is the scientific name of this {noun}?",
+    ],
+    "common_name": [
+        "What is this {noun} called?",
+        "What is the common name of this {noun}?",
+        "What {noun} is this?",
+    ],
+    "rank": [
+        "Which {rank} does this {noun} belong to?",
+        "What {rank} is this {noun} in?",
+        "Name the {rank} of the {noun} in this photo.",
+    ],
+    "yes_no": [
+        "Is this a member of the {value}?",
+        "Does this {noun} belong to the {rank} {value}?",
+        "Is the {noun} in this photo part of the {value} {rank}?",
+    ],
+    "multiple_choice": [
+        "Which of these is it: {options}?",
+        "Is this {options}?",
+        "Choose the species in the photo: {options}.",
+    ],
+    "attributes": [
+        "What does this {noun} look like?",
+        "Describe the most visible features of this {noun}.",
+    ],
+}
+
+
+@dataclass(frozen=True)
+class Photo:
+    key: str
+    label: int
+    split: str
+
+
+def stable(seed: int, *parts: object) -> int:
+    """A deterministic 64-bit number from the seed and the parts (no global random state)."""
+    text = "\0".join(str(p) for p in (seed, *parts))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+def noun_of(row: dict[str, str]) -> str:
+    if row.get("kingdom") == "Plantae":
+        return "plant"
+    if row.get("class") == "Aves":
+        return "bird"
+    if row.get("kingdom") == "Fungi":
+        return "fungus"
+    if row.get("class") == "Insecta":
+        return "insect"
+    return "organism"
+
+
+def species_name(row: dict[str, str]) -> str:
+    """The binomial when the row names one (a genus alone is not a species)."""
+    name = row.get("species", "")
+    return name if " " in name.strip() else ""
+
+
+class QuestionMaker:
+    """Questions for photos of one class table."""
+
+    def __init__(self, classes: ClassTable, seed: int = 0, types: tuple[str, ...] = TYPES):
+        unknown = [t for t in types if t not in TYPES]
+        if unknown:
+            raise TaxoclipError(f"--types {','.join(unknown)}: unknown; use some of {', '.join(TYPES)}")
+        self.classes, self.rows, self.seed, self.types = classes, list(classes.rows), seed, types
+        self.groups: dict[str, dict[str, list[int]]] = {rank: {} for rank in ("genus", "family", "order", "class")}
+        for c, row in enumerate(self.rows):
+            for rank, members in self.groups.items():
+                if row.get(rank):
+                    members.setdefault(row[rank], []).append(c)
+        self.near: dict[int, list[int]] = {}
+        # Multiple-choice options are all common names when every class has one, else scientific.
+        common = all(row.get("common_name") for row in self.rows)
+        self.choice_names = [
+            (row.get("common_name") if common else species_name(row) or row.get("common_name", "")) or ""
+            for row in self.rows
+        ]
+
+    def relatives(self, c: int) -> list[int]:
+        """Up to RELATIVES other classes, closest first (same genus, then family, order, class,
+        then any), ties in hash order; computed once per class from the rank groups, so a table of
+        10,000 classes costs no 10,000 x 10,000 comparisons."""
+        if c not in self.near:
+            row, chosen, seen = self.rows[c], [], {c}
+            for rank in ("genus", "family", "order", "class"):
+                group = self.groups[rank].get(row.get(rank) or "", []) if row.get(rank) else []
+                for other in sorted(group, key=lambda o: stable(self.seed, "relative", c, o)):
+                    if other not in seen and len(chosen) < RELATIVES:
+                        seen.add(other)
+                        chosen.append(other)
+            if len(chosen) < RELATIVES:  # few relatives: any other classes, in hash order
+                rest = sorted(
+                    (o for o in range(len(self.rows)) if o not in seen),
+                    key=lambda o: stable(self.seed, "relative", c, o),
+                )
+                chosen += rest[: RELATIVES - len(chosen)]
+            self.near[c] = chosen
+        return self.near[c]
+
+    def phrase(self, kind: str, photo: Photo, **values: str) -> str:
+        options = PHRASINGS[kind]
+        template = options[stable(self.seed, kind, photo.key, values.get("rank", "")) % len(options)]
+        return template.format(noun=noun_of(self.rows[photo.label]), **values)
+
+    def questions(self, photo: Photo, position_in_class: int) -> Iterator[dict]:
+        """This photo's questions. ``position_in_class`` (its place among its class's photos in
+        hash order) alternates yes and no, so each class and rank is balanced."""
+        row, c = self.rows[photo.label], photo.label
+        base = {"key": photo.key, "split": photo.split, "class_index": c, "class_id": self.classes.ids[c]}
+        species = species_name(row)
+        if "species" in self.types and species:
+            yield base | {
+                "type": "species",
+                "rank": "species",
+                "question": self.phrase("species", photo),
+                "answer": species,
+            }
+        if "common_name" in self.types and row.get("common_name"):
+            yield base | {
+                "type": "common_name",
+                "rank": "species",
+                "question": self.phrase("common_name", photo),
+                "answer": row["common_name"],
+            }
+        for rank in ASKED_RANKS:
+            value = row.get(rank, "")
+            if not value:
+                continue
+            if "rank" in self.types:
+                question = self.phrase("rank", photo, rank=rank)
+                yield base | {"type": "rank", "rank": rank, "question": question, "answer": value}
+            other = self.other_value(c, rank) if "yes_no" in self.types else ""
+            if other:  # a rank the whole table shares has no "no" to ask: neither is asked
+                yes = (position_in_class + ASKED_RANKS.index(rank)) % 2 == 0
+                asked = value if yes else other
+                if asked:
+                    question = self.phrase("yes_no", photo, rank=rank, value=asked)
+                    yield base | {
+                        "type": "yes_no",
+                        "rank": rank,
+                        "question": question,
+                        "answer": "yes" if yes else "no",
+                    }
+        if "multiple_choice" in self.types:
+            names = self.choice_names
+            if names[c]:
+                distractors = [names[o] for o in self.relatives(c) if names[o] and names[o] != names[c]]
+                distractors = list(dict.fromkeys(distractors))[: CHOICES - 1]
+                if distractors:
+                    choices = sorted([names[c], *distractors], key=lambda n: stable(self.seed, "order", photo.key, n))
+                    options = ", ".join(choices[:-1]) + f" or {choices[-1]}"
+                    question = self.phrase("multiple_choice", photo, options=options)
+                    yield base | {
+                        "type": "multiple_choice",
+                        "rank": "species",
+                        "question": question,
+                        "answer": names[c],
+                        "choices": choices,
+                    }
+        if "attributes" in self.types and row.get("attributes"):
+            question = self.phrase("attributes", photo)
+            yield base | {"type": "attributes", "rank": "", "question": question, "answer": row["attributes"]}
+
+    def other_value(self, c: int, rank: str) -> str:
+        """A value of ``rank`` that is not this class's: its closest relative's that differs, else
+        any other in the table (hash order); "" when the whole table shares this class's value."""
+        mine = self.rows[c].get(rank)
+        for other in self.relatives(c):
+            value = self.rows[other].get(rank)
+            if value and value != mine:
+                return value
+        others = [v for v in self.groups[rank] if v != mine]
+        return min(others, key=lambda v: stable(self.seed, "other", c, rank, v)) if others else ""
+
+
+def photos_of(path: str | Path, **source_options) -> tuple[ClassTable, list[Photo]]:
+    """(class table, every photo with its key, label and split) of a feature cache, shards or a
+    source; keys are the feature cache's, so questions join with cached embeddings."""
+    path = Path(path)
+    if (path / "meta.json").exists():
+        from taxoclip.data.features import load_features
+
+        cache = load_features(path)
+        names = cache.split_names
+        photos = [
+            Photo(k, int(y), names[s]) for k, y, s in zip(cache.keys, cache.labels, cache.split_codes, strict=True)
+        ]
+        return cache.classes, photos
+    from taxoclip.data.features import plan_data
+    from taxoclip.data.shards import iter_tar_samples
+
+    plan = plan_data(path, **source_options)
+    photos = []
+    for unit in plan.units:
+        if unit.shard:
+            for sample in iter_tar_samples(Path(unit.shard)):
+                meta = json.loads(sample["json"])
+                photos.append(Photo(sample["__key__"].decode(), int(sample["cls"]), meta["split"]))
+        else:
+            photos += [Photo(key, label, split) for key, _, label, split in unit.samples]
+    return ClassTable.from_json(plan.classes), photos
+
+
+def write_questions(
+    path: str | Path, out: str | Path, *, seed: int = 0, types: tuple[str, ...] = TYPES, **source_options
+) -> dict:
+    """Write one JSON line per question to ``out``; returns the counts (by type, split, answer)."""
+    classes, photos = photos_of(path, **source_options)
+    if not photos:
+        raise TaxoclipError(f"{path}: no photos to ask about")
+    maker = QuestionMaker(classes, seed, types)
+    by_class: dict[int, list[Photo]] = {}
+    for photo in photos:
+        by_class.setdefault(photo.label, []).append(photo)
+    position = {}
+    for members in by_class.values():
+        for i, photo in enumerate(sorted(members, key=lambda p: stable(seed, "order", p.key))):
+            position[photo.key] = i
+    counts = {"photos": len(photos), "questions": 0, "by_type": Counter(), "by_split": Counter(), "yes_no": Counter()}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(out.name + ".tmp")
+    with open(temporary, "w") as handle:
+        for photo in sorted(photos, key=lambda p: (p.split, p.key)):
+            for record in maker.questions(photo, position[photo.key]):
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                counts["questions"] += 1
+                counts["by_type"][record["type"]] += 1
+                counts["by_split"][record["split"]] += 1
+                if record["type"] == "yes_no":
+                    counts["yes_no"][record["answer"]] += 1
+    temporary.replace(out)
+    return {k: dict(v) if isinstance(v, Counter) else v for k, v in counts.items()}
