@@ -20,6 +20,7 @@ from taxoclip.taxonomy import Rank
 from taxoclip.train.catlip_config import DEPTHS, CatLIPConfig
 from taxoclip.train.finetune_config import HEADS, FinetuneConfig
 from taxoclip.train.lit_config import LOSSES, PROJECTION_INITS, TrainConfig
+from taxoclip.train.vqa_config import VQAConfig
 
 RANKS = [rank.column for rank in Rank]
 LINEAGE_RANKS = RANKS[:-1]  # kingdom ... genus: the species is the answer itself
@@ -287,6 +288,17 @@ def add_loop_settings(setting) -> None:
     setting("--eval-every", "eval_every", "epochs between evaluations on valid (the last always)", type=POSITIVE)
 
 
+def add_loop_settings_without_holdout(setting) -> None:
+    setting("--batch-size", "batch_size", "the global batch, shared among processes", type=POSITIVE)
+    setting("--epochs", "epochs", "passes over the training questions", type=POSITIVE)
+    setting("--weight-decay", "weight_decay", "AdamW weight decay", type=NON_NEGATIVE_NUMBER)
+    setting("--warmup", "warmup_steps", "linear warm-up steps before the cosine decay", type=NON_NEGATIVE)
+    setting("--grad-clip", "grad_clip", "gradient norm clip", type=POSITIVE_NUMBER)
+    setting("--seed", "seed", "data order", type=int)
+    setting("--device", "device", "auto, cpu, cuda, cuda:1 ...")
+    setting("--eval-every", "eval_every", "epochs between evaluations on valid (the last always)", type=POSITIVE)
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     setting = settings_of(p, TrainConfig)
     add_loop_settings(setting)
@@ -330,6 +342,33 @@ def cmd_questions(args: argparse.Namespace) -> int:
     print("by split: " + ", ".join(f"{k} {v}" for k, v in counts["by_split"].items()))
     if counts["yes_no"]:
         print(f"yes/no answers: {counts['yes_no'].get('yes', 0)} yes, {counts['yes_no'].get('no', 0)} no")
+    return 0
+
+
+def cmd_train_vqa(args: argparse.Namespace) -> int:
+    from taxoclip.train.vqa import VQAConfig, train_vqa
+
+    same = {f.name: getattr(args, f.name) for f in fields(VQAConfig) if hasattr(args, f.name)}
+    final = train_vqa(VQAConfig(**same | {"progress": not args.quiet}))
+    if "exact_match" in final:
+        print(f"valid questions answered exactly: {100 * final['exact_match']:.1f}%")
+    print(f"model in {args.output} (kind vqa: taxoclip ask PHOTO QUESTION --model {args.output})")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    import json as json_module
+
+    from taxoclip.models.vqa import ask
+
+    choices = [c.strip() for c in args.choices.split(",") if c.strip()] if args.choices else None
+    result = ask(args.model, args.photo, args.question, choices)
+    if args.format == "json":
+        print(json_module.dumps(result, ensure_ascii=False))
+    else:
+        print(result["answer"])
+        for entry in result.get("ranked", []):
+            print(f"  {entry['log_likelihood']:9.3f}  {entry['answer']}")
     return 0
 
 
@@ -770,6 +809,18 @@ def build_parser() -> argparse.ArgumentParser:
     q = trainers.add_parser("finetune", help="supervised fine-tuning: a head (and the tower) on the classes")
     add_finetune_arguments(q)
     q.set_defaults(handler=cmd_train_finetune)
+    q = trainers.add_parser("vqa", help="species question answering, stage 1: a projector into a frozen language model")
+    setting = settings_of(q, VQAConfig)
+    add_loop_settings_without_holdout(setting)
+    q.add_argument("--features", required=True, help="feature cache the questions were made from")
+    q.add_argument("--questions", required=True, help="JSON lines from 'taxoclip questions'")
+    q.add_argument("-o", "--output", required=True, help="model directory to write")
+    setting("--language-model", "language_model", "smollm2-135m (offline) or hf:NAME_OR_PATH")
+    setting("--image-tokens", "image_tokens", "K: image tokens before the question", type=POSITIVE)
+    setting("--lr", "lr", "learning rate of the projector", type=NON_NEGATIVE_NUMBER)
+    setting("--eval-questions", "eval_questions", "valid questions answered at each evaluation", type=NON_NEGATIVE)
+    q.add_argument("-q", "--quiet", action="store_true")
+    q.set_defaults(handler=cmd_train_vqa)
     q = trainers.add_parser("lit", help="tune a text tower against the locked image tower's cached embeddings")
     add_train_arguments(q)
     q.set_defaults(handler=cmd_train_lit)
@@ -788,6 +839,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_arguments(r)
     add_sweep_arguments(r)
     q.set_defaults(handler=cmd_train_sweep)
+
+    p = commands.add_parser("ask", help="answer a question about a photo with a vqa model")
+    p.add_argument("photo", help="the photo")
+    p.add_argument("question", help='the question, e.g. "Which family does this plant belong to?"')
+    p.add_argument("--model", required=True, help="a model directory from 'taxoclip train vqa'")
+    p.add_argument("--choices", help="candidate answers, comma-separated: also ranked by likelihood")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(handler=cmd_ask)
 
     p = commands.add_parser("eval", help="evaluate a model at every rank, with baselines, as a report")
     p.add_argument("--model", required=True, help="a model directory (taxoclip train) or open_clip:NAME (e.g. BioCLIP)")

