@@ -25,7 +25,7 @@ from taxoclip.data.chat import collate, encode
 from taxoclip.data.questions import write_questions
 from taxoclip.models.language import load_language_model
 from taxoclip.models.vqa import Projector, VQAModel
-from taxoclip.train.vqa import VQAConfig, VQATrainer, normalise, train_vqa
+from taxoclip.train.vqa import VQAConfig, VQATrainer, answer_record, normalise, train_vqa
 
 STEPS, BATCH, ANSWERS = 100, 32, 100
 
@@ -87,7 +87,7 @@ def bench_vqa(args) -> list[dict]:
         trainer = VQATrainer(config, setup("cpu"))  # the same evaluation questions, asked blind
         blind: dict[str, list[bool]] = {}
         for record in trainer.eval_records:
-            answer = trainer.module.answer(None, record["question"])
+            answer = answer_record(trainer.module, None, record)
             blind.setdefault(record["type"], []).append(normalise(answer) == normalise(record["answer"]))
         rows.append(
             {

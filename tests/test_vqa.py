@@ -63,6 +63,10 @@ def test_stage_one_trains_only_the_projector_and_ask_answers(
     )
     final = train_vqa(config)
     assert 0 <= final["exact_match"] <= 1 and final["train_loss"] == final["train_loss"]  # finite
+    # Closed questions are answered among their candidates (checked on the saved model below).
+    from taxoclip.train.vqa import answer_record, candidates_of
+
+    assert candidates_of({"type": "yes_no"}) == ["yes", "no"] and candidates_of({"type": "rank"}) is None
     rows = [json.loads(line) for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
     assert rows[1]["train_loss"] < rows[0]["train_loss"]  # the projector learns
     saved = load_file(str(tmp_path / "m" / "projector.safetensors"))
@@ -82,5 +86,13 @@ def test_stage_one_trains_only_the_projector_and_ask_answers(
     assert main([*arguments, "--choices", "yes,no", "--format", "json"]) == 0
     answer = json.loads(capsys.readouterr().out)
     assert isinstance(answer["answer"], str) and {r["answer"] for r in answer["ranked"]} == {"yes", "no"}
+    from taxoclip.models.vqa import load_vqa_model
+
+    model, _ = load_vqa_model(tmp_path / "m")
+    record = {"type": "multiple_choice", "question": "Which?", "choices": ["Genus1", "Genus2", "Genus3"]}
+    assert answer_record(model, None, record) in record["choices"]
+    yes_no = [json.loads(line) for line in questions.read_text().splitlines() if '"yes_no"' in line][:20]
+    answers = {answer_record(model, None, r) for r in yes_no}
+    assert answers <= {"yes", "no"}
     assert main(["ask", str(tmp_path / "none.jpg"), "What?", "--model", str(tmp_path / "m")]) == 2
     assert "none.jpg" in capsys.readouterr().err

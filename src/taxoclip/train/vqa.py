@@ -111,18 +111,35 @@ class VQATrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict:
-        """Normalised exact match of greedy answers on valid questions, overall and by type."""
+        """Normalised exact match on valid questions, overall and by type: closed questions
+        (yes/no, multiple choice) answered by the most likely candidate, open ones greedily."""
         if not self.eval_records:
             return {}
         self.module.eval()
         right: dict[str, list[bool]] = {}
         for record in self.eval_records:
             features = torch.from_numpy(np.asarray(self.cache.features[[record["row"]]], np.float32))
-            answer = self.module.answer(features.to(self.runtime.device), record["question"])
+            answer = answer_record(self.module, features.to(self.runtime.device), record)
             right.setdefault(record["type"], []).append(normalise(answer) == normalise(record["answer"]))
         self.module.train()
         every = [x for values in right.values() for x in values]
         return {"exact_match": float(np.mean(every))} | {f"exact_{t}": float(np.mean(v)) for t, v in right.items()}
+
+
+def candidates_of(record: dict) -> list[str] | None:
+    """The answers a closed question allows (None for an open one)."""
+    if record.get("type") == "yes_no":
+        return ["yes", "no"]
+    return record.get("choices") or None
+
+
+def answer_record(model, features: torch.Tensor | None, record: dict) -> str:
+    """A question record's answer: the most likely candidate when it is closed, else greedy."""
+    candidates = candidates_of(record)
+    if candidates:
+        scores = model.rank(features, record["question"], candidates)
+        return candidates[int(np.argmax(scores))]
+    return model.answer(features, record["question"])
 
 
 def train_vqa(config: VQAConfig) -> dict:
