@@ -31,7 +31,8 @@ from taxoclip.eval import baselines
 from taxoclip.models.catlip import transfer_init
 from taxoclip.models.registry import load_classifier
 from taxoclip.train.catlip import CatLIPConfig, train_catlip
-from taxoclip.train.lit import TrainConfig, load_history, train_lit
+from taxoclip.train.lit import TrainConfig, train_lit
+from taxoclip.train.log import load_history
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "results" / "cache"  # kept between runs: the shards and the one extraction pass

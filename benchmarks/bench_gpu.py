@@ -24,7 +24,8 @@ from taxoclip.data.features import extract_features
 from taxoclip.data.shards import ShardOptions, write_shards
 from taxoclip.data.sources import load_source
 from taxoclip.models.towers import create_image_tower
-from taxoclip.train.lit import TrainConfig, load_history, train_lit
+from taxoclip.train.lit import TrainConfig, train_lit
+from taxoclip.train.log import load_history
 
 CLASSES, TRAIN_PER_CLASS, VALID_PER_CLASS = 102, 240, 8  # ~25,000 photos: start-up costs amortise
 BATCH, STEPS = 512, 4

@@ -21,7 +21,8 @@ from taxoclip.data.paths import find_dataset
 from taxoclip.data.shards import ShardOptions, write_shards
 from taxoclip.data.sources import load_source
 from taxoclip.models.towers import create_image_tower
-from taxoclip.train.lit import TrainConfig, load_history, train_lit
+from taxoclip.train.lit import TrainConfig, train_lit
+from taxoclip.train.log import load_history
 
 BATCH = 512
 STEPS = 4  # steps timed in each mode (a whole in-loop epoch takes minutes here)

@@ -7,12 +7,12 @@ import torch
 from safetensors.torch import load_file
 
 import taxoclip
-import taxoclip.train.lit as lit_module
 import taxoclip.train.loop as loop_module
 from conftest import one_and_two_processes, tiny_train_config
 from taxoclip import TaxoclipError
 from taxoclip.models.losses import class_contrastive_loss, clip_loss, unique_targets
 from taxoclip.train.lit import train_lit
+from taxoclip.train.log import load_history
 from taxoclip.train.loop import warmup_cosine
 from test_catlip import count_epochs
 
@@ -180,9 +180,9 @@ def test_two_processes_under_torchrun_match_one(colour_features, tiny_text_tower
     )
     # One process group of two: each rank trained on its half of every global batch of 32
     # (96 train photos: 3 steps of 16 per rank per epoch) ...
-    history = lit_module.load_history(tmp_path / "two")
+    history = load_history(tmp_path / "two")
     assert [row["samples_by_rank"] for row in history] == [[48, 48], [48, 48]]
-    assert [row["samples_by_rank"] for row in lit_module.load_history(tmp_path / "one")] == [[96], [96]]
+    assert [row["samples_by_rank"] for row in load_history(tmp_path / "one")] == [[96], [96]]
     assert json.loads((tmp_path / "two" / "config.json").read_text())["training"]["world_size"] == 2
     # ... only rank 0 reported and wrote ...
     assert double.stdout.count("model, metrics.csv and plots in") == 1
@@ -254,7 +254,6 @@ def test_unlocked_image_tower_is_checkpointed_and_resumes_exactly(
 
 
 def test_eval_every_spaces_out_evaluation_but_always_scores_the_last_epoch(colour_features, tiny_text_tower, tmp_path):
-    from taxoclip.train.lit import load_history
 
     train_lit(config(colour_features, tmp_path / "m", tiny_text_tower, epochs=3, eval_every=2))
     history = load_history(tmp_path / "m")

@@ -96,3 +96,19 @@ def test_stage_one_trains_only_the_projector_and_ask_answers(
     assert answers <= {"yes", "no"}
     assert main(["ask", str(tmp_path / "none.jpg"), "What?", "--model", str(tmp_path / "m")]) == 2
     assert "none.jpg" in capsys.readouterr().err
+
+
+def test_a_questions_file_is_checked_line_by_line(tmp_path):
+    from taxoclip.errors import TaxoclipError
+    from taxoclip.train.vqa import read_questions
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"key": "a", "question": "Q?", "answer": "yes"}\n{"key": "b", "question": "Q?"}\n')
+    with pytest.raises(TaxoclipError, match="line 2: not a question record"):
+        read_questions(path, {"a": 0, "b": 1})
+    path.write_text('{"key": "z", "question": "Q?", "answer": "yes"}\n')
+    with pytest.raises(TaxoclipError, match="none of its 1 questions names a photo"):
+        read_questions(path, {"a": 0})
+    path.write_text('{"key": "a", "question": "Q?", "answer": "yes"}\nnot json\n')
+    with pytest.raises(TaxoclipError, match="line 2"):
+        read_questions(path, {"a": 0})

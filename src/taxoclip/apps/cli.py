@@ -274,27 +274,18 @@ def settings_of(p: argparse.ArgumentParser, config_class: type):
     return setting
 
 
-def add_loop_settings(setting) -> None:
-    """The options every trainer shares (the training loop's and the held-out split's)."""
+def add_loop_settings(setting, holdout: bool = True) -> None:
+    """The options every trainer shares (the training loop's and, with ``holdout``, the held-out
+    classes')."""
     setting("--batch-size", "batch_size", "the global batch, shared among processes", type=POSITIVE)
     setting("--epochs", "epochs", "passes over the training photos", type=POSITIVE)
     setting("--weight-decay", "weight_decay", "AdamW weight decay", type=NON_NEGATIVE_NUMBER)
     setting("--warmup", "warmup_steps", "linear warm-up steps before the cosine decay", type=NON_NEGATIVE)
     setting("--grad-clip", "grad_clip", "gradient norm clip", type=POSITIVE_NUMBER)
-    setting("--holdout", "holdout", "classes left out of training, to measure unseen classes", type=NON_NEGATIVE)
-    setting("--holdout-seed", "holdout_seed", "which classes are left out", type=int)
+    if holdout:
+        setting("--holdout", "holdout", "classes left out of training, to measure unseen classes", type=NON_NEGATIVE)
+        setting("--holdout-seed", "holdout_seed", "which classes are left out", type=int)
     setting("--seed", "seed", "data order, caption styles, dropout", type=int)
-    setting("--device", "device", "auto, cpu, cuda, cuda:1 ...")
-    setting("--eval-every", "eval_every", "epochs between evaluations on valid (the last always)", type=POSITIVE)
-
-
-def add_loop_settings_without_holdout(setting) -> None:
-    setting("--batch-size", "batch_size", "the global batch, shared among processes", type=POSITIVE)
-    setting("--epochs", "epochs", "passes over the training questions", type=POSITIVE)
-    setting("--weight-decay", "weight_decay", "AdamW weight decay", type=NON_NEGATIVE_NUMBER)
-    setting("--warmup", "warmup_steps", "linear warm-up steps before the cosine decay", type=NON_NEGATIVE)
-    setting("--grad-clip", "grad_clip", "gradient norm clip", type=POSITIVE_NUMBER)
-    setting("--seed", "seed", "data order", type=int)
     setting("--device", "device", "auto, cpu, cuda, cuda:1 ...")
     setting("--eval-every", "eval_every", "epochs between evaluations on valid (the last always)", type=POSITIVE)
 
@@ -811,7 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(handler=cmd_train_finetune)
     q = trainers.add_parser("vqa", help="species question answering, stage 1: a projector into a frozen language model")
     setting = settings_of(q, VQAConfig)
-    add_loop_settings_without_holdout(setting)
+    add_loop_settings(setting, holdout=False)
     q.add_argument("--features", required=True, help="feature cache the questions were made from")
     q.add_argument("--questions", required=True, help="JSON lines from 'taxoclip questions'")
     q.add_argument("-o", "--output", required=True, help="model directory to write")

@@ -23,7 +23,7 @@ from taxoclip.models.catlip import LabelHead, catlip_loss, class_head, fit_tempe
 from taxoclip.runtime import Runtime, seed_everything, setup
 from taxoclip.train.catlip_config import CatLIPConfig
 from taxoclip.train.depths import TowerSource, freeze_batch_norm_statistics
-from taxoclip.train.loop import Batch, LoopConfig, Trainer, fit
+from taxoclip.train.loop import Batch, LoopConfig, Trainer, fit, run_signature
 
 __all__ = ["CatLIPConfig", "CatLIPTrainer", "train_catlip"]
 
@@ -148,8 +148,7 @@ def train_catlip(config: CatLIPConfig) -> dict:
     runtime = setup(config.device)
     seed_everything(config.seed)
     trainer = CatLIPTrainer(config, runtime)
-    signature = {k: v for k, v in asdict(config).items() if k not in ("progress", "device", "output")}
-    signature["data"] = trainer.source.data_id
+    signature = run_signature(config, data=trainer.source.data_id)
     history = fit(trainer, LoopConfig.from_settings(config, signature=signature), runtime)
     if runtime.is_main:
         training = asdict(config) | {"held_out": trainer.held_out.tolist(), "world_size": runtime.world_size}

@@ -24,7 +24,7 @@ from taxoclip.models.finetune import FinetuneHead, save_finetune
 from taxoclip.runtime import Runtime, seed_everything, setup
 from taxoclip.train.depths import TowerOnPixels, TowerSource, freeze_batch_norm_statistics
 from taxoclip.train.finetune_config import FinetuneConfig
-from taxoclip.train.loop import Batch, LoopConfig, Trainer, fit
+from taxoclip.train.loop import Batch, LoopConfig, Trainer, fit, run_signature
 from taxoclip.train.sampling import balanced_rows, class_weights, repeat_factors, repeats, sampling_summary
 
 __all__ = ["FinetuneConfig", "FinetuneTrainer", "train_finetune"]
@@ -164,8 +164,9 @@ class FinetuneTrainer(Trainer):
         return min(steps, self.config.max_steps_per_epoch or steps)
 
     def batches(self, epoch: int) -> Iterator[Batch]:
-        """Training rows (or photos), re-balanced to N per class with ``--balance``; counts what it draws."""
-        self.drawn[:] = 0
+        """Training rows (or photos), re-balanced to N per class with ``--balance``; counts what this
+        rank draws."""
+        self.drawn = np.zeros(len(self.classes), dtype=np.int64)
         config, source = self.config, self.source
         order, repeat = None, None
         if config.balance and source.cache is not None:
@@ -179,19 +180,15 @@ class FinetuneTrainer(Trainer):
                 return repeats(labels, factors, generator)
 
         for batch in source.batches(epoch, order, repeat):
-            self.drawn += np.bincount(self.global_labels(batch), minlength=len(self.drawn))
+            self.drawn += np.bincount(batch.inputs["labels"].cpu().numpy(), minlength=len(self.drawn))
             yield batch
 
-    def global_labels(self, batch: Batch) -> np.ndarray:
-        """The labels of the whole global batch (every rank's share), for counting what was drawn."""
-        mine = batch.inputs["labels"].cpu().numpy()
-        if self.runtime.world_size == 1:
-            return mine
-        return np.concatenate(self.runtime.gather_objects(mine))
-
     def epoch_extras(self) -> dict:
+        """What re-balancing drew this epoch, over every rank's share (one gather per epoch)."""
         if not self.config.balance:
             return {}
+        if self.runtime.world_size > 1:
+            self.drawn = np.sum(self.runtime.gather_objects(self.drawn), axis=0)
         return {f"balance_{k}": v for k, v in sampling_summary(self.images_per_class, self.drawn).items()}
 
     @torch.no_grad()
@@ -279,8 +276,7 @@ def train_finetune(config: FinetuneConfig) -> dict:
     runtime = setup(config.device)
     seed_everything(config.seed)
     trainer = FinetuneTrainer(config, runtime)
-    signature = {k: v for k, v in asdict(config).items() if k not in ("progress", "device", "output")}
-    signature["data"] = trainer.source.data_id
+    signature = run_signature(config, data=trainer.source.data_id)
     loop = LoopConfig.from_settings(config, signature=signature, monitor="select_top1")
     history = fit(trainer, loop, runtime)
     if config.patience and history:  # the weights kept are the best selection epoch's: report that epoch

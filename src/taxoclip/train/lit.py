@@ -10,7 +10,6 @@ of the cache being read, which is what a trainer without the cache does (e.g. Op
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -26,7 +25,7 @@ from taxoclip.models.lit import CaptionBank, LiTConfig, LiTModel, ridge_text_pro
 from taxoclip.models.towers import create_image_tower, create_text_tower
 from taxoclip.runtime import Runtime, gather_with_grad, seed_everything, setup
 from taxoclip.train.lit_config import TrainConfig
-from taxoclip.train.loop import Batch, LoopConfig, Trainer, fit
+from taxoclip.train.loop import Batch, LoopConfig, Trainer, fit, run_signature
 from taxoclip.train.photos import ShardBatches, embed_split
 from taxoclip.train.splits import held_out_classes, split_rows
 
@@ -205,7 +204,7 @@ def train_lit(config: TrainConfig) -> dict:
     trainer = LiTTrainer(config, runtime)
     # The signature names the data by its cache key: a features folder replaced by another cache
     # is another run, never resumed.
-    signature = run_signature(config) | {"data": trainer.cache.meta["cache_key"]}
+    signature = run_signature(config, data=trainer.cache.meta["cache_key"])
     history = fit(trainer, LoopConfig.from_settings(config, signature=signature), runtime)
     if runtime.is_main:
         save_lit(
@@ -218,12 +217,6 @@ def train_lit(config: TrainConfig) -> dict:
         )
     runtime.barrier()
     return history[-1] if history else {}
-
-
-def run_signature(config: TrainConfig) -> dict:
-    """The settings a resumed run must share with the one that made the checkpoint."""
-    ignored = {"progress", "device", "output"}
-    return {k: v for k, v in asdict(config).items() if k not in ignored}
 
 
 def class_mean_embeddings(model: LiTModel, features: torch.Tensor, labels: np.ndarray, n_classes: int) -> torch.Tensor:
@@ -257,8 +250,3 @@ def evaluate(
     result = seen_unseen_accuracy(lambda x: x @ class_embeddings.T, image, labels, held_out)
     model.train()
     return result
-
-
-def load_history(output: str | Path) -> list[dict]:
-    path = Path(output) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

@@ -18,6 +18,12 @@ def write_log(folder: Path, history: list[dict]) -> None:
         writer.writerows(history)
 
 
+def load_history(folder: str | Path) -> list[dict]:
+    """The rows `write_log` wrote (empty when the run has not finished an epoch)."""
+    path = Path(folder) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 def plot_history(folder: Path, history: list[dict], title: str = "") -> list[Path]:
     """accuracy.png (zero-shot top-1/top-5 per epoch) and loss.png, as the paper's figures."""
     import matplotlib

@@ -92,6 +92,13 @@ class LoopConfig:
         return cls(**(shared | overrides))
 
 
+def run_signature(settings: Any, **data: str) -> dict:
+    """The settings a resumed run must share with the one that made the checkpoint (all but where
+    it writes, which device, and progress), plus what it trained on, by content."""
+    ignored = {"progress", "device", "output"}
+    return {f.name: getattr(settings, f.name) for f in fields(settings) if f.name not in ignored} | data
+
+
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     """Learning-rate multiplier: linear from 0 over ``warmup_steps``, then cosine down to 0."""
     if warmup_steps > 0 and step < warmup_steps:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from taxoclip.errors import TaxoclipError
+from taxoclip.train.log import load_history
 
 ALIASES = {"warmup": "warmup_steps", "select": "select_fraction"}  # command-line flag names
 SHORT = {long: short for short, long in ALIASES.items()}  # run folders: warmup-12, not warmup_steps-12
@@ -100,11 +101,6 @@ def run_sweep(trainer: str, config: Any, param: str, values: list) -> dict:
     if param in BALANCING and chosen is not None:
         plot_confusions(out, param, rows, chosen)
     return result
-
-
-def load_history(folder: str | Path) -> list[dict]:
-    path = Path(folder) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def summarise(param: str, value, history: list[dict], folder: Path) -> dict:

@@ -21,7 +21,7 @@ from taxoclip.errors import TaxoclipError
 from taxoclip.models.language import load_language_model
 from taxoclip.models.vqa import Projector, VQAModel, save_vqa
 from taxoclip.runtime import Runtime, seed_everything, setup
-from taxoclip.train.loop import Batch, LoopConfig, Trainer, fit
+from taxoclip.train.loop import Batch, LoopConfig, Trainer, fit, run_signature
 from taxoclip.train.vqa_config import VQAConfig
 
 __all__ = ["VQAConfig", "VQATrainer", "normalise", "train_vqa"]
@@ -43,15 +43,15 @@ def read_questions(path: str | Path, row_of: dict[str, int]) -> list[dict]:
         for line_number, line in enumerate(handle, 1):
             try:
                 record = json.loads(line)
-                key, question, answer = record["key"], record["question"], record["answer"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise TaxoclipError(
-                    f"{path}, line {line_number}: not a question record (key, question, answer)"
-                ) from None
-            if key not in row_of:
+                complete = isinstance(record, dict) and {"key", "question", "answer"} <= record.keys()
+            except json.JSONDecodeError:
+                complete = False
+            if not complete:
+                raise TaxoclipError(f"{path}, line {line_number}: not a question record (key, question, answer)")
+            if record["key"] not in row_of:
                 missing += 1
                 continue
-            records.append(record | {"row": row_of[key], "question": question, "answer": answer})
+            records.append(record | {"row": row_of[record["key"]]})
     if not records:
         raise TaxoclipError(
             f"{path}: none of its {missing} questions names a photo of the feature cache; make the questions from it"
@@ -148,8 +148,7 @@ def train_vqa(config: VQAConfig) -> dict:
     runtime = setup(config.device)
     seed_everything(config.seed)
     trainer = VQATrainer(config, runtime)
-    signature = {k: v for k, v in asdict(config).items() if k not in ("progress", "device", "output")}
-    signature["data"] = trainer.cache.meta["cache_key"]
+    signature = run_signature(config, data=trainer.cache.meta["cache_key"])
     history = fit(trainer, LoopConfig.from_settings(config, signature=signature), runtime)
     if runtime.is_main:
         training = asdict(config) | {
