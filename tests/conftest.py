@@ -265,3 +265,22 @@ def tiny_train_config(features, out, text_tower: str, **overrides):
         progress=False,
     )
     return TrainConfig(**{**settings, **overrides})
+
+
+def die_after_checkpoint(monkeypatch, checkpoints: int, train, settings) -> None:
+    """Call ``train(settings)`` as if the process were killed right after the shared loop wrote its
+    ``checkpoints``-th checkpoint; the loop is whole again afterwards."""
+    import taxoclip.train.loop as loop_module
+
+    original, calls = loop_module.save_checkpoint, []
+
+    def save_then_die(*args, **kwargs):
+        original(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == checkpoints:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(settings)
+    monkeypatch.setattr(loop_module, "save_checkpoint", original)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import taxoclip
 import taxoclip.train.loop as loop_module
-from conftest import one_and_two_processes
+from conftest import die_after_checkpoint, one_and_two_processes
 from taxoclip import ClassTable, TaxoclipError
 from taxoclip.apps.cli import main
 from taxoclip.data.features import load_features
@@ -145,18 +145,9 @@ def count_epochs(monkeypatch) -> list[int]:
 
 def test_killed_and_resumed_catlip_run_ends_like_an_uninterrupted_one(colour_features, tmp_path, monkeypatch):
     train_catlip(settings(colour_features, tmp_path / "clean", epochs=3))
-    original, calls = loop_module.save_checkpoint, []
-
-    def save_then_die(*args, **kwargs):
-        original(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_catlip(settings(colour_features, tmp_path / "resumed", epochs=3))
-    monkeypatch.setattr(loop_module, "save_checkpoint", original)
+    die_after_checkpoint(
+        monkeypatch, 1, lambda: train_catlip(settings(colour_features, tmp_path / "resumed", epochs=3))
+    )
     epochs_run = count_epochs(monkeypatch)
     train_catlip(settings(colour_features, tmp_path / "resumed", epochs=3))
     assert epochs_run == [2, 3]  # it went on from the checkpoint, not from scratch

@@ -11,8 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import taxoclip
-import taxoclip.train.loop as loop_module
-from conftest import one_and_two_processes
+from conftest import die_after_checkpoint, one_and_two_processes
 from taxoclip.apps.cli import main
 from taxoclip.data.features import load_features
 from taxoclip.train.finetune import FinetuneConfig, FinetuneTrainer, soft_cross_entropy, train_finetune
@@ -172,18 +171,9 @@ def test_killed_and_resumed_run_with_average_balance_and_patience_ends_like_an_u
 
 def kill_after_epoch_two_and_resume(colour_features, tmp_path, monkeypatch, options):
     train_finetune(settings(colour_features, tmp_path / "clean", **options))
-    original, calls = loop_module.save_checkpoint, []
-
-    def save_then_die(*args, **kwargs):
-        original(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_finetune(settings(colour_features, tmp_path / "resumed", **options))
-    monkeypatch.setattr(loop_module, "save_checkpoint", original)
+    die_after_checkpoint(
+        monkeypatch, 2, lambda: train_finetune(settings(colour_features, tmp_path / "resumed", **options))
+    )
     train_finetune(settings(colour_features, tmp_path / "resumed", **options))
     clean = load_file(str(tmp_path / "clean" / "head.safetensors"))
     resumed = load_file(str(tmp_path / "resumed" / "head.safetensors"))

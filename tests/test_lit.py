@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import taxoclip
 import taxoclip.train.loop as loop_module
-from conftest import one_and_two_processes, tiny_train_config
+from conftest import die_after_checkpoint, one_and_two_processes, tiny_train_config
 from taxoclip import TaxoclipError
 from taxoclip.models.losses import class_contrastive_loss, clip_loss, unique_targets
 from taxoclip.train.lit import train_lit
@@ -82,19 +82,10 @@ def test_training_learns_and_the_model_directory_classifies(colour_features, tin
 
 def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(colour_features, tiny_text_tower, tmp_path, monkeypatch):
     train_lit(config(colour_features, tmp_path / "clean", tiny_text_tower))
-    original = loop_module.save_checkpoint
-    calls = []
-
-    def save_then_die(*args, **kwargs):
-        original(*args, **kwargs)
-        calls.append(1)
-        if len(calls) == 1:
-            raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
-
-    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_lit(config(colour_features, tmp_path / "resumed", tiny_text_tower))
-    monkeypatch.setattr(loop_module, "save_checkpoint", original)
+    # killed right after the first epoch's checkpoint
+    die_after_checkpoint(
+        monkeypatch, 1, lambda: train_lit(config(colour_features, tmp_path / "resumed", tiny_text_tower))
+    )
     epochs_run = count_epochs(monkeypatch)
     train_lit(config(colour_features, tmp_path / "resumed", tiny_text_tower))
     assert epochs_run == [2, 3]  # it went on from the checkpoint, not from scratch
