@@ -267,8 +267,8 @@ def tiny_train_config(features, out, text_tower: str, **overrides):
     return TrainConfig(**{**settings, **overrides})
 
 
-def die_after_checkpoint(monkeypatch, checkpoints: int, train, settings) -> None:
-    """Call ``train(settings)`` as if the process were killed right after the shared loop wrote its
+def die_after_checkpoint(monkeypatch, checkpoints: int, run) -> None:
+    """Call ``run()`` as if the process were killed right after the shared loop wrote its
     ``checkpoints``-th checkpoint; the loop is whole again afterwards."""
     import taxoclip.train.loop as loop_module
 
@@ -282,5 +282,5 @@ def die_after_checkpoint(monkeypatch, checkpoints: int, train, settings) -> None
 
     monkeypatch.setattr(loop_module, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train(settings)
+        run()
     monkeypatch.setattr(loop_module, "save_checkpoint", original)
