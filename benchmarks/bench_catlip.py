@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import benchmark
+from common import benchmark, interleaved_step_seconds
 from taxoclip.data.captions import build_captions
 from taxoclip.data.features import FeatureCache, extract_features
 from taxoclip.data.paths import find_dataset
@@ -154,22 +153,12 @@ def upper_depth_speed(steps: int = 3) -> list[dict]:
     def contrastive(features, labels):
         return lit(contrastive_upper(features), labels, bank, styles)
 
-    timings: dict[str, list[float]] = {"catlip": [], "contrastive": []}
     runs = {
-        "catlip": (catlip, list(catlip.parameters())),
-        "contrastive": (contrastive, [*contrastive_upper.parameters(), *lit.parameters()]),
+        "catlip": (lambda: catlip(batch, labels), list(catlip.parameters())),
+        "contrastive": (lambda: contrastive(batch, labels), [*contrastive_upper.parameters(), *lit.parameters()]),
     }
-    optimizers = {name: torch.optim.AdamW([p for p in params if p.requires_grad]) for name, (_, params) in runs.items()}
-    for step in range(steps + 1):  # the first round warms up, untimed
-        for name, (loss_of, _) in runs.items():
-            started = time.perf_counter()
-            loss = loss_of(batch, labels)
-            optimizers[name].zero_grad()
-            loss.backward()
-            optimizers[name].step()
-            if step:
-                timings[name].append(time.perf_counter() - started)
-    catlip_step, contrastive_step = statistics.median(timings["catlip"]), statistics.median(timings["contrastive"])
+    median = interleaved_step_seconds(runs, steps)
+    catlip_step, contrastive_step = median["catlip"], median["contrastive"]
     return [
         {"what": "CatLIP step, last stage + label layer on cached activations", "seconds": catlip_step},
         {"what": "contrastive step, last stage + LiT text side on the same activations", "seconds": contrastive_step},

@@ -12,14 +12,11 @@ Steps are interleaved round by round and the median taken (the machine is shared
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import numpy as np
 import torch
 
 from bench_catlip import CACHE, flowers_cache
-from common import benchmark
+from common import benchmark, interleaved_step_seconds
 from taxoclip.data.features import extract_features
 from taxoclip.models.finetune import FinetuneHead
 from taxoclip.models.split import split_tower
@@ -61,34 +58,25 @@ def bench_finetune(args) -> list[dict]:
         return on_cache(below, targets)
 
     runs = {
-        "head on cached embeddings": (head_only, embeddings, head_only.parameters()),
-        "last stage + head on cached activations": (on_cache, cached_activations, on_cache.parameters()),
-        "last stage + head, frozen stages run every step": (frozen_lower_every_step, pixels, on_cache.parameters()),
-        "whole tower + head": (whole, pixels, whole.parameters()),
-    }
-    optimizers = {
-        name: torch.optim.AdamW([p for p in params if p.requires_grad]) for name, (_, _, params) in runs.items()
+        "head on cached embeddings": (lambda: head_only(embeddings, labels), list(head_only.parameters())),
+        "last stage + head on cached activations": (
+            lambda: on_cache(cached_activations, labels),
+            list(on_cache.parameters()),
+        ),
+        "last stage + head, frozen stages run every step": (
+            lambda: frozen_lower_every_step(pixels, labels),
+            list(on_cache.parameters()),
+        ),
+        "whole tower + head": (lambda: whole(pixels, labels), list(whole.parameters())),
     }
     for module in (head_only, on_cache, whole):
         module.train()
-    timings: dict[str, list[float]] = {name: [] for name in runs}
-    for step in range(STEPS + 1):  # the first round warms up, untimed
-        for name, (loss_of, inputs, _) in runs.items():
-            started = time.perf_counter()
-            loss = loss_of(inputs, labels)
-            optimizers[name].zero_grad()
-            loss.backward()
-            optimizers[name].step()
-            if step:
-                timings[name].append(time.perf_counter() - started)
+    median = interleaved_step_seconds(runs, STEPS)
     steps_per_epoch = train_photos // BATCH
-    out = []
-    for name, values in timings.items():
-        step_seconds = statistics.median(values)
-        out.append(
-            {"what": f"{name} (batch {BATCH})", "seconds": step_seconds, "epoch_s": step_seconds * steps_per_epoch}
-        )
-    median = {name: statistics.median(values) for name, values in timings.items()}
+    out = [
+        {"what": f"{name} (batch {BATCH})", "seconds": seconds, "epoch_s": seconds * steps_per_epoch}
+        for name, seconds in median.items()
+    ]
     cached = median["last stage + head on cached activations"]
     out.append(
         {

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from bench_catlip import flowers_cache
-from common import benchmark
+from common import benchmark, interleaved_step_seconds
 from taxoclip.data.chat import collate, encode
 from taxoclip.data.questions import write_questions
 from taxoclip.models.language import load_language_model
@@ -49,21 +49,15 @@ def bench_vqa(args) -> list[dict]:
         texts = [encode(tokenizer, "Which family does this plant belong to?", "Rosaceae")] * BATCH
         batch = collate(texts, tokenizer.pad_token_id or 0)
         models = {k: VQAModel(lm, tokenizer, Projector(x.shape[1], hidden, k)) for k in (1, 4)}
-        optimisers = {k: torch.optim.AdamW(m.projector.parameters(), lr=1e-3) for k, m in models.items()}
-        timings = {k: [] for k in models}
-        for step in range(4):
-            for k, model in models.items():
-                started = time.perf_counter()
-                loss = model(features, **batch)
-                optimisers[k].zero_grad()
-                loss.backward()
-                optimisers[k].step()
-                if step:
-                    timings[k].append(time.perf_counter() - started)
-        for k, values in timings.items():
-            rows.append(
-                {"what": f"stage-1 training, K = {k} (batch {BATCH})", "per_second": BATCH / statistics.median(values)}
-            )
+        median = interleaved_step_seconds(
+            {
+                k: (lambda m=model: m(features, **batch), list(model.projector.parameters()))
+                for k, model in models.items()
+            },
+            3,
+        )
+        for k, seconds in median.items():
+            rows.append({"what": f"stage-1 training, K = {k} (batch {BATCH})", "per_second": BATCH / seconds})
         answer_times = {k: [] for k in models}
         for i in range(6):
             for k, model in models.items():
