@@ -136,3 +136,10 @@ def test_the_command_and_its_bad_input(birds, tmp_path, capsys):
     assert main(["questions", str(birds), "-o", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists() and not (tmp_path / "y.jsonl").exists()
+
+
+def test_questions_about_shards_name_the_same_photos_as_their_feature_cache(colour_shards, colour_features, tmp_path):
+    from taxoclip.data.features import load_features
+
+    write_questions(colour_shards, tmp_path / "qa.jsonl", types=("rank",))
+    assert {r["key"] for r in read(tmp_path / "qa.jsonl")} == set(load_features(colour_features).keys)

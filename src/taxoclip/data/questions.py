@@ -236,7 +236,7 @@ def photos_of(path: str | Path, **source_options) -> tuple[ClassTable, list[Phot
     photos = []
     for unit in plan.units:
         if unit.shard:
-            for sample in iter_tar_samples(Path(unit.shard)):
+            for sample in iter_tar_samples(Path(unit.shard), only=("json", "cls")):  # no image bytes
                 meta = json.loads(sample["json"])
                 photos.append(Photo(sample["__key__"].decode(), int(sample["cls"]), meta["split"]))
         else:

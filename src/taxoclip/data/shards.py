@@ -457,8 +457,9 @@ def manifest_classes(manifest: dict) -> ClassTable:
     return ClassTable.from_json(manifest["classes"])
 
 
-def iter_tar_samples(path: Path) -> Iterator[dict[str, bytes]]:
-    """Samples of one shard as {"__key__": key, ext: bytes}, grouped by key in file order."""
+def iter_tar_samples(path: Path, only: tuple[str, ...] | None = None) -> Iterator[dict[str, bytes]]:
+    """Samples of one shard as {"__key__": key, ext: bytes}, grouped by key in file order; with
+    ``only``, just those extensions are read (the others, e.g. the images, are skipped unread)."""
     current: dict[str, bytes] = {}
     with tarfile.open(path, "r") as archive:
         for member in archive:
@@ -469,6 +470,8 @@ def iter_tar_samples(path: Path) -> Iterator[dict[str, bytes]]:
                 yield current
                 current = {}
             current["__key__"] = key.encode()
+            if only is not None and ext not in only:
+                continue
             handle = archive.extractfile(member)
             current[ext] = handle.read() if handle else b""
     if current:
