@@ -41,19 +41,14 @@ def tiny_language_model(tmp_path_factory):
     return f"hf:{folder}"
 
 
-def test_stage_one_trains_only_the_projector_and_ask_answers(
-    colour_features, colour_shards, tiny_language_model, tmp_path, capsys
-):
-    from taxoclip.data.questions import write_questions
-    from taxoclip.train.vqa import VQAConfig, train_vqa
+def vqa_settings(features, questions, output, language_model, **overrides):
+    from taxoclip.train.vqa import VQAConfig
 
-    questions = tmp_path / "qa.jsonl"
-    write_questions(colour_features, questions, types=("rank", "yes_no"))
-    config = VQAConfig(
-        features=str(colour_features),
+    values = dict(
+        features=str(features),
         questions=str(questions),
-        output=str(tmp_path / "m"),
-        language_model=tiny_language_model,
+        output=str(output),
+        language_model=language_model,
         image_tokens=2,
         batch_size=16,
         epochs=2,
@@ -61,7 +56,24 @@ def test_stage_one_trains_only_the_projector_and_ask_answers(
         lr=1e-2,
         progress=False,
     )
-    final = train_vqa(config)
+    return VQAConfig(**values | overrides)
+
+
+@pytest.fixture(scope="module")
+def stage_one(colour_features, tiny_language_model, tmp_path_factory):
+    """(folder, final metrics): a stage-1 model ``folder/m`` trained on ``folder/qa.jsonl``."""
+    from taxoclip.data.questions import write_questions
+    from taxoclip.train.vqa import train_vqa
+
+    folder = tmp_path_factory.mktemp("vqa")
+    write_questions(colour_features, folder / "qa.jsonl", types=("rank", "yes_no", "multiple_choice"))
+    final = train_vqa(vqa_settings(colour_features, folder / "qa.jsonl", folder / "m", tiny_language_model))
+    return folder, final
+
+
+def test_stage_one_trains_only_the_projector_and_ask_answers(stage_one, colour_shards, tmp_path, capsys):
+    folder, final = stage_one
+    tmp_path, questions = folder, folder / "qa.jsonl"
     assert 0 <= final["exact_match"] <= 1 and final["train_loss"] == final["train_loss"]  # finite
     # Closed questions are answered among their candidates (checked on the saved model below).
     from taxoclip.train.vqa import answer_record, candidates_of
@@ -112,3 +124,108 @@ def test_a_questions_file_is_checked_line_by_line(tmp_path):
     path.write_text('{"key": "a", "question": "Q?", "answer": "yes"}\nnot json\n')
     with pytest.raises(TaxoclipError, match="line 2"):
         read_questions(path, {"a": 0})
+
+
+def test_closed_answers_are_ranked_in_one_batch_exactly_as_one_by_one(stage_one):
+    """The batched, right-padded ranking scores each candidate as scoring it alone would."""
+    from taxoclip.data.chat import IGNORE, encode
+    from taxoclip.models.vqa import load_vqa_model
+
+    model, config = load_vqa_model(stage_one[0] / "m")
+    features = torch.randn(1, config["projector"]["width"])
+    question, candidates = "Which of these is it?", ["Genus1", "a much longer answer than the others", "no"]
+    for image in (features, None):
+        alone = []
+        for candidate in candidates:
+            example = encode(model.tokenizer, question, candidate)
+            ids = torch.tensor([example.input_ids])
+            embeddings, mask = model.inputs(image, ids, torch.ones_like(ids))
+            with torch.no_grad():
+                logits = model.lm(inputs_embeds=embeddings, attention_mask=mask).logits[0].log_softmax(-1)
+            offset = embeddings.shape[1] - ids.shape[1]
+            alone.append(
+                sum(float(logits[offset + t - 1, token]) for t, token in enumerate(example.labels) if token != IGNORE)
+            )
+        assert model.rank(image, question, candidates) == pytest.approx(alone, abs=1e-3)
+
+
+def test_eval_scores_unseen_photos_beside_the_controls_and_refuses_training_photos(
+    stage_one, colour_features, tmp_path, capsys
+):
+    from taxoclip.eval.vqa import ANSWERERS
+
+    folder, _ = stage_one
+    arguments = ["eval", "--model", str(folder / "m"), "--data", str(colour_features), "--questions"]
+    arguments += [str(folder / "qa.jsonl"), "--per-type", "6", "-q"]
+    assert main([*arguments, "-o", str(tmp_path / "report")]) == 0
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    table = metrics["exact_match"]
+    assert metrics["questions"] == 18 and metrics["trained_photos_scored"] == 0
+    assert {"all", "type rank", "type yes_no", "type multiple_choice", "rank genus", "rank family"} <= table.keys()
+    assert set(table["all"]) == {"questions", *ANSWERERS}
+    # The probe answers from the classes of photos the colours make easy; the tiny model cannot.
+    assert table["type rank"]["linear probe"] >= 0.8 and table["type yes_no"]["linear probe"] >= 0.8
+    assert table["type multiple_choice"]["linear probe"] >= 0.8
+    assert "ImageNet" not in metrics["image_tower_trained_on"]  # the random tower says so
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "No photo asked about trained the model" in report and "question only" in report
+    with open(tmp_path / "report" / "answers.csv") as handle:
+        assert sum(1 for _ in handle) == 18 + 1
+    # The leakage guard: questions about the photos the projector trained on are refused ...
+    assert main([*arguments, "-o", str(tmp_path / "leak"), "--split", "train"]) == 2
+    error = capsys.readouterr().err
+    assert "trained the model" in error and "--force" in error and not (tmp_path / "leak").exists()
+    # ... unless forced, and then the report says so.
+    assert main([*arguments, "-o", str(tmp_path / "forced"), "--split", "train", "--force"]) == 0
+    forced = json.loads((tmp_path / "forced" / "metrics.json").read_text())
+    assert forced["trained_photos_scored"] == forced["questions"] == 18
+    assert "questions are about photos the model trained on" in (tmp_path / "forced" / "report.md").read_text()
+    # A questions file asked of a vqa model without one is a message, not a traceback.
+    assert main(["eval", "--model", str(folder / "m"), "--data", str(colour_features), "-o", str(tmp_path / "x")]) == 2
+    assert "--questions" in capsys.readouterr().err
+
+
+def test_stage_two_trains_lora_adapters_from_the_stage_one_projector_and_resumes_exactly(
+    stage_one, colour_features, tiny_language_model, tmp_path, monkeypatch
+):
+    from conftest import die_after_checkpoint
+    from taxoclip.models.vqa import load_vqa_model, read_seen_photos
+    from taxoclip.train.vqa import train_vqa
+
+    folder, _ = stage_one
+
+    def settings(out):  # the projector frozen (lr 0): what changes is the adapters alone
+        return vqa_settings(
+            colour_features,
+            folder / "qa.jsonl",
+            out,
+            tiny_language_model,
+            lr=0.0,
+            lora_rank=4,
+            lora_lr=1e-2,
+            init_from=str(folder / "m"),
+        )
+
+    train_vqa(settings(tmp_path / "clean"))
+    die_after_checkpoint(monkeypatch, 1, lambda: train_vqa(settings(tmp_path / "resumed")))
+    train_vqa(settings(tmp_path / "resumed"))
+    clean = load_file(str(tmp_path / "clean" / "adapters.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "adapters.safetensors"))
+    assert len(clean) == 2 * 4 * 2  # A and B of q, k, v, o in both layers
+    for key in clean:
+        assert torch.equal(clean[key], resumed[key]), key
+    assert any(k.endswith("B.weight") and v.abs().sum() > 0 for k, v in clean.items())  # B starts at zero
+    stage_one_projector = load_file(str(folder / "m" / "projector.safetensors"))
+    for key, value in load_file(str(tmp_path / "clean" / "projector.safetensors")).items():
+        assert torch.equal(value, stage_one_projector[key]), key  # started from stage 1's
+    checkpoint = load_file(str(tmp_path / "clean" / "checkpoint" / "model.safetensors"))
+    assert any(k.startswith("adapters.") for k in checkpoint)
+    assert read_seen_photos(tmp_path / "clean") >= read_seen_photos(folder / "m")
+    # The saved adapters are what the loaded language model runs: its answers' scores move.
+    with_adapters, config = load_vqa_model(tmp_path / "clean")
+    without, _ = load_vqa_model(folder / "m")
+    assert config["lora"] == {"rank": 4, "alpha": 16.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+    features = torch.randn(1, config["projector"]["width"])
+    scores = with_adapters.rank(features, "Is it?", ["yes", "no"])
+    assert scores != pytest.approx(without.rank(features, "Is it?", ["yes", "no"]), abs=1e-4)
+    assert with_adapters.rank(features, "Is it?", ["yes", "no"]) == pytest.approx(scores, abs=1e-5)

@@ -4,6 +4,7 @@ command that needs them, so `taxoclip --help` is instant."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import MISSING, fields
@@ -510,9 +511,50 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true")
 
 
+def model_kind(model: str) -> str | None:
+    """The kind a model directory's config names (None for open_clip:NAME or no directory)."""
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("kind")
+    except (json.JSONDecodeError, OSError, AttributeError):
+        return None  # the loader says what is wrong with it
+
+
+def cmd_eval_vqa(args: argparse.Namespace) -> int:
+    from taxoclip.eval.vqa import ANSWERERS, VQAEvalConfig, run_vqa_evaluation
+
+    if not args.questions:
+        raise TaxoclipError(
+            f"{args.model} answers questions: give --questions qa.jsonl ('taxoclip questions {args.data} -o qa.jsonl')"
+        )
+    summary = run_vqa_evaluation(
+        VQAEvalConfig(
+            model=args.model,
+            data=args.data,
+            questions=args.questions,
+            output=args.output,
+            split=args.split,
+            per_type=args.per_type,
+            force=args.force,
+            progress=not args.quiet,
+        )
+    )
+    print(f"{summary['questions']} questions about {summary['photos']} photos; exact match (%):")
+    print(f"  {'group':28s} " + " ".join(f"{w[:14]:>14s}" for w in ANSWERERS))
+    for name, row in summary["exact_match"].items():
+        shown = ("—" if row[w] is None else f"{100 * row[w]:.1f}" for w in ANSWERERS)
+        print(f"  {name:28s} " + " ".join(f"{v:>14s}" for v in shown))
+    print(f"report: {args.output}/report.md (and metrics.json, answers.csv)")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from taxoclip.eval.report import EvalConfig, run_evaluation
 
+    if model_kind(args.model) == "vqa":
+        return cmd_eval_vqa(args)
     config = EvalConfig(
         model=args.model,
         data=args.data,
@@ -800,7 +842,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = trainers.add_parser("finetune", help="supervised fine-tuning: a head (and the tower) on the classes")
     add_finetune_arguments(q)
     q.set_defaults(handler=cmd_train_finetune)
-    q = trainers.add_parser("vqa", help="species question answering, stage 1: a projector into a frozen language model")
+    q = trainers.add_parser(
+        "vqa", help="species question answering: a projector into a language model (stage 2: + LoRA adapters)"
+    )
     setting = settings_of(q, VQAConfig)
     add_loop_settings(setting, holdout=False)
     q.add_argument("--features", required=True, help="feature cache the questions were made from")
@@ -810,6 +854,17 @@ def build_parser() -> argparse.ArgumentParser:
     setting("--image-tokens", "image_tokens", "K: image tokens before the question", type=POSITIVE)
     setting("--lr", "lr", "learning rate of the projector", type=NON_NEGATIVE_NUMBER)
     setting("--eval-questions", "eval_questions", "valid questions answered at each evaluation", type=NON_NEGATIVE)
+    setting(
+        "--steps-per-epoch",
+        "max_steps_per_epoch",
+        "cap on steps per epoch: a budget where one pass over every question is too long",
+        type=POSITIVE,
+    )
+    setting("--lora-rank", "lora_rank", "stage 2: LoRA rank on the language model (0: stage 1 only)", type=NON_NEGATIVE)
+    setting("--lora-alpha", "lora_alpha", "LoRA scale numerator (alpha / rank scales the update)", type=POSITIVE_NUMBER)
+    setting("--lora-lr", "lora_lr", "learning rate of the LoRA adapters", type=NON_NEGATIVE_NUMBER)
+    setting("--lora-targets", "lora_targets", "the language model's linear layers that get adapters")
+    setting("--init-from", "init_from", "a stage-1 vqa model directory whose projector stage 2 starts from")
     q.add_argument("-q", "--quiet", action="store_true")
     q.set_defaults(handler=cmd_train_vqa)
     q = trainers.add_parser("lit", help="tune a text tower against the locked image tower's cached embeddings")
@@ -857,6 +912,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--group-by", help="class-table columns to report accuracy by (default: supercategory or a rank)")
     p.add_argument("--random-weights", action="store_true", help="open_clip architecture with random weights")
+    p.add_argument("--questions", help="vqa models: the questions file ('taxoclip questions') to answer")
+    p.add_argument(
+        "--per-type", type=NON_NEGATIVE, default=100, help="vqa models: questions scored per type (0: all; default 100)"
+    )
+    p.add_argument("--force", action="store_true", help="vqa models: score photos the model trained on anyway")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(handler=cmd_eval)
 

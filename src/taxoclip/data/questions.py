@@ -181,6 +181,7 @@ class QuestionMaker:
                     yield base | {
                         "type": "yes_no",
                         "rank": rank,
+                        "value": asked,  # the taxon asked about (the probe control answers from it)
                         "question": question,
                         "answer": "yes" if yes else "no",
                     }

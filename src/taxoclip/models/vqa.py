@@ -1,21 +1,31 @@
 """Species question answering's model: the locked image tower's embedding, projected by a
 two-layer MLP (LLaVA's ``mlp2x_gelu``) into K tokens of a causal language model's input space,
 prefixed to the templated question (`data.chat`). Stage 1 trains the projector only; the language
-model stays as it came.
+model stays as it came. Stage 2 (optional, LLaVA's second stage made light) adds LoRA adapters to
+the language model's attention projections (``peft``) and trains them with the projector.
 
 Model directory (kind ``vqa``):
   config.json              language model name, K, widths, image tower record, training record
                            (which cache and split the projector saw: the leakage guard reads it)
   projector.safetensors    the projector and its input standardisation
+  adapters.safetensors     stage 2 only: the LoRA adapters' weights (config "lora" says where)
+  seen_photos.txt.gz       the keys of every photo whose embedding trained the projector or the
+                           adapters (the leakage guard of ``taxoclip eval``)
   classes.csv              the class table of the training photos
 """
 
 from __future__ import annotations
 
+import gzip
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from taxoclip.data.chat import IGNORE, encode, end_of_turn
+from taxoclip.data.chat import IGNORE, collate, encode, end_of_turn
+from taxoclip.errors import TaxoclipError
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 class Projector(nn.Module):
@@ -33,14 +43,44 @@ class Projector(nn.Module):
         return self.layers(x).view(len(features), self.tokens, self.hidden)
 
 
-class VQAModel(nn.Module):
-    """The projector is this module's only registered part: the (frozen) language model is held
-    beside it, so checkpoints, DDP and the model directory carry the projector alone."""
+def attach_lora(language_model, rank: int, alpha: float, targets: tuple[str, ...] = LORA_TARGETS) -> nn.ModuleDict:
+    """LoRA adapters injected into the language model's ``targets`` linear layers, in place (peft);
+    returns them as one ModuleDict (the same modules the language model now calls), everything
+    else in the language model frozen."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        raise TaxoclipError("stage 2 (--lora-rank) needs peft: pip install 'taxoclip[vqa]'") from None
+    for parameter in language_model.parameters():
+        parameter.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), bias="none")
+    try:
+        inject_adapter_in_model(config, language_model)
+    except ValueError as error:  # no layer of that name in this architecture
+        raise TaxoclipError(f"--lora-targets {','.join(targets)}: {error}") from None
+    adapters = nn.ModuleDict()
+    for name, layer in language_model.named_modules():
+        if isinstance(layer, LoraLayer):
+            adapters[name.replace(".", "-")] = nn.ModuleDict(
+                {"A": layer.lora_A["default"], "B": layer.lora_B["default"]}
+            )
+    for parameter in adapters.parameters():
+        parameter.requires_grad_(True)
+    return adapters
 
-    def __init__(self, language_model, tokenizer, projector: Projector):
+
+class VQAModel(nn.Module):
+    """The projector (and, in stage 2, the LoRA adapters) are this module's only registered parts:
+    the frozen language model is held beside it, so checkpoints, DDP and the model directory carry
+    what trains and never the 135M frozen weights. The adapters are the very modules the language
+    model calls, registered here too."""
+
+    def __init__(self, language_model, tokenizer, projector: Projector, adapters: nn.ModuleDict | None = None):
         super().__init__()
         self.__dict__["lm"] = language_model  # not a submodule: never checkpointed or synchronised
         self.tokenizer, self.projector = tokenizer, projector
+        self.adapters = adapters if adapters is not None else nn.ModuleDict()
 
     def inputs(self, features: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """(input embeddings, attention mask): the image's K tokens (when given) before the text."""
@@ -78,45 +118,72 @@ class VQAModel(nn.Module):
     @torch.no_grad()
     def rank(self, features: torch.Tensor | None, question: str, candidates: list[str]) -> list[float]:
         """Each candidate answer's log-likelihood (its tokens and the end of turn) after the
-        question: closed questions are answered by the most likely candidate."""
-        scores = []
-        for candidate in candidates:
-            example = encode(self.tokenizer, question, candidate)
-            ids = torch.tensor([example.input_ids])
-            labels = torch.tensor([example.labels])
-            embeddings, mask = self.inputs(features, ids, torch.ones_like(ids))
-            logits = self.lm(inputs_embeds=embeddings, attention_mask=mask).logits[0, :-1]
-            offset = embeddings.shape[1] - ids.shape[1]
-            targets = labels[0]
-            positions = torch.nonzero(targets != IGNORE).flatten()
-            log_probs = logits.log_softmax(-1)[offset + positions - 1, targets[positions]]
-            scores.append(float(log_probs.sum()))
-        return scores
+        question: closed questions are answered by the most likely candidate. The candidates go
+        through in one right-padded batch (padding after the answer never changes its scores)."""
+        batch = collate([encode(self.tokenizer, question, c) for c in candidates], self.tokenizer.pad_token_id or 0)
+        batch = {k: v.to(self.projector.mean.device) for k, v in batch.items()}
+        if features is not None:
+            features = features.expand(len(candidates), -1)
+        embeddings, mask = self.inputs(features, batch["input_ids"], batch["attention_mask"])
+        logits = self.lm(inputs_embeds=embeddings, attention_mask=mask).logits.float()
+        offset = embeddings.shape[1] - batch["input_ids"].shape[1]
+        # text token t (t >= 1; t = 0 is the prompt's start) is predicted at position offset + t - 1
+        width = batch["input_ids"].shape[1]
+        predicted = logits[:, offset : offset + width - 1].log_softmax(-1)
+        labels = batch["labels"][:, 1:]
+        supervised = labels != IGNORE
+        token_scores = predicted.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (token_scores * supervised).sum(1).tolist()
 
 
-def save_vqa(out, model: VQAModel, classes, tower: dict, language_model: str, training: dict) -> None:
+SEEN_PHOTOS = "seen_photos.txt.gz"
+
+
+def save_vqa(
+    out: Path,
+    model: VQAModel,
+    classes,
+    tower: dict,
+    language_model: str,
+    training: dict,
+    seen_photos: list[str],
+    lora: dict | None = None,
+) -> None:
     from taxoclip.models.bundle import save_weights, write_config
 
     out.mkdir(parents=True, exist_ok=True)
     save_weights(out / "projector.safetensors", model.projector)
+    if lora:
+        save_weights(out / "adapters.safetensors", model.adapters)
+    with gzip.open(out / SEEN_PHOTOS, "wt") as handle:
+        handle.writelines(f"{key}\n" for key in sorted(seen_photos))
     classes.to_csv(out / "classes.csv")
     projector = model.projector
     fields = {
         "image_tower": tower,
         "language_model": language_model,
         "projector": {"width": int(projector.mean.shape[0]), "hidden": projector.hidden, "tokens": projector.tokens},
+        "lora": lora,
         "training": training,
     }
     write_config(out, "vqa", fields)
 
 
-def load_vqa_model(path):
-    """(VQAModel, its config) from a model directory of kind ``vqa``."""
-    from pathlib import Path
+def read_seen_photos(path: Path) -> set[str]:
+    """The keys of the photos a vqa model directory's projector and adapters trained on."""
+    file = Path(path) / SEEN_PHOTOS
+    if not file.exists():
+        raise TaxoclipError(
+            f"{path}: no {SEEN_PHOTOS}, so nothing says which photos trained it; retrain it with this taxoclip"
+        )
+    with gzip.open(file, "rt") as handle:
+        return {line.rstrip("\n") for line in handle if line.strip()}
 
+
+def load_vqa_model(path) -> tuple[VQAModel, dict]:
+    """(VQAModel, its config) from a model directory of kind ``vqa``."""
     from safetensors.torch import load_file
 
-    from taxoclip.errors import TaxoclipError
     from taxoclip.models.bundle import read_config
     from taxoclip.models.language import load_language_model
 
@@ -128,30 +195,48 @@ def load_vqa_model(path):
     shape = config["projector"]
     projector = Projector(shape["width"], shape["hidden"], shape["tokens"])
     projector.load_state_dict(load_file(str(path / "projector.safetensors")))
-    return VQAModel(lm, tokenizer, projector.eval()), config
+    adapters = None
+    if config.get("lora"):
+        lora = config["lora"]
+        adapters = attach_lora(lm, lora["rank"], lora["alpha"], tuple(lora["targets"]))
+        adapters.load_state_dict(load_file(str(path / "adapters.safetensors")))
+    lm.eval()
+    return VQAModel(lm, tokenizer, projector.eval(), adapters), config
 
 
-@torch.no_grad()
+class Asker:
+    """A vqa model directory and its image tower, loaded once (the command line, the server):
+    greedy answers, and closed questions' candidates ranked by likelihood."""
+
+    def __init__(self, model_dir):
+        from taxoclip.models.towers import create_image_tower
+
+        self.model, self.config = load_vqa_model(model_dir)
+        record = self.config["image_tower"]
+        self.tower = create_image_tower(record["name"], pretrained=record.get("pretrained", True))
+
+    @torch.no_grad()
+    def ask(self, image, question: str, choices: list[str] | None = None) -> dict:
+        """The answer about a decoded RGB photo (PIL)."""
+        if not question.strip():
+            raise TaxoclipError("the question is empty; ask something, e.g. 'Which family does this plant belong to?'")
+        features = self.tower.embed(self.tower.preprocess.to_uint8(image).unsqueeze(0))
+        result = {"question": question, "answer": self.model.answer(features, question)}
+        if choices:
+            scores = self.model.rank(features, question, choices)
+            result["ranked"] = [
+                {"answer": c, "log_likelihood": round(s, 3)}
+                for s, c in sorted(zip(scores, choices, strict=True), reverse=True)
+            ]
+        return result
+
+
 def ask(model_dir, photo, question: str, choices: list[str] | None = None) -> dict:
-    """Answer ``question`` about the photo at ``photo`` with a vqa model directory: greedy decoding,
-    and with ``choices`` the candidates ranked by likelihood too."""
+    """Answer ``question`` about the photo at ``photo`` with a vqa model directory."""
     from taxoclip.data.images import BadImage, decode_image, read_photo
-    from taxoclip.errors import TaxoclipError
-    from taxoclip.models.towers import create_image_tower
 
-    model, config = load_vqa_model(model_dir)
-    record = config["image_tower"]
-    tower = create_image_tower(record["name"], pretrained=record.get("pretrained", True))
     try:
         image = decode_image(read_photo(photo))
     except (BadImage, OSError) as error:
         raise TaxoclipError(f"{photo}: {error}") from None
-    features = tower.embed(tower.preprocess.to_uint8(image).unsqueeze(0))
-    result = {"photo": str(photo), "question": question, "answer": model.answer(features, question)}
-    if choices:
-        scores = model.rank(features, question, choices)
-        result["ranked"] = [
-            {"answer": c, "log_likelihood": round(s, 3)}
-            for s, c in sorted(zip(scores, choices, strict=True), reverse=True)
-        ]
-    return result
+    return {"photo": str(photo)} | Asker(model_dir).ask(image, question, choices)

