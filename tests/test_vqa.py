@@ -229,3 +229,40 @@ def test_stage_two_trains_lora_adapters_from_the_stage_one_projector_and_resumes
     scores = with_adapters.rank(features, "Is it?", ["yes", "no"])
     assert scores != pytest.approx(without.rank(features, "Is it?", ["yes", "no"]), abs=1e-4)
     assert with_adapters.rank(features, "Is it?", ["yes", "no"]) == pytest.approx(scores, abs=1e-5)
+
+
+def test_the_server_answers_questions_about_an_uploaded_photo(stage_one, colour_shards):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from taxoclip.apps.serve import create_app
+    from taxoclip.data.shards import iter_tar_samples
+    from taxoclip.inference.predict import Predictor
+    from taxoclip.models.vqa import Asker
+    from taxoclip.taxonomy import ClassTable
+
+    table = ClassTable.from_records([{"id": "1", "genus": "Rosa", "specific_epithet": "canina"}], origin="test")
+    predictor = Predictor(table, None, lambda p: torch.ones(len(p), 1))
+    photo = next(iter_tar_samples(sorted(colour_shards.glob("valid-*.tar"))[0]))["jpg"]
+    plain = TestClient(create_app(predictor))
+    assert plain.get("/api/info").json()["ask"] is False
+    response = plain.post("/api/ask", files={"file": ("p.jpg", photo)}, data={"question": "What?"})
+    assert response.status_code == 404 and "--ask" in response.json()["error"]
+    client = TestClient(create_app(predictor, asker=Asker(stage_one[0] / "m")))
+    assert client.get("/api/info").json()["ask"] is True and "/api/ask" in client.get("/").text
+    question = {"question": "Is this a member of the Family0?", "choices": "yes, no"}
+    response = client.post("/api/ask", files={"file": ("p.jpg", photo)}, data=question)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["source"] == "p.jpg" and isinstance(body["answer"], str)
+    assert [r["answer"] for r in body["ranked"]] in (["yes", "no"], ["no", "yes"])
+    for data, files, status in [
+        ({"question": " "}, {"file": ("p.jpg", photo)}, 400),
+        ({"question": "x" * 301}, {"file": ("p.jpg", photo)}, 400),
+        ({"question": "What?", "choices": ",".join("abcdefghijklm")}, {"file": ("p.jpg", photo)}, 400),
+        ({"question": "What?"}, {"file": ("notes.jpg", b"just text")}, 415),
+        ({"question": "What?"}, {"file": ("empty.jpg", b"")}, 400),
+    ]:
+        response = client.post("/api/ask", files=files, data=data)
+        assert response.status_code == status and response.json()["error"], (data, response.text)
+    assert client.post("/api/ask", files={"file": ("p.jpg", photo)}, data=question).status_code == 200

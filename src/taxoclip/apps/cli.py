@@ -711,10 +711,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from taxoclip.apps.serve import serve
 
     predictor = build_predictor(args)
+    asker = None
+    if args.ask:
+        from taxoclip.models.vqa import Asker
+
+        asker = Asker(args.ask)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host}, reachable from other machines", file=sys.stderr)
-    print(f"open http://{args.host}:{args.port}/ (JSON API at /api/predict, docs at /api/docs)")
-    serve(predictor, host=args.host, port=args.port, model_name=Path(args.model or args.onnx or "model").name)
+    api = "/api/predict" + (", /api/ask" if asker else "")
+    print(f"open http://{args.host}:{args.port}/ (JSON API at {api}, docs at /api/docs)")
+    name = Path(args.model or args.onnx or "model").name
+    serve(predictor, host=args.host, port=args.port, model_name=name, asker=asker)
     return 0
 
 
@@ -937,6 +944,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_predictor_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=port_number, default=8000)
+    p.add_argument("--ask", help="a vqa model directory (taxoclip train vqa): adds a question box and /api/ask")
     p.set_defaults(handler=cmd_serve)
 
     p = commands.add_parser("export", help="export a model: 'export onnx'")

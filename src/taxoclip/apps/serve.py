@@ -4,6 +4,8 @@
                       the lineage and the deepest confident rank
   GET  /api/info      the model: classes, threshold, limits
   POST /api/predict   multipart field ``files`` (one or more photos) -> predictions as JSON
+  POST /api/ask       with ``--ask VQA_MODEL``: multipart ``file`` (one photo), ``question`` and
+                      optional ``choices`` (comma-separated) -> the answer (and the choices ranked)
 
 Bad uploads get a 4xx with a message and never stop the server: too many files (413), a file over
 the size limit (413), empty (400), not an image (415), too many pixels (413). The model runs one
@@ -16,7 +18,7 @@ import asyncio
 import threading
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException, Request, UploadFile
+from fastapi import FastAPI, Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 
@@ -27,7 +29,25 @@ MAX_FILE_BYTES = 10 * 1024 * 1024
 MAX_FILES = 8
 MAX_PIXELS = 40_000_000  # ~ 7,700 x 5,200; larger "photos" are refused before decoding
 
+MAX_QUESTION_CHARS = 300
+MAX_CHOICES = 12
 PAGE = Path(__file__).with_name("static") / "index.html"
+
+
+def read_upload(upload: UploadFile, max_file_bytes: int) -> Image.Image:
+    """The decoded photo of one upload, or the 4xx that says what is wrong with it."""
+    data = upload.file.read(max_file_bytes + 1)
+    name = upload.filename or "photo"
+    if len(data) > max_file_bytes:
+        raise HTTPException(413, f"{name}: larger than {max_file_bytes // (1024 * 1024)} MB")
+    if not data:
+        raise HTTPException(400, f"{name}: empty file")
+    try:
+        check_image(data)
+        return decode_image(data)
+    except BadImage as error:
+        status = 413 if "pixels" in str(error) else 415
+        raise HTTPException(status, f"{name}: {error}") from None
 
 
 def create_app(
@@ -37,7 +57,9 @@ def create_app(
     top_k: int = 5,
     max_file_bytes: int = MAX_FILE_BYTES,
     max_files: int = MAX_FILES,
+    asker=None,
 ):
+    """The app; ``asker`` (a `taxoclip.models.vqa.Asker`) adds /api/ask and the page's question box."""
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # PIL raises on anything over twice this; warns over it
     app = FastAPI(title="taxoclip", docs_url="/api/docs", openapi_url="/api/openapi.json")
     lock = threading.Lock()
@@ -66,6 +88,7 @@ def create_app(
             "max_file_bytes": max_file_bytes,
             "max_files": max_files,
             "top_k": top_k,
+            "ask": asker is not None,
         }
 
     @app.post("/api/predict")
@@ -79,27 +102,28 @@ def create_app(
             )
         if len(files) > max_files:
             raise HTTPException(413, f"{len(files)} photos in one request; send at most {max_files}")
-        images, names = [], []
-        for upload in files:
-            data = upload.file.read(max_file_bytes + 1)
-            name = upload.filename or "photo"
-            if len(data) > max_file_bytes:
-                raise HTTPException(413, f"{name}: larger than {max_file_bytes // (1024 * 1024)} MB")
-            if not data:
-                raise HTTPException(400, f"{name}: empty file")
-            try:
-                check_image(data)
-                images.append(decode_image(data))
-            except BadImage as error:
-                status = 413 if "pixels" in str(error) else 415
-                raise HTTPException(status, f"{name}: {error}") from None
-            names.append(name)
+        images = [read_upload(upload, max_file_bytes) for upload in files]
+        names = [upload.filename or "photo" for upload in files]
         with lock:
             try:
                 predictions = predictor.predict_images(images, names, top_k=top_k, rank=rank)
             except Exception as error:  # a user's bad --rank, say: answer, keep serving
                 raise HTTPException(400, str(error)) from None
         return {"results": [p.to_json() for p in predictions]}
+
+    @app.post("/api/ask")
+    def ask(file: UploadFile, question: str = Form(""), choices: str = Form("")) -> dict:
+        if asker is None:
+            raise HTTPException(404, "this server answers no questions; start it with --ask VQA_MODEL_DIR")
+        question = question.strip()
+        if not question or len(question) > MAX_QUESTION_CHARS:
+            raise HTTPException(400, f"ask a question of 1 to {MAX_QUESTION_CHARS} characters")
+        options = [c.strip() for c in choices.split(",") if c.strip()]
+        if len(options) > MAX_CHOICES:
+            raise HTTPException(400, f"{len(options)} choices; give at most {MAX_CHOICES}")
+        image = read_upload(file, max_file_bytes)
+        with lock:
+            return {"source": file.filename or "photo"} | asker.ask(image, question, options or None)
 
     return app
 
@@ -158,7 +182,8 @@ class BodyGuard:
         await send({"type": "http.response.body", "body": response.body})
 
 
-def serve(predictor: Predictor, *, host: str = "127.0.0.1", port: int = 8000, model_name: str = "") -> None:
+def serve(predictor: Predictor, *, host: str = "127.0.0.1", port: int = 8000, model_name: str = "", asker=None) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(predictor, model_name=model_name), host=host, port=port, log_level="info")
+    app = create_app(predictor, model_name=model_name, asker=asker)
+    uvicorn.run(app, host=host, port=port, log_level="info")
