@@ -250,3 +250,45 @@ def test_eval_every_spaces_out_evaluation_but_always_scores_the_last_epoch(colou
     history = load_history(tmp_path / "m")
     assert ["top1" in row for row in history] == [False, True, True]
     assert (tmp_path / "m" / "accuracy.png").exists() and (tmp_path / "m" / "metrics.csv").exists()
+
+
+def test_hierarchy_aware_targets_add_each_rank_to_the_loss_and_to_the_class_embeddings(
+    colour_features, tiny_text_tower, tmp_path
+):
+    """--rank-weight w: the loss gains w x (the genus and the family contrastive terms), and each
+    class's embedding is its species caption's plus w x its genus and family captions'; the saved
+    classifier, the model re-embedding another style, and training's own evaluation agree."""
+    from taxoclip.models.lit import CaptionBank, RankBank, RankCaptions, rank_caption
+    from taxoclip.models.registry import load_classifier
+
+    train_lit(config(colour_features, tmp_path / "m", tiny_text_tower, rank_weight=0.5, holdout=2, epochs=2))
+    classifier = load_classifier(tmp_path / "m")
+    model, rows = classifier.model, list(classifier.classes.rows)
+    by_class = json.loads((tmp_path / "m" / "captions.json").read_text())["by_class"]
+    species = model.encode_captions([entry["paper"] for entry in by_class])
+    genus = model.encode_captions([rank_caption("genus", row["genus"]) for row in rows])
+    family = model.encode_captions([rank_caption("family", row["family"]) for row in rows])
+    expected = species + 0.5 * (genus + family)  # the colour table has no order
+    assert torch.allclose(classifier.class_embeddings, expected, atol=1e-5)
+    classifier.use_style("paper")  # embedded again from the captions: composed the same way
+    assert torch.allclose(classifier.class_embeddings, expected, atol=1e-5)
+
+    ranks = RankCaptions(rows)
+    assert ranks.ranks == ("genus", "family", "order") and ranks.captions[2] == []
+    bank = CaptionBank(model.text_tower, [[entry["paper"] for entry in by_class]], torch.device("cpu"))
+    rank_bank = RankBank(model.text_tower, ranks, torch.device("cpu"))
+    torch.manual_seed(0)
+    features = torch.randn(12, model.config.image_width)
+    labels = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5, 5, 2, 4, 1]) % len(rows)
+    styles = torch.zeros(len(rows), dtype=torch.long)
+    with torch.no_grad():
+        plain = model(features, labels, bank, styles)
+        with_ranks = model(features, labels, bank, styles, ranks=rank_bank, rank_weight=0.5)
+        image = model.encode_image_features(features)
+        terms = []
+        for r in range(2):  # genus, family
+            values, targets = unique_targets(ranks.of_class[r][labels])
+            text = model.encode_captions([ranks.captions[r][v] for v in values])
+            terms.append(class_contrastive_loss(image, text, targets, model.scale()))
+    assert float(with_ranks - plain) == pytest.approx(0.5 * float(sum(terms)), rel=1e-4)
+    assert all(t > 0 for t in terms)

@@ -301,6 +301,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     setting("--styles", "styles", "caption styles to train on, comma-separated, sampled per step")
     p.add_argument("--eval-style", help="caption style for evaluation (default: the first training style)")
     setting("--loss", "loss", "class: same-class images are positives; clip: standard CLIP loss", choices=LOSSES)
+    setting(
+        "--rank-weight",
+        "rank_weight",
+        "hierarchy-aware targets: genus/family/order captions contrasted too and added to each class's embedding",
+        type=NON_NEGATIVE_NUMBER,
+    )
     setting("--lr", "lr", "learning rate of projections and temperature", type=NON_NEGATIVE_NUMBER)
     setting("--text-lr", "text_lr", "learning rate of the text tower's trainable blocks", type=NON_NEGATIVE_NUMBER)
     setting("--text-layers", "text_layers", "top text blocks that train (0 = projection only, or all)", type=str)

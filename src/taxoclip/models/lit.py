@@ -7,6 +7,13 @@ similarity between uncentred ones is dominated by their common direction.
 Text side: the text tower (only its top layers train, the rest is cached per caption) and a
 linear projection, which can start from a ridge-regression fit of the pretrained caption
 embeddings onto class-mean image embeddings, so training starts from a working classifier.
+
+Hierarchy-aware targets (``rank_weight > 0``): besides each photo's species caption, the photo is
+also contrasted at the genus, family and order ranks against captions of those ranks ("A photo of
+the family Ranunculaceae"), so the text tower learns what a family looks like from every seen
+species in it. A class's embedding is then its species caption's plus ``rank_weight`` times its
+ranks' (the sum of cosine scores): a species never seen in training still scores through the
+family and order its relatives taught.
 """
 
 from __future__ import annotations
@@ -104,16 +111,28 @@ class LiTModel(nn.Module):
         style_of_class: torch.Tensor,
         loss: str = "class",
         gather=None,
+        ranks: RankBank | None = None,
+        rank_weight: float = 0.0,
     ) -> torch.Tensor:
         """The loss of one batch. ``style_of_class[c]`` is the caption style used for class c in
-        this step; ``gather`` (distributed) joins image embeddings and labels of all ranks."""
+        this step; ``gather`` (distributed) joins image embeddings and labels of all ranks;
+        ``ranks`` adds the hierarchy-aware terms, each weighted ``rank_weight``."""
         image = self.encode_image_features(image_features)
         if gather is not None:
             image, labels = gather(image, labels)
         if loss == "class":
             classes, targets = unique_targets(labels)
             text = self.encode_text_prefix(captions.select(classes, style_of_class[classes]))
-            return class_contrastive_loss(image, text, targets, self.scale())
+            total = class_contrastive_loss(image, text, targets, self.scale())
+            for bank, value_of_class in ranks.banks if ranks is not None and rank_weight else ():
+                values = value_of_class.to(labels.device)[labels]
+                known = values >= 0  # a class with no value at this rank sits this term out
+                if known.sum() < 2:
+                    continue
+                distinct, value_targets = unique_targets(values[known])
+                text = self.encode_text_prefix(bank.select(distinct, torch.zeros_like(distinct)))
+                total = total + rank_weight * class_contrastive_loss(image[known], text, value_targets, self.scale())
+            return total
         if loss == "clip":
             text = self.encode_text_prefix(captions.select(labels, style_of_class[labels]))
             return clip_loss(image, text, self.scale())
@@ -147,6 +166,58 @@ class CaptionBank:
         return chosen
 
 
+RANKS_FOR_TARGETS = ("genus", "family", "order")
+
+
+def rank_caption(rank: str, value: str) -> str:
+    return f"A photo of the {rank} {value}"
+
+
+class RankCaptions:
+    """Per rank: the distinct captions of its values, and each class's value among them (-1: the
+    class has none at that rank)."""
+
+    def __init__(self, class_rows: list[dict], ranks: tuple[str, ...] = RANKS_FOR_TARGETS):
+        self.ranks, self.captions, of_class = ranks, [], []
+        for rank in ranks:
+            values = sorted({row.get(rank, "") for row in class_rows} - {""})
+            position = {v: i for i, v in enumerate(values)}
+            self.captions.append([rank_caption(rank, v) for v in values])
+            of_class.append([position.get(row.get(rank, ""), -1) for row in class_rows])
+        self.of_class = torch.tensor(of_class, dtype=torch.long).reshape(len(ranks), len(class_rows))
+
+
+class RankBank:
+    """The rank captions as the training step needs them (frozen text-tower prefix, computed once)."""
+
+    def __init__(self, text_tower: TextTower, ranks: RankCaptions, device: torch.device):
+        self.banks = [
+            (CaptionBank(text_tower, [captions], device), ranks.of_class[i])
+            for i, captions in enumerate(ranks.captions)
+            if captions
+        ]
+
+
+@torch.no_grad()
+def rank_part(model: LiTModel, ranks: RankCaptions, rank_weight: float) -> torch.Tensor:
+    """``rank_weight`` times the sum of each class's genus, family and order caption embeddings:
+    added to the species caption's embedding, the head's dot product adds their cosine scores."""
+    part = torch.zeros(ranks.of_class.shape[1], model.config.embed_dim)
+    for captions, of_class in zip(ranks.captions, ranks.of_class, strict=True):
+        if captions:
+            encoded = torch.cat([model.encode_captions(captions).cpu(), torch.zeros(1, part.shape[1])])
+            part += rank_weight * encoded[of_class]  # -1 (no value at this rank) picks the zero row
+    return part
+
+
+def class_embeddings_of(
+    model: LiTModel, species_captions: list[str], ranks: RankCaptions | None = None, rank_weight: float = 0.0
+) -> torch.Tensor:
+    """Each class's embedding: its species caption's, plus its ranks' with hierarchy-aware targets."""
+    embeddings = model.encode_captions(species_captions).cpu()
+    return embeddings + rank_part(model, ranks, rank_weight) if ranks is not None and rank_weight else embeddings
+
+
 @torch.no_grad()
 def ridge_text_projection(
     model: LiTModel, captions: list[str], class_means: torch.Tensor, has_class: torch.Tensor, ridge: float = 1e-2
@@ -176,14 +247,18 @@ def ridge_text_projection(
 # class_embeddings.npy      the classifier: each class's caption embedding (evaluation style)
 
 
-def save_lit(out: Path, model: LiTModel, cache, eval_style: str, *, training: dict, image_tower=None) -> None:
+def save_lit(
+    out: Path, model: LiTModel, cache, eval_style: str, *, training: dict, image_tower=None, rank_weight: float = 0.0
+) -> None:
     """Write a LiT model directory from a trained model and the feature cache it trained on."""
     from taxoclip.models.bundle import save_weights, write_config
     from taxoclip.taxonomy import ClassTable
 
     out.mkdir(parents=True, exist_ok=True)
     captions = cache.meta["captions"]
-    class_embeddings = model.encode_captions([entry[eval_style] for entry in captions["by_class"]]).cpu().numpy()
+    species = [entry[eval_style] for entry in captions["by_class"]]
+    ranks = RankCaptions(cache.meta["classes"]) if rank_weight else None
+    class_embeddings = class_embeddings_of(model, species, ranks, rank_weight).numpy()
     save_weights(out / "model.safetensors", model)
     if image_tower is not None:
         save_weights(out / "image_tower.safetensors", image_tower)
@@ -191,7 +266,7 @@ def save_lit(out: Path, model: LiTModel, cache, eval_style: str, *, training: di
     (out / "captions.json").write_text(json.dumps(captions, indent=1, ensure_ascii=False))
     np.save(out / "class_embeddings.npy", class_embeddings.astype(np.float32))
     tower = image_tower.describe() if image_tower is not None else cache.meta["tower"]  # trained: its new id
-    fields = {"lit": model.config.to_json(), "eval_style": eval_style, "image_tower": tower}
+    fields = {"lit": model.config.to_json(), "eval_style": eval_style, "image_tower": tower, "rank_weight": rank_weight}
     write_config(out, "lit", fields | {"training": training})
 
 
@@ -238,7 +313,11 @@ class LiTClassifier(EmbeddingClassifier, DirectoryClassifier):
         sets = caption_sets(by_class, self.classes, style)
         # Keyed by the weights file, so a model retrained in the same folder gets new embeddings.
         tag = f"lit|{sha256_of(self.path / 'model.safetensors')[:16]}"
-        self.class_embeddings = class_embeddings_cached(self.model.encode_captions, sets, self.path, tag=tag)
+        embeddings = class_embeddings_cached(self.model.encode_captions, sets, self.path, tag=tag)
+        weight = self.config.get("rank_weight") or 0.0
+        if weight:  # composed as the saved class embeddings are: species + ranks
+            embeddings = embeddings + rank_part(self.model, RankCaptions(list(self.classes.rows)), weight)
+        self.class_embeddings = embeddings
 
 
 def load_lit(path: Path, config: dict) -> LiTClassifier:

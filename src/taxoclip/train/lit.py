@@ -21,7 +21,16 @@ from torch import nn
 from taxoclip.data.features import FeatureCache, load_features
 from taxoclip.errors import TaxoclipError
 from taxoclip.eval.zeroshot import seen_unseen_accuracy
-from taxoclip.models.lit import CaptionBank, LiTConfig, LiTModel, ridge_text_projection, save_lit
+from taxoclip.models.lit import (
+    CaptionBank,
+    LiTConfig,
+    LiTModel,
+    RankBank,
+    RankCaptions,
+    class_embeddings_of,
+    ridge_text_projection,
+    save_lit,
+)
 from taxoclip.models.towers import create_image_tower, create_text_tower
 from taxoclip.runtime import Runtime, gather_with_grad, seed_everything, setup
 from taxoclip.train.lit_config import TrainConfig
@@ -48,9 +57,20 @@ class LiTStep(nn.Module):
     ``lit`` always trains; an unlocked image tower is a registered part (trained, checkpointed,
     its gradients averaged across ranks); a locked one only embeds photos (image-in-loop)."""
 
-    def __init__(self, lit: LiTModel, bank: CaptionBank, loss: str, runtime: Runtime, image_tower=None, unlock=False):
+    def __init__(
+        self,
+        lit: LiTModel,
+        bank: CaptionBank,
+        loss: str,
+        runtime: Runtime,
+        image_tower=None,
+        unlock=False,
+        ranks: RankBank | None = None,
+        rank_weight: float = 0.0,
+    ):
         super().__init__()
         self.lit, self.bank, self.loss, self.unlock = lit, bank, loss, unlock
+        self.ranks, self.rank_weight = ranks, rank_weight
         self.gather = gather_with_grad if runtime.distributed else None
         if unlock:
             self.image = image_tower
@@ -66,7 +86,16 @@ class LiTStep(nn.Module):
     def forward(self, labels, style_of_class, features=None, pixels=None) -> torch.Tensor:
         if pixels is not None:  # the image tower runs on this batch's photos
             features = self.image(self.image.prepare(pixels)) if self.unlock else self.locked_tower.embed(pixels)
-        return self.lit(features, labels, self.bank, style_of_class, loss=self.loss, gather=self.gather)
+        return self.lit(
+            features,
+            labels,
+            self.bank,
+            style_of_class,
+            loss=self.loss,
+            gather=self.gather,
+            ranks=self.ranks,
+            rank_weight=self.rank_weight,
+        )
 
 
 class LiTTrainer(Trainer):
@@ -92,7 +121,11 @@ class LiTTrainer(Trainer):
             self.initialise_text_projection(train_features)
         del train_features
         bank = CaptionBank(self.model.text_tower, self.captions_by_style, runtime.device)
-        self.module = LiTStep(self.model, bank, config.loss, runtime, self.image_tower, config.unlock_image)
+        self.rank_captions = RankCaptions(cache.meta["classes"]) if config.rank_weight else None
+        ranks = RankBank(self.model.text_tower, self.rank_captions, runtime.device) if self.rank_captions else None
+        self.module = LiTStep(
+            self.model, bank, config.loss, runtime, self.image_tower, config.unlock_image, ranks, config.rank_weight
+        )
         self.shard_batches = (
             ShardBatches(config.shards, self.image_tower.preprocess, config.batch_size)
             if self.image_tower is not None
@@ -189,6 +222,8 @@ class LiTTrainer(Trainer):
             self.held_out,
             self.runtime.device,
             valid_features,
+            ranks=self.rank_captions,
+            rank_weight=self.config.rank_weight,
         )
 
     def epoch_extras(self) -> dict:
@@ -214,6 +249,7 @@ def train_lit(config: TrainConfig) -> dict:
             config.eval_style,
             training=asdict(config) | {"held_out": trainer.held_out.tolist(), "world_size": runtime.world_size},
             image_tower=trainer.image_tower if config.unlock_image else None,
+            rank_weight=config.rank_weight,
         )
     runtime.barrier()
     return history[-1] if history else {}
@@ -236,13 +272,15 @@ def evaluate(
     held_out: np.ndarray,
     device: torch.device,
     features: torch.Tensor | None = None,
+    ranks: RankCaptions | None = None,
+    rank_weight: float = 0.0,
 ) -> dict:
     """Zero-shot top-1/top-5 on the valid rows over all classes; with held-out classes, also the
     seen classes' accuracy and the held-out classes' accuracy among themselves."""
     if len(rows) == 0:
         return {}
     model.eval()
-    class_embeddings = model.encode_captions(captions).cpu()
+    class_embeddings = class_embeddings_of(model, captions, ranks, rank_weight)
     if features is None:
         features = torch.from_numpy(np.asarray(cache.features[rows], np.float32))
     image = model.encode_image_features(features.to(device)).cpu()

@@ -30,6 +30,9 @@ class TrainConfig:
     image_projection: bool = True  # a linear map on the locked embeddings: 96.6% vs 94.0% on flowers
     embed_dim: int | None = None
     projection_init: str = "ridge"  # "ridge" or "random"
+    # hierarchy-aware targets: genus/family/order captions contrasted too, and added to each class's
+    # embedding with this weight (0: species captions alone)
+    rank_weight: float = 0.0
     holdout: int = 0  # classes held out of training, to measure zero-shot on unseen classes
     holdout_seed: int = 0
     seed: int = 0
