@@ -95,6 +95,7 @@ def test_yes_no_is_balanced_in_every_class_and_rank_and_a_no_names_a_relative(bi
     for record in (r for r in records if r["rank"] == "family"):
         asked = next(f for f in set(own.values()) if f in record["question"])
         assert (asked == own[record["class_id"]]) == (record["answer"] == "yes"), record
+        assert record["value"] == asked  # the taxon asked about, for the probe control's answer
     # A "no" names the closest relative that differs: the passerines are asked about each other.
     for record in records:
         if record["rank"] == "family" and record["answer"] == "no" and record["class_id"] in ("4", "5"):

@@ -221,7 +221,7 @@ def run_vqa_evaluation(config: VQAEvalConfig) -> dict:
         "trained_photos_scored": leaked,
         "image_tower": model_config["image_tower"]["name"],
         "image_tower_trained_on": tower_trained_on(model_config["image_tower"]),
-        "projector_and_adapters_trained_on": model_config["training"].get("saw"),
+        "projector_and_adapters_trained_on": (model_config["training"].get("saw") or {}) | {"photos": len(seen)},
         "language_model": model_config["language_model"],
         "lora": model_config.get("lora"),
         "exact_match": results,
