@@ -95,6 +95,10 @@ class VQATrainer(Trainer):
 
         from taxoclip.models.bundle import read_config
 
+        if not (folder / "config.json").is_file():
+            raise TaxoclipError(
+                f"--init-from {folder}: not a model directory; give a stage-1 one from 'taxoclip train vqa'"
+            )
         earlier = read_config(folder)
         shape = earlier.get("projector", {})
         mine = {"width": int(projector.mean.shape[0]), "hidden": projector.hidden, "tokens": projector.tokens}
