@@ -266,3 +266,23 @@ def test_the_server_answers_questions_about_an_uploaded_photo(stage_one, colour_
         response = client.post("/api/ask", files=files, data=data)
         assert response.status_code == status and response.json()["error"], (data, response.text)
     assert client.post("/api/ask", files={"file": ("p.jpg", photo)}, data=question).status_code == 200
+
+
+def test_open_questions_answered_in_one_batch_get_the_answers_asked_alone(tiny_language_model):
+    import transformers
+
+    from taxoclip.models.vqa import Projector, VQAModel
+
+    folder = tiny_language_model.removeprefix("hf:")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    config = transformers.AutoConfig.from_pretrained(folder)
+    config.initializer_range = 1.0  # large random weights: it answers in varied words, not newlines
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(config).eval()
+    model = VQAModel(lm, tokenizer, Projector(16, config.hidden_size, 2))
+    features = torch.randn(3, 16)
+    questions = ["What?", "Which family does this plant belong to, in a few words?", "Name the genus of this plant."]
+    alone = [model.answer(features[i : i + 1], q, max_new_tokens=6) for i, q in enumerate(questions)]
+    assert all(alone) and model.answer_batch(features, questions, max_new_tokens=6) == alone
+    blind = [model.answer(None, q, max_new_tokens=6) for q in questions]
+    assert all(blind) and model.answer_batch(None, questions, max_new_tokens=6) == blind

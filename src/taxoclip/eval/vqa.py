@@ -36,6 +36,7 @@ from taxoclip.models.vqa import load_vqa_model, read_seen_photos
 from taxoclip.train.vqa import answer_record, candidates_of, normalise, read_questions
 
 ANSWERERS = ("model", "question only", "shuffled images", "majority", "linear probe")
+GREEDY_BATCH = 8  # open questions decoded together (left-padded; the same answers as one by one)
 
 
 @dataclass
@@ -195,22 +196,41 @@ def run_vqa_evaluation(config: VQAEvalConfig) -> dict:
     order = np.random.default_rng(config.seed).permutation(len(records))
     shuffled = np.empty(len(records), dtype=np.int64)
     shuffled[order] = np.roll(order, -1)
-    blind_cache: dict[tuple, str] = {}  # the question alone: one answer per distinct question
-    answers: dict[str, list] = {who: [] for who in ANSWERERS}
     majority = Majority([r for r in every if r.get("split") == "train"])
     probabilities, position = fit_probe(cache, [r["row"] for r in records])
     probe = ProbeAnswers(cache.classes, probabilities, position)
-    for i, record in enumerate(tqdm(records, desc="answering", disable=not config.progress)):
-        answers["model"].append(answer_record(model, features[i : i + 1], record))
-        answers["shuffled images"].append(
-            answer_record(model, features[shuffled[i] : shuffled[i] + 1], record) if len(records) > 1 else None
-        )
-        blind_key = (record["question"], tuple(candidates_of(record) or ()))
-        if blind_key not in blind_cache:
-            blind_cache[blind_key] = answer_record(model, None, record)
-        answers["question only"].append(blind_cache[blind_key])
-        answers["majority"].append(majority(record))
-        answers["linear probe"].append(probe(record))
+    answers: dict[str, list] = {
+        "model": [None] * len(records),
+        "question only": [None] * len(records),
+        "shuffled images": [None] * len(records),
+        "majority": [majority(r) for r in records],
+        "linear probe": [probe(r) for r in records],
+    }
+    blind: dict[tuple, str] = {}  # the question alone: one answer per distinct question
+    with tqdm(total=len(records), desc="answering", disable=not config.progress) as bar:
+        for i, record in enumerate(records):  # closed questions: the most likely candidate
+            if candidates_of(record):
+                answers["model"][i] = answer_record(model, features[i : i + 1], record)
+                answers["shuffled images"][i] = answer_record(model, features[shuffled[i] : shuffled[i] + 1], record)
+                key = (record["question"], tuple(candidates_of(record)))
+                blind[key] = blind[key] if key in blind else answer_record(model, None, record)
+                answers["question only"][i] = blind[key]
+                bar.update()
+        open_rows = [i for i, r in enumerate(records) if not candidates_of(r)]
+        for start in range(0, len(open_rows), GREEDY_BATCH):  # open ones: greedy, a batch at a time
+            chunk = open_rows[start : start + GREEDY_BATCH]
+            questions = [records[i]["question"] for i in chunk]
+            for who, rows in (("model", chunk), ("shuffled images", shuffled[chunk].tolist())):
+                for i, answer in zip(chunk, model.answer_batch(features[rows], questions), strict=True):
+                    answers[who][i] = answer
+            new = sorted({(q, ()) for q in questions} - blind.keys())
+            for key, answer in zip(new, model.answer_batch(None, [q for q, _ in new]) if new else [], strict=True):
+                blind[key] = answer
+            for i, question in zip(chunk, questions, strict=True):
+                answers["question only"][i] = blind[(question, ())]
+            bar.update(len(chunk))
+    if len(records) < 2:  # no other photo to shuffle in
+        answers["shuffled images"] = [None] * len(records)
 
     results = score(records, answers)
     summary = {

@@ -116,6 +116,36 @@ class VQAModel(nn.Module):
         return self.tokenizer.decode(out[0], skip_special_tokens=True).strip()
 
     @torch.no_grad()
+    def answer_batch(self, features: torch.Tensor | None, questions: list[str], max_new_tokens: int = 16) -> list[str]:
+        """Greedy answers to several questions in one batch (``features``: one row per question,
+        or None). Prompts are left-padded, padding masked out, so each answer is the one
+        `answer` gives alone (generation numbers positions from the mask)."""
+        end = end_of_turn(self.tokenizer)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else end
+        prompts = [encode(self.tokenizer, q).input_ids for q in questions]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt) :] = torch.tensor(prompt)
+            mask[i, width - len(prompt) :] = 1
+        device = self.projector.mean.device
+        embeddings, attention = self.inputs(features, ids.to(device), mask.to(device))
+        out = self.lm.generate(
+            inputs_embeds=embeddings,
+            attention_mask=attention,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=end,
+            pad_token_id=pad,
+        )
+        answers = []
+        for row in out.tolist():
+            row = row[: row.index(end)] if end in row else row
+            answers.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return answers
+
+    @torch.no_grad()
     def rank(self, features: torch.Tensor | None, question: str, candidates: list[str]) -> list[float]:
         """Each candidate answer's log-likelihood (its tokens and the end of turn) after the
         question: closed questions are answered by the most likely candidate. The candidates go
