@@ -20,10 +20,10 @@ from taxoclip.data.labels import Vocabulary, build_vocabulary, class_labels
 from taxoclip.errors import TaxoclipError
 from taxoclip.eval.zeroshot import seen_unseen_accuracy
 from taxoclip.models.catlip import LabelHead, catlip_loss, class_head, fit_temperature, save_catlip
-from taxoclip.runtime import Runtime, seed_everything, setup
+from taxoclip.runtime import Runtime
 from taxoclip.train.catlip_config import CatLIPConfig
 from taxoclip.train.depths import TowerSource, freeze_batch_norm_statistics
-from taxoclip.train.loop import Batch, LoopConfig, Trainer, fit, run_signature
+from taxoclip.train.loop import Batch, Trainer, run_training
 
 __all__ = ["CatLIPConfig", "CatLIPTrainer", "train_catlip"]
 
@@ -144,12 +144,7 @@ class CatLIPTrainer(Trainer):
 def train_catlip(config: CatLIPConfig) -> dict:
     """Train on the shared loop and write the model directory (kind ``catlip``); returns the last
     epoch's metrics."""
-    config.check()
-    runtime = setup(config.device)
-    seed_everything(config.seed)
-    trainer = CatLIPTrainer(config, runtime)
-    signature = run_signature(config, data=trainer.source.data_id)
-    history = fit(trainer, LoopConfig.from_settings(config, signature=signature), runtime)
+    trainer, history, runtime = run_training(config, CatLIPTrainer, lambda t: t.source.data_id)
     if runtime.is_main:
         training = asdict(config) | {"held_out": trainer.held_out.tolist(), "world_size": runtime.world_size}
         save_catlip(

@@ -21,10 +21,10 @@ from taxoclip.errors import TaxoclipError
 from taxoclip.eval.zeroshot import topk_correct
 from taxoclip.models.catlip import fit_temperature
 from taxoclip.models.finetune import FinetuneHead, save_finetune
-from taxoclip.runtime import Runtime, seed_everything, setup
+from taxoclip.runtime import Runtime
 from taxoclip.train.depths import TowerOnPixels, TowerSource, freeze_batch_norm_statistics
 from taxoclip.train.finetune_config import FinetuneConfig
-from taxoclip.train.loop import Batch, LoopConfig, Trainer, fit, run_signature
+from taxoclip.train.loop import Batch, Trainer, run_training
 from taxoclip.train.sampling import balanced_rows, class_weights, repeat_factors, repeats, sampling_summary
 
 __all__ = ["FinetuneConfig", "FinetuneTrainer", "train_finetune"]
@@ -272,13 +272,7 @@ def scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 def train_finetune(config: FinetuneConfig) -> dict:
     """Train on the shared loop and write the model directory (kind ``finetune``); returns the
     last epoch's metrics (the best selection epoch's weights are kept with --patience)."""
-    config.check()
-    runtime = setup(config.device)
-    seed_everything(config.seed)
-    trainer = FinetuneTrainer(config, runtime)
-    signature = run_signature(config, data=trainer.source.data_id)
-    loop = LoopConfig.from_settings(config, signature=signature, monitor="select_top1")
-    history = fit(trainer, loop, runtime)
+    trainer, history, runtime = run_training(config, FinetuneTrainer, lambda t: t.source.data_id, monitor="select_top1")
     if config.patience and history:  # the weights kept are the best selection epoch's: report that epoch
         scored = [r for r in history if "select_top1" in r]
         final = max(scored, key=lambda r: r["select_top1"]) if scored else history[-1]

@@ -32,9 +32,9 @@ from taxoclip.models.lit import (
     save_lit,
 )
 from taxoclip.models.towers import create_image_tower, create_text_tower
-from taxoclip.runtime import Runtime, gather_with_grad, seed_everything, setup
+from taxoclip.runtime import Runtime, gather_with_grad
 from taxoclip.train.lit_config import TrainConfig
-from taxoclip.train.loop import Batch, LoopConfig, Trainer, fit, run_signature
+from taxoclip.train.loop import Batch, Trainer, run_training
 from taxoclip.train.photos import ShardBatches, embed_split
 from taxoclip.train.splits import held_out_classes, split_rows
 
@@ -233,14 +233,7 @@ class LiTTrainer(Trainer):
 def train_lit(config: TrainConfig) -> dict:
     """Train on the shared loop, evaluating on valid; save the model directory (rank 0) and
     return the last epoch's metrics."""
-    config.check()
-    runtime = setup(config.device)
-    seed_everything(config.seed)
-    trainer = LiTTrainer(config, runtime)
-    # The signature names the data by its cache key: a features folder replaced by another cache
-    # is another run, never resumed.
-    signature = run_signature(config, data=trainer.cache.meta["cache_key"])
-    history = fit(trainer, LoopConfig.from_settings(config, signature=signature), runtime)
+    trainer, history, runtime = run_training(config, LiTTrainer, lambda t: t.cache.meta["cache_key"])
     if runtime.is_main:
         save_lit(
             Path(config.output),

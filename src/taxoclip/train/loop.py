@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from taxoclip.errors import TaxoclipError
-from taxoclip.runtime import Runtime
+from taxoclip.runtime import Runtime, seed_everything, setup
 from taxoclip.train.checkpoint import load_checkpoint, load_extra, read_state, save_checkpoint
 from taxoclip.train.ema import WeightAverage
 from taxoclip.train.log import plot_history, write_log
@@ -97,6 +97,20 @@ def run_signature(settings: Any, **data: str) -> dict:
     it writes, which device, and progress), plus what it trained on, by content."""
     ignored = {"progress", "device", "output"}
     return {f.name: getattr(settings, f.name) for f in fields(settings) if f.name not in ignored} | data
+
+
+def run_training(settings: Any, make_trainer, data_of, **loop_options) -> tuple[Any, list[dict], Runtime]:
+    """The start every trainer shares: check the settings, join the process group (or not), seed,
+    build the trainer, and fit it on the shared loop under a signature naming its settings and
+    ``data_of(trainer)`` (what it trains on, by content: another data folder is another run, never
+    resumed). Returns (trainer, per-epoch history, runtime)."""
+    settings.check()
+    runtime = setup(settings.device)
+    seed_everything(settings.seed)
+    trainer = make_trainer(settings, runtime)
+    signature = run_signature(settings, data=data_of(trainer))
+    history = fit(trainer, LoopConfig.from_settings(settings, signature=signature, **loop_options), runtime)
+    return trainer, history, runtime
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:

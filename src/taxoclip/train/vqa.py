@@ -23,8 +23,8 @@ from taxoclip.data.questions import stable
 from taxoclip.errors import TaxoclipError
 from taxoclip.models.language import load_language_model
 from taxoclip.models.vqa import Projector, VQAModel, attach_lora, read_seen_photos, save_vqa
-from taxoclip.runtime import Runtime, seed_everything, setup
-from taxoclip.train.loop import Batch, LoopConfig, Trainer, fit, run_signature
+from taxoclip.runtime import Runtime
+from taxoclip.train.loop import Batch, Trainer, run_training
 from taxoclip.train.vqa_config import VQAConfig
 
 __all__ = ["VQAConfig", "VQATrainer", "normalise", "train_vqa"]
@@ -181,12 +181,7 @@ def answer_record(model, features: torch.Tensor | None, record: dict) -> str:
 
 def train_vqa(config: VQAConfig) -> dict:
     """Stage 1 on the shared loop, then the model directory (kind ``vqa``)."""
-    config.check()
-    runtime = setup(config.device)
-    seed_everything(config.seed)
-    trainer = VQATrainer(config, runtime)
-    signature = run_signature(config, data=trainer.cache.meta["cache_key"])
-    history = fit(trainer, LoopConfig.from_settings(config, signature=signature), runtime)
+    trainer, history, runtime = run_training(config, VQATrainer, lambda t: t.cache.meta["cache_key"])
     if runtime.is_main:
         # the leakage guard: every photo whose embedding trained the projector or the adapters,
         # in this run and in the stage-1 run it started from
