@@ -98,6 +98,15 @@ def species_name(row: dict[str, str]) -> str:
     return name if " " in name.strip() else ""
 
 
+def choice_names(rows: list[dict[str, str]]) -> list[str]:
+    """Each class's name as a multiple-choice option: all common names when every class has one,
+    else scientific names ("" for a class with neither)."""
+    common = all(row.get("common_name") for row in rows)
+    return [
+        (row.get("common_name") if common else species_name(row) or row.get("common_name", "")) or "" for row in rows
+    ]
+
+
 class QuestionMaker:
     """Questions for photos of one class table."""
 
@@ -112,12 +121,7 @@ class QuestionMaker:
                 if row.get(rank):
                     members.setdefault(row[rank], []).append(c)
         self.near: dict[int, list[int]] = {}
-        # Multiple-choice options are all common names when every class has one, else scientific.
-        common = all(row.get("common_name") for row in self.rows)
-        self.choice_names = [
-            (row.get("common_name") if common else species_name(row) or row.get("common_name", "")) or ""
-            for row in self.rows
-        ]
+        self.choice_names = choice_names(self.rows)
 
     def relatives(self, c: int) -> list[int]:
         """Up to RELATIVES other classes, closest first (same genus, then family, order, class,

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from taxoclip.data.features import load_features
-from taxoclip.data.questions import species_name, stable
+from taxoclip.data.questions import choice_names, species_name, stable
 from taxoclip.errors import TaxoclipError
 from taxoclip.models.vqa import load_vqa_model, read_seen_photos
 from taxoclip.train.vqa import answer_record, candidates_of, normalise, read_questions
@@ -109,14 +109,21 @@ class ProbeAnswers:
 
     def __init__(self, classes, probabilities: np.ndarray, row_position: dict[int, int]):
         self.rows, self.probabilities, self.position = list(classes.rows), probabilities, row_position
-        common = all(row.get("common_name") for row in self.rows)
-        self.choice_names = [
-            normalise((row.get("common_name") if common else species_name(row) or row.get("common_name", "")) or "")
-            for row in self.rows
-        ]
+        self.choice_names = np.array([normalise(name) for name in choice_names(self.rows)])
+        # per rank: its distinct values and each class's among them, so a question's probability
+        # per value is one bincount, not a pass over the classes per value
+        self.values: dict[str, tuple[list[str], np.ndarray]] = {}
+        for rank in {column for row in self.rows for column in row}:
+            names = [row.get(rank, "") for row in self.rows]
+            distinct = sorted(set(names) - {""})
+            where = {v: i for i, v in enumerate(distinct)}
+            self.values[rank] = (distinct, np.array([where.get(n, len(distinct)) for n in names]))
 
-    def mass(self, p: np.ndarray, rank: str, value: str) -> float:
-        return float(sum(p[c] for c, row in enumerate(self.rows) if normalise(row.get(rank, "")) == normalise(value)))
+    def mass(self, p: np.ndarray, rank: str) -> dict[str, float]:
+        """The probability of each value of ``rank`` (its classes' summed)."""
+        distinct, index = self.values.get(rank, ([], np.zeros(len(p), int)))
+        sums = np.bincount(index, weights=p, minlength=len(distinct) + 1)
+        return dict(zip(distinct, sums[: len(distinct)].tolist(), strict=True))
 
     def __call__(self, record: dict) -> str | None:
         p = self.probabilities[self.position[record["row"]]]
@@ -127,13 +134,15 @@ class ProbeAnswers:
         if kind == "common_name":
             return best.get("common_name", "")
         if kind == "rank":
-            values = {row.get(rank, "") for row in self.rows if row.get(rank)}
-            return max(sorted(values), key=lambda v: self.mass(p, rank, v)) if values else ""
+            mass = self.mass(p, rank)
+            return max(mass, key=mass.get) if mass else ""
         if kind == "yes_no":
-            return None if "value" not in record else ("yes" if self.mass(p, rank, record["value"]) > 0.5 else "no")
+            if "value" not in record:
+                return None
+            asked = normalise(record["value"])
+            return "yes" if sum(m for v, m in self.mass(p, rank).items() if normalise(v) == asked) > 0.5 else "no"
         if kind == "multiple_choice":
-            names = np.array(self.choice_names)
-            return max(record["choices"], key=lambda c: float(p[names == normalise(c)].sum()))
+            return max(record["choices"], key=lambda c: float(p[self.choice_names == normalise(c)].sum()))
         return None
 
 
