@@ -355,14 +355,12 @@ def cmd_train_vqa(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    import json as json_module
-
     from taxoclip.models.vqa import ask
 
     choices = [c.strip() for c in args.choices.split(",") if c.strip()] if args.choices else None
     result = ask(args.model, args.photo, args.question, choices)
     if args.format == "json":
-        print(json_module.dumps(result, ensure_ascii=False))
+        print(json.dumps(result, ensure_ascii=False))
     else:
         print(result["answer"])
         for entry in result.get("ranked", []):
@@ -519,13 +517,9 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
 
 def model_kind(model: str) -> str | None:
     """The kind a model directory's config names (None for open_clip:NAME or no directory)."""
-    config = Path(model) / "config.json"
-    if not config.is_file():
-        return None
-    try:
-        return json.loads(config.read_text()).get("kind")
-    except (json.JSONDecodeError, OSError, AttributeError):
-        return None  # the loader says what is wrong with it
+    from taxoclip.models.bundle import read_config
+
+    return read_config(Path(model)).get("kind") if (Path(model) / "config.json").is_file() else None
 
 
 def cmd_eval_vqa(args: argparse.Namespace) -> int:
@@ -634,7 +628,6 @@ def build_predictor(args: argparse.Namespace):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import json
 
     from taxoclip.inference.predict import collect_photos
 

@@ -102,18 +102,8 @@ class VQAModel(nn.Module):
     @torch.no_grad()
     def answer(self, features: torch.Tensor | None, question: str, max_new_tokens: int = 16) -> str:
         """Greedy decoding of the answer to one question (``features``: one image's embedding, or
-        None for the question alone)."""
-        prompt = torch.tensor([encode(self.tokenizer, question).input_ids])
-        embeddings, mask = self.inputs(features, prompt, torch.ones_like(prompt))
-        out = self.lm.generate(
-            inputs_embeds=embeddings,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=end_of_turn(self.tokenizer),
-            pad_token_id=self.tokenizer.pad_token_id or end_of_turn(self.tokenizer),
-        )
-        return self.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+        None for the question alone): a batch of one."""
+        return self.answer_batch(features, [question], max_new_tokens)[0]
 
     @torch.no_grad()
     def answer_batch(self, features: torch.Tensor | None, questions: list[str], max_new_tokens: int = 16) -> list[str]:
