@@ -15,7 +15,7 @@ from taxoclip import ClassTable, TaxoclipError
 from taxoclip.apps.cli import main
 from taxoclip.data.features import load_features
 from taxoclip.data.labels import Vocabulary, build_vocabulary, class_labels, label_weight, taxonomy_labels
-from taxoclip.models.catlip import catlip_loss, transfer_init
+from taxoclip.models.catlip import LabelHead, catlip_loss, class_head, reference_moments, transfer_init
 from taxoclip.train.catlip import CatLIPConfig, train_catlip
 
 ROW = {
@@ -105,6 +105,28 @@ def test_transfer_init_rows_are_the_weighted_mean_and_likelihood_the_sum():
         transfer_init(weight, bias, labels, [[0], []], ["1", "2"])
 
 
+def test_standardised_scores_put_every_class_on_one_scale_over_the_training_photos():
+    torch.manual_seed(0)
+    embeddings = torch.randn(400, 8) * 3 + 1
+    head = LabelHead(8, 3, embeddings.mean(0), embeddings.std(0))
+    with torch.no_grad():
+        head.linear.weight.copy_(torch.randn(3, 8))
+        head.linear.weight[2] *= 25  # label 2 swings far more than the others
+    class_rows = [[0], [1], [1, 2]]  # class 3's summed logits inherit label c's swing
+    vocabulary = Vocabulary("taxonomy", "paper", ["a", "b", "c"], [1, 1, 1], ["1", "2", "3"], class_rows)
+    reference = reference_moments(head, embeddings)
+    plain, _ = class_head(head, vocabulary, class_rows, ["1", "2", "3"], "likelihood")
+    standard, _ = class_head(head, vocabulary, class_rows, ["1", "2", "3"], "standardised", reference=reference)
+    scores = standard(embeddings)
+    assert torch.allclose(scores.mean(0), torch.zeros(3), atol=1e-4)
+    assert torch.allclose(scores.std(0), torch.ones(3), atol=1e-4)
+    # The wide class wins about half the photos by its scale alone; on one scale the wins even out.
+    wins = lambda logits: torch.bincount(logits.argmax(1), minlength=3) / len(logits)  # noqa: E731
+    assert wins(plain(embeddings))[2] > 0.45 and wins(scores).max() < 0.45
+    with pytest.raises(TaxoclipError, match=r"reference\.safetensors"):
+        class_head(head, vocabulary, class_rows, ["1", "2", "3"], "standardised")
+
+
 def settings(features, out, **overrides):
     values = dict(features=str(features), output=str(out), batch_size=32, epochs=8, lr=1e-2, progress=False)
     return CatLIPConfig(**values | overrides)
@@ -174,6 +196,27 @@ def test_held_out_species_are_scored_through_the_labels_they_share(colour_featur
     alien = ClassTable.from_records([{"id": "z", "genus": "Nothing", "specific_epithet": "alike"}], origin="new")
     with pytest.raises(TaxoclipError, match="share no label"):
         model.for_classes(alien)
+
+
+def test_a_model_trained_with_standardised_scoring_keeps_its_reference(colour_features, tmp_path, capsys):
+    out = tmp_path / "m"
+    arguments = ["train", "catlip", "--features", str(colour_features), "-o", str(out), "--epochs", "4"]
+    assert main([*arguments, "--holdout", "2", "--scoring", "standardised", "--batch-size", "32", "-q"]) == 0
+    model = taxoclip.load(out)
+    assert model.scoring == "standardised" and (out / "reference.safetensors").exists()
+    train_x, train_y = load_features(colour_features).split("train")
+    trained_on = train_x[~np.isin(train_y, model.held_out)]  # the photos the reference describes
+    scores = model.logits_from_features(trained_on) * model.temperature  # before the temperature
+    assert torch.allclose(scores.mean(0), torch.zeros(len(model.classes)), atol=1e-3)
+    assert torch.allclose(scores.std(0), torch.ones(len(model.classes)), atol=1e-3)
+    model.use_scoring("likelihood")  # the same label layer, scored the other way
+    assert not torch.allclose(model.logits_from_features(trained_on) * model.temperature, scores)
+    (out / "reference.safetensors").unlink()  # a model from before the reference was kept
+    assert main(["eval", "--model", str(out), "--data", str(colour_features), "-o", str(tmp_path / "r"), "-q"]) == 2
+    assert "reference.safetensors" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # refused while parsing, naming the choices
+        main([*arguments, "--scoring", "mean", "-q"])
+    assert refused.value.code == 2 and "standardised" in capsys.readouterr().err
 
 
 def test_two_processes_under_torchrun_match_one(colour_features, tmp_path):

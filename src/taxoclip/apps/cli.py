@@ -18,7 +18,7 @@ from taxoclip.data.sources import FORMATS
 from taxoclip.errors import TaxoclipError
 from taxoclip.eval.config import EvalConfig
 from taxoclip.taxonomy import Rank
-from taxoclip.train.catlip_config import DEPTHS, CatLIPConfig
+from taxoclip.train.catlip_config import DEPTHS, SCORINGS, CatLIPConfig
 from taxoclip.train.finetune_config import HEADS, FinetuneConfig
 from taxoclip.train.lit_config import LOSSES, PROJECTION_INITS, TrainConfig
 from taxoclip.train.vqa_config import VQAConfig
@@ -430,7 +430,13 @@ def add_catlip_arguments(p: argparse.ArgumentParser) -> None:
     setting("--min-count", "min_count", "drop labels carried by fewer training photos (V_tau)", type=POSITIVE)
     p.add_argument("--max-size", type=POSITIVE, help="keep at most this many labels, the most frequent")
     setting("--lr", "lr", "learning rate", type=NON_NEGATIVE_NUMBER)
-    setting("--scoring", "scoring", "class scores from label logits: likelihood (sum) or transfer (mean)")
+    setting(
+        "--scoring",
+        "scoring",
+        "class scores from label logits: likelihood (their sum), standardised (that sum on one scale for "
+        "every class, from the training photos' spread) or transfer (their mean)",
+        choices=SCORINGS,
+    )
     p.add_argument("-q", "--quiet", action="store_true")
 
 

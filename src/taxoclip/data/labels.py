@@ -25,6 +25,8 @@ from taxoclip.errors import TaxoclipError
 from taxoclip.taxonomy import ClassTable, Rank
 
 EXTRACTORS = ("taxonomy", "wordnet")
+# How a class's score comes from its labels' logits (models.catlip: transfer_init, standardise_rows).
+SCORINGS = ("likelihood", "standardised", "transfer")
 VOCABULARY_VERSION = 1
 _STOPWORD_TEXT = (
     "a an the of and or in on at by for from to with without as is are be this that these those it "

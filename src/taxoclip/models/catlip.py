@@ -8,6 +8,8 @@ Model directory (kind ``catlip``):
   image_tower.safetensors  only when the tower's upper stages trained too (--depth upper)
   vocabulary.json    labels, counts, each class's labels
   classes.csv        the class table
+  reference.safetensors  the mean and covariance of the (standardised) training embeddings, from
+                     which ``standardised`` scoring puts every class's score on one scale
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from taxoclip.data.labels import Vocabulary, label_rank, label_weight
+from taxoclip.data.labels import SCORINGS, Vocabulary, label_rank, label_weight
 from taxoclip.errors import TaxoclipError
 from taxoclip.models.classifier import DirectoryClassifier
 from taxoclip.taxonomy import ClassTable
@@ -54,9 +56,6 @@ def catlip_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="sum") / len(logits)
 
 
-SCORINGS = ("likelihood", "transfer")
-
-
 def transfer_init(
     weight: torch.Tensor,
     bias: torch.Tensor,
@@ -73,7 +72,9 @@ def transfer_init(
     ``likelihood``: the sum of the rows: a class's logit is then the log-likelihood of its label
     set under the independent-label model the BCE loss fits, up to a term shared by all classes.
     Seen and unseen classes are compared fairly: a seen species' label firing counts against the
-    unseen classes that lack it, while a mean would favour classes with only broad labels."""
+    unseen classes that lack it, while a mean would favour classes with only broad labels.
+    ``standardised`` starts from ``likelihood``; `standardise_rows` then rescales each class's row
+    by its score's spread over the training photos (it needs their moments)."""
     empty = [class_ids[c] for c, indices in enumerate(class_labels) if not indices]
     if empty:
         shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
@@ -88,7 +89,7 @@ def transfer_init(
     covered: dict[str, int] = {}
     for c, indices in enumerate(class_labels):
         weights = torch.tensor([label_weight(labels[i]) for i in indices])
-        weights = torch.ones_like(weights) if scoring == "likelihood" else weights / weights.sum()
+        weights = weights / weights.sum() if scoring == "transfer" else torch.ones_like(weights)
         rows += [c] * len(indices)
         columns += list(indices)
         values.append(weights)
@@ -127,6 +128,33 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float(grid[int(losses.argmin())])
 
 
+@torch.no_grad()
+def reference_moments(head: LabelHead, embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The mean and covariance of training embeddings as the label layer sees them (standardised):
+    enough to know any class score's mean and spread over those photos, for any class table."""
+    prepared = head.prepare(embeddings.to(head.mean.device)).double().cpu()
+    mean = prepared.mean(0)
+    centred = prepared - mean
+    return {"mean": mean.float(), "covariance": (centred.T @ centred / max(1, len(prepared) - 1)).float()}
+
+
+@torch.no_grad()
+def standardise_rows(
+    rows: torch.Tensor, biases: torch.Tensor, reference: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and biases whose class scores have mean 0 and spread 1 over the training photos.
+
+    Summed label logits are on each class's own scale: a class with many or very selective labels
+    swings far more than one with few broad ones, so a few unseen classes win almost every photo
+    (hubs). Dividing by the spread puts them on one scale; it is still one linear layer, so
+    predict, eval, serve and ONNX export see no difference. Seen classes' own training photos are
+    in the reference too, which keeps their rows honest rather than tuned to the unseen."""
+    mean, covariance = reference["mean"].to(rows), reference["covariance"].to(rows)
+    spread = ((rows @ covariance) * rows).sum(1).clamp(min=1e-12).sqrt()
+    # (r.x + b - (r.m + b)) / spread: the bias, a constant per class, cancels with the mean
+    return rows / spread[:, None], -(rows @ mean) / spread
+
+
 def class_head(
     head: LabelHead,
     vocabulary: Vocabulary,
@@ -134,11 +162,23 @@ def class_head(
     class_ids: list[str],
     scoring: str = "likelihood",
     temperature: float = 1.0,
+    reference: dict[str, torch.Tensor] | None = None,
 ):
-    """The classifier over a class table from a label head: (ClassHead, coverage)."""
+    """The classifier over a class table from a label head: (ClassHead, coverage). ``standardised``
+    scoring needs ``reference`` (`reference_moments` of training embeddings)."""
     weight, bias = head.linear.weight.detach().cpu(), head.linear.bias.detach().cpu()
     rows, biases, covered = transfer_init(weight, bias, vocabulary.labels, class_labels, class_ids, scoring)
+    if scoring == "standardised":
+        if reference is None:
+            raise TaxoclipError(
+                "standardised scoring needs the training embeddings' moments (reference.safetensors); "
+                "this model has none: retrain it, or use --scoring likelihood"
+            )
+        rows, biases = standardise_rows(rows, biases, reference)
     return ClassHead(head, rows, biases, temperature), covered
+
+
+REFERENCE_FILE = "reference.safetensors"
 
 
 def save_catlip(
@@ -151,12 +191,18 @@ def save_catlip(
     scoring: str = "likelihood",
     temperature: float = 1.0,
     image_tower=None,
+    reference: dict[str, torch.Tensor] | None = None,
 ):
-    """Write the model directory; ``image_tower`` when the tower's own stages trained too."""
+    """Write the model directory; ``image_tower`` when the tower's own stages trained too;
+    ``reference`` (`reference_moments`), so any scoring can be chosen later."""
+    from safetensors.torch import save_file
+
     from taxoclip.models.bundle import save_weights, write_config
 
     out.mkdir(parents=True, exist_ok=True)
     save_weights(out / "head.safetensors", head)
+    if reference is not None:
+        save_file({k: v.contiguous() for k, v in reference.items()}, str(out / REFERENCE_FILE))
     if image_tower is not None:
         save_weights(out / "image_tower.safetensors", image_tower)
     vocabulary.save(out / "vocabulary.json")
@@ -186,10 +232,27 @@ class CatLIPClassifier(DirectoryClassifier):
         self.label_head.load_state_dict(weights)
         self.label_head.eval()
         self.scoring, self.temperature = config.get("scoring", "likelihood"), config.get("temperature", 1.0)
-        self._head, self.coverage = self.class_head(self.vocabulary.class_labels, self.classes.ids)
+        reference = path / REFERENCE_FILE
+        self.reference = load_file(str(reference)) if reference.exists() else None  # older models have none
+        self.class_label_indices = self.vocabulary.class_labels
+        self._head, self.coverage = self.class_head(self.class_label_indices, self.classes.ids)
 
     def class_head(self, class_labels: list[list[int]], class_ids: list[str]):
-        return class_head(self.label_head, self.vocabulary, class_labels, class_ids, self.scoring, self.temperature)
+        return class_head(
+            self.label_head,
+            self.vocabulary,
+            class_labels,
+            class_ids,
+            self.scoring,
+            self.temperature,
+            self.reference,
+        )
+
+    def use_scoring(self, scoring: str) -> None:
+        """Score classes another way (`SCORINGS`) from the same label layer. The temperature was
+        fitted for the trained scoring, so probabilities (not rankings) may be less calibrated."""
+        self.scoring = scoring
+        self._head, self.coverage = self.class_head(self.class_label_indices, self.classes.ids)
 
     def head(self) -> nn.Module:
         return self._head
@@ -202,7 +265,7 @@ class CatLIPClassifier(DirectoryClassifier):
         indices = self.vocabulary.labels_of(classes, per_class)
         other = object.__new__(CatLIPClassifier)
         other.__dict__.update(self.__dict__)
-        other.classes = classes
+        other.classes, other.class_label_indices = classes, indices
         other._head, other.coverage = self.class_head(indices, classes.ids)
         return other
 

@@ -19,7 +19,14 @@ from torch import nn
 from taxoclip.data.labels import Vocabulary, build_vocabulary, class_labels
 from taxoclip.errors import TaxoclipError
 from taxoclip.eval.zeroshot import seen_unseen_accuracy
-from taxoclip.models.catlip import LabelHead, catlip_loss, class_head, fit_temperature, save_catlip
+from taxoclip.models.catlip import (
+    LabelHead,
+    catlip_loss,
+    class_head,
+    fit_temperature,
+    reference_moments,
+    save_catlip,
+)
 from taxoclip.runtime import Runtime
 from taxoclip.train.catlip_config import CatLIPConfig
 from taxoclip.train.depths import TowerSource, freeze_batch_norm_statistics
@@ -59,6 +66,7 @@ class CatLIPTrainer(Trainer):
         self.classes, self.held_out = source.classes, source.held_out
         self.images_per_class = images = source.images_per_class
         self.last_valid: tuple[torch.Tensor, torch.Tensor] | None = None  # embeddings of the latest evaluation
+        self._reference: dict[str, torch.Tensor] | None = None
         self.vocabulary = self.load_vocabulary(source.captions)
         targets = torch.zeros(len(self.classes), len(self.vocabulary), dtype=torch.bool)  # a quarter of float's size
         for c, indices in enumerate(self.vocabulary.class_labels):
@@ -122,9 +130,23 @@ class CatLIPTrainer(Trainer):
         return self.source.batches(epoch)
 
     def classifier(self) -> torch.nn.Module:
+        reference = self.reference() if self.config.scoring == "standardised" else None
         return class_head(
-            self.head, self.vocabulary, self.vocabulary.class_labels, self.classes.ids, self.config.scoring
+            self.head,
+            self.vocabulary,
+            self.vocabulary.class_labels,
+            self.classes.ids,
+            self.config.scoring,
+            reference=reference,
         )[0]
+
+    def reference(self) -> dict[str, torch.Tensor]:
+        """The training embeddings' moments (standardised scoring's scale) with the tower as it is
+        now: computed once on locked cached embeddings, again each time when the tower trains."""
+        if self.upper is None and self.tower is None and self._reference is not None:
+            return self._reference
+        self._reference = reference_moments(self.head, self.source.standardisation_sample())
+        return self._reference
 
     @torch.no_grad()
     def calibrate(self) -> float:
@@ -157,6 +179,7 @@ def train_catlip(config: CatLIPConfig) -> dict:
             config.scoring,
             trainer.calibrate(),
             image_tower=trainer.tower,
+            reference=trainer.reference(),
         )
     runtime.barrier()
     return history[-1] if history else {}

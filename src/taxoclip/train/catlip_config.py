@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from taxoclip.data.labels import EXTRACTORS
+from taxoclip.data.labels import EXTRACTORS, SCORINGS
 from taxoclip.errors import TaxoclipError
 from taxoclip.train.depth_config import DEPTHS, DepthSettings
 
-__all__ = ["DEPTHS", "CatLIPConfig"]
+__all__ = ["DEPTHS", "SCORINGS", "CatLIPConfig"]
 
 
 @dataclass
@@ -35,4 +35,6 @@ class CatLIPConfig(DepthSettings):
     def check(self) -> None:
         if self.extractor not in EXTRACTORS:
             raise TaxoclipError(f"unknown label extractor {self.extractor!r}; use one of {', '.join(EXTRACTORS)}")
+        if self.scoring not in SCORINGS:
+            raise TaxoclipError(f"unknown scoring {self.scoring!r}; use one of {', '.join(SCORINGS)}")
         self.check_depth()
