@@ -164,14 +164,14 @@ def plot(rows: list[dict], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = ("unseen 20-way", "unseen among all", "valid top-1")
-    figure, axis = plt.subplots(figsize=(11, 0.55 * len(rows) + 1.5))
+    metrics = ("unseen 20-way", "unseen 20-way, train-split photos", "unseen among all", "valid top-1")
+    figure, axis = plt.subplots(figsize=(11, 0.7 * len(rows) + 1.5))
     positions = np.arange(len(rows))
     for i, metric in enumerate(metrics):
         means = np.array([r[f"{metric} %"] for r in rows])
         spread = np.array([[float(v) for v in r[f"{metric} spread"].split("-")] for r in rows])
         errors = np.abs(spread.T - means)
-        axis.barh(positions + (i - 1) * 0.27, means, height=0.27, xerr=errors, label=metric, capsize=2)
+        axis.barh(positions + (i - 1.5) * 0.2, means, height=0.2, xerr=errors, label=metric, capsize=2)
     for aim, style in ((30, "--"), (10, ":")):
         axis.axvline(aim, color="black", linestyle=style, linewidth=0.8)
     axis.set_yticks(positions, [r["setting"] for r in rows], fontsize=7)

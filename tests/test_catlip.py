@@ -219,6 +219,27 @@ def test_a_model_trained_with_standardised_scoring_keeps_its_reference(colour_fe
     assert refused.value.code == 2 and "standardised" in capsys.readouterr().err
 
 
+def test_eval_and_predict_choose_the_scoring_of_a_trained_model(colour_features, tmp_path, capsys):
+    train_catlip(settings(colour_features, tmp_path / "m", holdout=2, epochs=4))  # likelihood, the default
+    model = taxoclip.load(tmp_path / "m")
+    x, y = load_features(colour_features).split("valid")
+    model.use_scoring("standardised")
+    expected = float((model.logits_from_features(x).argmax(-1).numpy() == y).mean())
+    arguments = ["eval", "--model", str(tmp_path / "m"), "--data", str(colour_features), "--no-baselines", "-q"]
+    assert main([*arguments, "-o", str(tmp_path / "r"), "--scoring", "standardised"]) == 0
+    report = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert report["scoring"] == "standardised" and report["metrics"]["top1"] == pytest.approx(expected)
+    assert main([*arguments, "-o", str(tmp_path / "r2")]) == 0  # the model's own: likelihood
+    assert json.loads((tmp_path / "r2" / "metrics.json").read_text())["scoring"] == "model default"
+    classes = tmp_path / "classes.csv"
+    model.classes.to_csv(classes)
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"not needed: refused first")
+    refused = ["predict", str(photo), "--model", "open_clip:ViT-B-32", "--classes", str(classes), "--scoring"]
+    assert main([*refused, "standardised", "-q"]) == 2
+    assert "leave out --scoring" in capsys.readouterr().err
+
+
 def test_two_processes_under_torchrun_match_one(colour_features, tmp_path):
     arguments = [
         "train",

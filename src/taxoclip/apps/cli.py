@@ -566,6 +566,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         data=args.data,
         output=args.output,
         style=args.style,
+        scoring=args.scoring,
         split=args.split,
         baselines=not args.no_baselines,
         shots=tuple(int(s) for s in args.shots.split(",")) if args.shots else (),
@@ -629,7 +630,7 @@ def build_predictor(args: argparse.Namespace):
         raise TaxoclipError("give --model (a model directory or open_clip:NAME) or --onnx")
     from taxoclip.models.registry import load_classifier
 
-    classifier = load_classifier(args.model, classes=args.classes, style=args.style)
+    classifier = load_classifier(args.model, classes=args.classes, style=args.style, scoring=args.scoring)
     return torch_predictor(classifier, subset=subset, threshold=threshold)
 
 
@@ -733,9 +734,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     from taxoclip.inference.export import export_onnx
 
-    path = export_onnx(args.model, args.output, classes=args.classes, style=args.style)
+    path = export_onnx(args.model, args.output, classes=args.classes, style=args.style, scoring=args.scoring)
     print(f"ONNX model -> {path} (preprocessing and classes in {path}.json)")
     return 0
+
+
+def add_scoring_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--scoring",
+        choices=SCORINGS,
+        help="a catlip model's class scores (default: the model's own); standardised for species it never saw",
+    )
 
 
 def add_predictor_arguments(p: argparse.ArgumentParser) -> None:
@@ -745,6 +754,7 @@ def add_predictor_arguments(p: argparse.ArgumentParser) -> None:
         "--style",
         help="caption style, or 'templates' for a prompt ensemble (default: the model's own; paper for open_clip)",
     )
+    add_scoring_argument(p)
     p.add_argument("--onnx", help="run this exported ONNX file instead of PyTorch")
     p.add_argument("--subset", help="answer only among these taxa (any rank), comma-separated: 'Rosaceae,Tulipa'")
     p.add_argument(
@@ -915,6 +925,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--style", help="caption style, or 'templates' for a CLIP-style prompt ensemble (default: the model's)"
     )
+    add_scoring_argument(p)
     p.add_argument("--split", default=default(EvalConfig, "split"), help="split to evaluate (default %(default)s)")
     p.add_argument("--no-baselines", action="store_true", help="skip probe / nearest class mean / Transfer Init")
     p.add_argument(
@@ -958,6 +969,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", required=True, help="a model directory, or open_clip:NAME (with --classes)")
     q.add_argument("--classes", help="class CSV, for an open_clip model")
     q.add_argument("--style", help="caption style or 'templates' (default: the model's own)")
+    add_scoring_argument(q)
     q.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     q.set_defaults(handler=cmd_export_onnx)
 

@@ -11,6 +11,7 @@ class EvalConfig:
     data: str  # a feature cache, shards or a source
     output: str
     style: str | None = None  # caption style or "templates"; default: the model's own
+    scoring: str | None = None  # a catlip model's class scoring (models.catlip); default: the model's own
     split: str = "valid"
     baselines: bool = True
     shots: tuple[int, ...] = (1, 5, 10)

@@ -107,6 +107,7 @@ def run_evaluation(config: EvalConfig) -> dict:
         "data": str(cache.path),
         "split": config.split,
         "style": config.style or "model default",
+        "scoring": config.scoring or "model default",
         "metrics": metrics,
         "comparison": comparison,
         "baselines": baseline_note,
@@ -126,7 +127,7 @@ def resolve_tower(config: EvalConfig):
     """(image tower name, pretrained?, the classifier when it can be opened before the data)."""
     if config.model.startswith(OPEN_CLIP_PREFIX):  # needs the data's class table: opened later
         return config.model, not config.random_weights, None
-    classifier = load_classifier(config.model, style=config.style)
+    classifier = load_classifier(config.model, style=config.style, scoring=config.scoring)
     return classifier.image_tower_name, classifier.image_pretrained, classifier
 
 

@@ -34,6 +34,7 @@ def load_classifier(
     classes: ClassTable | str | Path | None = None,
     captions: Sequence[dict[str, str]] | None = None,
     style: str | None = None,
+    scoring: str | None = None,
     pretrained: bool = True,
     cache_dir: Path | None = None,
 ) -> Classifier:
@@ -41,10 +42,13 @@ def load_classifier(
 
     ``classes`` (a table or a class CSV) and ``captions`` (per class, every caption style) are
     what an open_clip model classifies over; ``style`` picks the caption style or ``templates``;
+    ``scoring`` how a label model (catlip) turns label logits into class scores;
     ``pretrained=False`` builds an open_clip architecture with random weights (tests, no network).
     """
     spec = str(spec)
     if spec.startswith(OPEN_CLIP_PREFIX):
+        if scoring:
+            raise TaxoclipError(f"{spec}: an open_clip model scores classes by caption; leave out --scoring")
         return open_clip_classifier(spec, classes, captions, style, pretrained, cache_dir)
     from taxoclip.models.bundle import read_config
 
@@ -71,6 +75,11 @@ def load_classifier(
         if use_style is None:
             raise TaxoclipError(f"{path}: a {kind} model has no caption styles; leave out --style")
         use_style(style)
+    if scoring:
+        use_scoring = getattr(classifier, "use_scoring", None)
+        if use_scoring is None:
+            raise TaxoclipError(f"{path}: a {kind} model has no label scorings (catlip has); leave out --scoring")
+        use_scoring(scoring)
     return classifier
 
 
