@@ -15,7 +15,14 @@ from taxoclip import ClassTable, TaxoclipError
 from taxoclip.apps.cli import main
 from taxoclip.data.features import load_features
 from taxoclip.data.labels import Vocabulary, build_vocabulary, class_labels, label_weight, taxonomy_labels
-from taxoclip.models.catlip import LabelHead, catlip_loss, class_head, reference_moments, transfer_init
+from taxoclip.models.catlip import (
+    LabelHead,
+    catlip_loss,
+    class_head,
+    fit_temperature,
+    reference_moments,
+    transfer_init,
+)
 from taxoclip.train.catlip import CatLIPConfig, train_catlip
 
 ROW = {
@@ -223,8 +230,13 @@ def test_eval_and_predict_choose_the_scoring_of_a_trained_model(colour_features,
     train_catlip(settings(colour_features, tmp_path / "m", holdout=2, epochs=4))  # likelihood, the default
     model = taxoclip.load(tmp_path / "m")
     x, y = load_features(colour_features).split("valid")
+    trained_temperature = model.temperature
     model.use_scoring("standardised")
-    expected = float((model.logits_from_features(x).argmax(-1).numpy() == y).mean())
+    logits = model.logits_from_features(x)
+    expected = float((logits.argmax(-1).numpy() == y).mean())
+    # the temperature fitted on valid for this scoring, not the trained scoring's
+    assert model.temperature != trained_temperature
+    assert fit_temperature(logits * model.temperature, torch.from_numpy(y).long()) == pytest.approx(model.temperature)
     arguments = ["eval", "--model", str(tmp_path / "m"), "--data", str(colour_features), "--no-baselines", "-q"]
     assert main([*arguments, "-o", str(tmp_path / "r"), "--scoring", "standardised"]) == 0
     report = json.loads((tmp_path / "r" / "metrics.json").read_text())

@@ -189,12 +189,14 @@ def save_catlip(
     tower: dict,
     training: dict,
     scoring: str = "likelihood",
-    temperature: float = 1.0,
+    temperatures: dict[str, float] | None = None,
     image_tower=None,
     reference: dict[str, torch.Tensor] | None = None,
 ):
-    """Write the model directory; ``image_tower`` when the tower's own stages trained too;
-    ``reference`` (`reference_moments`), so any scoring can be chosen later."""
+    """Write the model directory; ``temperatures`` per scoring (fitted on valid); ``image_tower``
+    when the tower's own stages trained too; ``reference`` (`reference_moments`), so any scoring
+    can be chosen later."""
+    temperatures = temperatures or {scoring: 1.0}
     from safetensors.torch import save_file
 
     from taxoclip.models.bundle import save_weights, write_config
@@ -212,7 +214,8 @@ def save_catlip(
         "width": int(head.linear.in_features),
         "vocabulary": {"labels": len(vocabulary), "extractor": vocabulary.extractor, "style": vocabulary.style},
         "scoring": scoring,
-        "temperature": temperature,
+        "temperature": temperatures[scoring],
+        "temperatures": temperatures,
         "training": training,
     }
     write_config(out, "catlip", fields)
@@ -249,9 +252,11 @@ class CatLIPClassifier(DirectoryClassifier):
         )
 
     def use_scoring(self, scoring: str) -> None:
-        """Score classes another way (`SCORINGS`) from the same label layer. The temperature was
-        fitted for the trained scoring, so probabilities (not rankings) may be less calibrated."""
+        """Score classes another way (`SCORINGS`) from the same label layer, with the temperature
+        fitted for that scoring (models from before those were kept reuse the trained one, so
+        their probabilities, not their rankings, may be less calibrated)."""
         self.scoring = scoring
+        self.temperature = self.config.get("temperatures", {}).get(scoring, self.temperature)
         self._head, self.coverage = self.class_head(self.class_label_indices, self.classes.ids)
 
     def head(self) -> nn.Module:

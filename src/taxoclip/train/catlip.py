@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from taxoclip.data.labels import Vocabulary, build_vocabulary, class_labels
+from taxoclip.data.labels import SCORINGS, Vocabulary, build_vocabulary, class_labels
 from taxoclip.errors import TaxoclipError
 from taxoclip.eval.zeroshot import seen_unseen_accuracy
 from taxoclip.models.catlip import (
@@ -129,15 +129,12 @@ class CatLIPTrainer(Trainer):
         """This rank's share of each global batch: cached rows, or (``full``) augmented photos."""
         return self.source.batches(epoch)
 
-    def classifier(self) -> torch.nn.Module:
-        reference = self.reference() if self.config.scoring == "standardised" else None
+    def classifier(self, scoring: str | None = None) -> torch.nn.Module:
+        """The class head over the training classes, scored as configured (or as ``scoring``)."""
+        scoring = scoring or self.config.scoring
+        reference = self.reference() if scoring == "standardised" else None
         return class_head(
-            self.head,
-            self.vocabulary,
-            self.vocabulary.class_labels,
-            self.classes.ids,
-            self.config.scoring,
-            reference=reference,
+            self.head, self.vocabulary, self.vocabulary.class_labels, self.classes.ids, scoring, reference=reference
         )[0]
 
     def reference(self) -> dict[str, torch.Tensor]:
@@ -149,11 +146,15 @@ class CatLIPTrainer(Trainer):
         return self._reference
 
     @torch.no_grad()
-    def calibrate(self) -> float:
-        """The softmax temperature fitted on valid (the ranking, and so accuracy, is unchanged);
-        1 without valid photos. The last epoch is always evaluated: its embeddings are reused."""
+    def calibrate(self) -> dict[str, float]:
+        """Per scoring, the softmax temperature fitted on valid (the ranking, and so accuracy, is
+        unchanged); 1 without valid photos. Each scoring has its own scale, so a model scored
+        another way later (`use_scoring`) keeps calibrated probabilities, which summing them up
+        the tree relies on. The last epoch is always evaluated: its embeddings are reused."""
         valid = self.last_valid if self.last_valid is not None else self.valid_embeddings()
-        return 1.0 if valid is None else fit_temperature(self.classifier()(valid[0]), valid[1])
+        if valid is None:
+            return dict.fromkeys(SCORINGS, 1.0)
+        return {scoring: fit_temperature(self.classifier(scoring)(valid[0]), valid[1]) for scoring in SCORINGS}
 
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict:
