@@ -139,19 +139,16 @@ def reference_moments(head: LabelHead, embeddings: torch.Tensor) -> dict[str, to
 
 
 @torch.no_grad()
-def standardise_rows(
-    rows: torch.Tensor, biases: torch.Tensor, reference: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def standardise_rows(rows: torch.Tensor, reference: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows and biases whose class scores have mean 0 and spread 1 over the training photos.
 
     Summed label logits are on each class's own scale: a class with many or very selective labels
     swings far more than one with few broad ones, so a few unseen classes win almost every photo
-    (hubs). Dividing by the spread puts them on one scale; it is still one linear layer, so
-    predict, eval, serve and ONNX export see no difference. Seen classes' own training photos are
-    in the reference too, which keeps their rows honest rather than tuned to the unseen."""
+    of the unseen (hubs). Dividing by the spread puts them on one scale; it is still one linear
+    layer, so predict, eval, serve and ONNX export see no difference."""
     mean, covariance = reference["mean"].to(rows), reference["covariance"].to(rows)
     spread = ((rows @ covariance) * rows).sum(1).clamp(min=1e-12).sqrt()
-    # (r.x + b - (r.m + b)) / spread: the bias, a constant per class, cancels with the mean
+    # (r.x + b - (r.m + b)) / spread: a class's bias, a constant, cancels with its mean
     return rows / spread[:, None], -(rows @ mean) / spread
 
 
@@ -174,7 +171,7 @@ def class_head(
                 "standardised scoring needs the training embeddings' moments (reference.safetensors); "
                 "this model has none: retrain it, or use --scoring likelihood"
             )
-        rows, biases = standardise_rows(rows, biases, reference)
+        rows, biases = standardise_rows(rows, reference)
     return ClassHead(head, rows, biases, temperature), covered
 
 
@@ -196,11 +193,11 @@ def save_catlip(
     """Write the model directory; ``temperatures`` per scoring (fitted on valid); ``image_tower``
     when the tower's own stages trained too; ``reference`` (`reference_moments`), so any scoring
     can be chosen later."""
-    temperatures = temperatures or {scoring: 1.0}
     from safetensors.torch import save_file
 
     from taxoclip.models.bundle import save_weights, write_config
 
+    temperatures = temperatures or {scoring: 1.0}
     out.mkdir(parents=True, exist_ok=True)
     save_weights(out / "head.safetensors", head)
     if reference is not None:

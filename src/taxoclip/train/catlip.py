@@ -129,10 +129,12 @@ class CatLIPTrainer(Trainer):
         """This rank's share of each global batch: cached rows, or (``full``) augmented photos."""
         return self.source.batches(epoch)
 
-    def classifier(self, scoring: str | None = None) -> torch.nn.Module:
-        """The class head over the training classes, scored as configured (or as ``scoring``)."""
+    def classifier(self, scoring: str | None = None, reference: dict | None = None) -> torch.nn.Module:
+        """The class head over the training classes, scored as configured (or as ``scoring``);
+        ``reference``: the moments when already computed for the tower as it is."""
         scoring = scoring or self.config.scoring
-        reference = self.reference() if scoring == "standardised" else None
+        if scoring == "standardised" and reference is None:
+            reference = self.reference()
         return class_head(
             self.head, self.vocabulary, self.vocabulary.class_labels, self.classes.ids, scoring, reference=reference
         )[0]
@@ -154,7 +156,10 @@ class CatLIPTrainer(Trainer):
         valid = self.last_valid if self.last_valid is not None else self.valid_embeddings()
         if valid is None:
             return dict.fromkeys(SCORINGS, 1.0)
-        return {scoring: fit_temperature(self.classifier(scoring)(valid[0]), valid[1]) for scoring in SCORINGS}
+        reference = self.reference()  # once: with a training tower each call embeds photos again
+        return {
+            scoring: fit_temperature(self.classifier(scoring, reference)(valid[0]), valid[1]) for scoring in SCORINGS
+        }
 
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict:
@@ -180,7 +185,7 @@ def train_catlip(config: CatLIPConfig) -> dict:
             config.scoring,
             trainer.calibrate(),
             image_tower=trainer.tower,
-            reference=trainer.reference(),
+            reference=trainer._reference or trainer.reference(),  # calibrate computed it when valid exists
         )
     runtime.barrier()
     return history[-1] if history else {}
