@@ -241,6 +241,7 @@ def test_eval_and_predict_choose_the_scoring_of_a_trained_model(colour_features,
     assert main([*arguments, "-o", str(tmp_path / "r"), "--scoring", "standardised"]) == 0
     report = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert report["scoring"] == "standardised" and report["metrics"]["top1"] == pytest.approx(expected)
+    assert "scoring standardised" in (tmp_path / "r" / "report.md").read_text()
     assert main([*arguments, "-o", str(tmp_path / "r2")]) == 0  # the model's own: likelihood
     assert json.loads((tmp_path / "r2" / "metrics.json").read_text())["scoring"] == "model default"
     classes = tmp_path / "classes.csv"
