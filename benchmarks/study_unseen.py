@@ -52,12 +52,11 @@ def scores(
     adjusted = logits - gamma * torch.from_numpy(seen).float()
     predicted = adjusted.argmax(-1).numpy()
     unseen_rows = np.isin(labels, held_out)
-    among = logits[unseen_rows][:, held_out].argmax(-1).numpy()
     return {
         "all": float((predicted == labels).mean()),
         "seen": float((predicted[~unseen_rows] == labels[~unseen_rows]).mean()),
         "unseen_all": float((predicted[unseen_rows] == labels[unseen_rows]).mean()),
-        "unseen_20": float((held_out[among] == labels[unseen_rows]).mean()),
+        "unseen_20": among_unseen(logits[unseen_rows], labels[unseen_rows], held_out),
         "unseen_20_train": unseen_train,
     }
 

@@ -393,10 +393,11 @@ def pct(value) -> str:
 
 def report_sections(report: dict, per_rank: list[dict], plots: list[str]) -> list[tuple[str, object]]:
     m = report["metrics"]
+    scoring = report.get("scoring", "model default")
     intro = (
         f"Model `{report['model']}` on the `{report['split']}` split of `{report['data']}`: "
         f"{m['images']} images, {m['classes_scored']} classes, caption style {report['style']}"
-        f"{'' if report.get('scoring', 'model default') == 'model default' else ', scoring ' + report['scoring']}. "
+        f"{'' if scoring == 'model default' else f', scoring {scoring}'}. "
         f"Zero-shot top-1 **{pct(m['top1'])}**, top-5 **{pct(m['top5'])}**, mean per-class top-1 "
         f"{pct(m['mean_class_top1'])}."
     )

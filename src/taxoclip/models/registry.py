@@ -70,16 +70,15 @@ def load_classifier(
             f"{path}: the {kind} model directory is damaged ({type(error).__name__}: {error}); "
             "copy the whole directory again or retrain"
         ) from None
-    if style:
-        use_style = getattr(classifier, "use_style", None)
-        if use_style is None:
-            raise TaxoclipError(f"{path}: a {kind} model has no caption styles; leave out --style")
-        use_style(style)
-    if scoring:
-        use_scoring = getattr(classifier, "use_scoring", None)
-        if use_scoring is None:
-            raise TaxoclipError(f"{path}: a {kind} model has no label scorings (catlip has); leave out --scoring")
-        use_scoring(scoring)
+    for option, value, method, lacking in (
+        ("--style", style, "use_style", "caption styles"),
+        ("--scoring", scoring, "use_scoring", "label scorings (catlip has)"),
+    ):
+        if value:
+            choose = getattr(classifier, method, None)
+            if choose is None:
+                raise TaxoclipError(f"{path}: a {kind} model has no {lacking}; leave out {option}")
+            choose(value)
     return classifier
 
 

@@ -141,22 +141,21 @@ class CatLIPTrainer(Trainer):
 
     def reference(self) -> dict[str, torch.Tensor]:
         """The training embeddings' moments (standardised scoring's scale) with the tower as it is
-        now: computed once on locked cached embeddings, again each time when the tower trains."""
-        if self.upper is None and self.tower is None and self._reference is not None:
-            return self._reference
-        self._reference = reference_moments(self.head, self.source.standardisation_sample())
+        now: kept for locked cached embeddings, computed again while a tower trains."""
+        if self._reference is None or self.upper is not None:
+            self._reference = reference_moments(self.head, self.source.standardisation_sample())
         return self._reference
 
     @torch.no_grad()
-    def calibrate(self) -> dict[str, float]:
+    def calibrate(self, reference: dict[str, torch.Tensor]) -> dict[str, float]:
         """Per scoring, the softmax temperature fitted on valid (the ranking, and so accuracy, is
         unchanged); 1 without valid photos. Each scoring has its own scale, so a model scored
         another way later (`use_scoring`) keeps calibrated probabilities, which summing them up
-        the tree relies on. The last epoch is always evaluated: its embeddings are reused."""
+        the tree relies on. ``reference``: `reference` after training. The last epoch is always
+        evaluated: its embeddings are reused."""
         valid = self.last_valid if self.last_valid is not None else self.valid_embeddings()
         if valid is None:
             return dict.fromkeys(SCORINGS, 1.0)
-        reference = self.reference()  # once: with a training tower each call embeds photos again
         return {
             scoring: fit_temperature(self.classifier(scoring, reference)(valid[0]), valid[1]) for scoring in SCORINGS
         }
@@ -174,6 +173,7 @@ def train_catlip(config: CatLIPConfig) -> dict:
     epoch's metrics."""
     trainer, history, runtime = run_training(config, CatLIPTrainer, lambda t: t.source.data_id)
     if runtime.is_main:
+        reference = trainer.reference()  # once: with a trained tower it embeds photos
         training = asdict(config) | {"held_out": trainer.held_out.tolist(), "world_size": runtime.world_size}
         save_catlip(
             Path(config.output),
@@ -183,9 +183,9 @@ def train_catlip(config: CatLIPConfig) -> dict:
             trainer.source.tower_record(),
             training,
             config.scoring,
-            trainer.calibrate(),
+            trainer.calibrate(reference),
             image_tower=trainer.tower,
-            reference=trainer._reference or trainer.reference(),  # calibrate computed it when valid exists
+            reference=reference,
         )
     runtime.barrier()
     return history[-1] if history else {}
