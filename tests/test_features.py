@@ -143,7 +143,7 @@ def test_two_processes_under_torchrun_match_one(shards, tmp_path):
     assert all(share["units"] for share in shares)
     assert sorted(shares[0]["units"] + shares[1]["units"]) == units
     assert not set(shares[0]["units"]) & set(shares[1]["units"])
-    assert single.meta["ranks"] == [{"rank": 0, "units": units}]
+    assert single.meta["ranks"] == [{"rank": 0, "units": units, "decode": "workers"}]
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from taxoclip.data.captions import STYLE_NAMES  # the library's own choices and defaults: all light
+from taxoclip.data.images import DECODES
 from taxoclip.data.labels import EXTRACTORS
 from taxoclip.data.questions import TYPES as QUESTION_TYPES
 from taxoclip.data.shards import ShardOptions
@@ -187,6 +188,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         **({"batch_size": args.batch_size} if args.batch_size else {}),
         workers=args.workers,
         device=args.device,
+        decode=args.decode,
         pretrained=not args.random_weights,
         progress=not args.quiet,
         format=args.format,
@@ -824,6 +826,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=POSITIVE, help="photos per forward pass (default: extract_features's)")
     p.add_argument("--workers", type=NON_NEGATIVE, help="decoding processes (default: half the cores)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument(
+        "--decode",
+        choices=DECODES,
+        default="auto",
+        help="where JPEGs are decoded: workers (CPU processes), device (batched where the tower runs: "
+        "nvJPEG on a GPU), auto (device on a GPU, else workers; default)",
+    )
     p.add_argument("--random-weights", action="store_true", help="the tower's architecture with random weights")
     p.add_argument("--format", choices=FORMATS, help="source format, when not shards")
     p.add_argument("--root", help="image root of a JSON/CSV source")

@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from taxoclip.data.device_decode import choose_decode, device_decodable, pixels_on_device
 from taxoclip.data.images import IMAGE_KEYS, BadImage, decode_image, read_photo
 from taxoclip.data.shards import MANIFEST, check_shard_files, iter_tar_samples, read_manifest
 from taxoclip.errors import TaxoclipError
@@ -123,10 +124,18 @@ def plan_data(path: str | Path, split: str | None = None, **source_options) -> D
 
 
 class UnitImages(IterableDataset):
-    """Decodes and preprocesses the images of the given units, split across DataLoader workers."""
+    """Decodes and preprocesses the images of the given units, split across DataLoader workers.
+    With ``decode="device"`` a JPEG the device decoder takes is only probed (`device_decodable`)
+    and travels as bytes (item["jpeg"]), for the main process to decode in batches on the device."""
 
-    def __init__(self, units: list[Unit], preprocess: Preprocess, keep: Callable[[str], bool] | None = None):
-        self.units, self.preprocess, self.keep = units, preprocess, keep
+    def __init__(
+        self,
+        units: list[Unit],
+        preprocess: Preprocess,
+        keep: Callable[[str], bool] | None = None,
+        decode: str = "workers",
+    ):
+        self.units, self.preprocess, self.keep, self.decode = units, preprocess, keep, decode
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -139,6 +148,10 @@ class UnitImages(IterableDataset):
                 try:
                     if isinstance(data, BadImage):
                         raise data
+                    if self.decode == "device" and device_decodable(data):
+                        item["jpeg"] = data  # bytes cross by pickle: no shared-memory handle per photo
+                        yield item
+                        continue
                     item["pixels"] = self.preprocess.to_uint8(decode_image(data))
                 except BadImage as error:
                     item["reason"] = str(error)
@@ -171,11 +184,32 @@ def unit_items(unit: Unit) -> Iterator[tuple[str, bytes, int, str]]:
 
 def collate(items: list[dict]) -> dict:
     """One uint8 tensor for the batch's pixels, plus the items' metadata without pixels: each
-    tensor that crosses from a worker costs a shared-memory handle, so only one per batch."""
-    bad = [i for i in items if i["pixels"] is None]
+    tensor that crosses from a worker costs a shared-memory handle, so only one per batch.
+    Photos left for the device decoder ("encoded") still hold their JPEG bytes."""
+    encoded = [i for i in items if "jpeg" in i]
+    bad = [i for i in items if i["pixels"] is None and "jpeg" not in i]
     good = [i for i in items if i["pixels"] is not None]
     pixels = torch.stack([i.pop("pixels") for i in good]) if good else None
-    return {"pixels": pixels, "good": good, "bad": bad}
+    return {"pixels": pixels, "good": good, "bad": bad, "encoded": encoded}
+
+
+def batch_on_device(
+    batch: dict, preprocess: Preprocess, device: torch.device
+) -> tuple[torch.Tensor | None, list[dict], list[dict]]:
+    """A loader batch's uint8 pixels on ``device``, the items they belong to (row order) and the
+    rejects: the workers' decoded photos first, then those decoded here on the device."""
+    pixels = [batch["pixels"].to(device, non_blocking=True)] if batch["pixels"] is not None else []
+    good, bad = list(batch["good"]), list(batch["bad"])
+    if batch["encoded"]:
+        decoded, reasons = pixels_on_device([item.pop("jpeg") for item in batch["encoded"]], preprocess, device)
+        if decoded is not None:
+            pixels.append(decoded)
+        for item, reason in zip(batch["encoded"], reasons, strict=True):
+            if reason is None:
+                good.append(item)
+            else:
+                bad.append(item | {"reason": reason})
+    return (torch.cat(pixels) if pixels else None), good, bad
 
 
 @dataclass
@@ -254,12 +288,15 @@ def extract_features(
     batch_size: int = 64,
     workers: int | None = None,
     device: str | None = None,
+    decode: str = "auto",
     pretrained: bool = True,
     progress: bool = True,
     **source_options,
 ) -> FeatureCache:
     """Embed every image of ``data`` (a shard folder or any source) with ``tower`` into ``out``.
 
+    ``decode``: where JPEGs are decoded, "workers" (CPU processes), "device" (batched on the
+    tower's device: nvJPEG on a GPU) or "auto" (the device when it is a GPU whose decoder works).
     Returns the cache; a second call with the same inputs returns it without running the tower.
     """
     out = Path(out)
@@ -284,6 +321,7 @@ def extract_features(
     started = time.perf_counter()
     # Each rank takes every world_size-th unit; finished units (an earlier, killed run) are skipped.
     mine = [u for u in runtime.share(plan.units) if not part_done(parts, u, key)]
+    decode = choose_decode(decode, runtime.device)
     run_units(
         mine,
         tower,
@@ -293,8 +331,9 @@ def extract_features(
         workers=workers,
         device=runtime.device,
         progress=progress and runtime.is_main,
+        decode=decode,
     )
-    shares = runtime.gather_objects({"rank": runtime.rank, "units": [u.name for u in mine]})
+    shares = runtime.gather_objects({"rank": runtime.rank, "units": [u.name for u in mine], "decode": decode})
     if runtime.is_main:
         merge_parts(plan, tower, key, out, seconds=time.perf_counter() - started, shares=shares)
     runtime.barrier()
@@ -329,13 +368,15 @@ def image_loader(
     device: torch.device,
     workers: int | None = None,
     keep: Callable[[str], bool] | None = None,
+    decode: str = "workers",
 ) -> DataLoader:
-    """Batches of decoded, preprocessed photos of ``units`` ({"pixels", "good", "bad"}), decoded
-    in worker processes: the one loader behind extraction and the trainers' image-in-loop paths.
+    """Batches of decoded, preprocessed photos of ``units`` ({"pixels", "good", "bad",
+    "encoded"}), decoded in worker processes (``decode="device"``: JPEGs left to
+    `batch_on_device`): the one loader behind extraction and the trainers' image-in-loop paths.
     ``keep(key)`` (picklable) picks which photos are decoded at all."""
     workers = default_workers(device) if workers is None else workers
     return DataLoader(
-        UnitImages(units, preprocess, keep),
+        UnitImages(units, preprocess, keep, decode),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=collate,
@@ -355,35 +396,37 @@ def run_units(
     workers: int | None,
     device: torch.device,
     progress: bool,
+    decode: str = "workers",
 ) -> None:
     if not units:
         return
     tower = tower.for_inference(device)
-    loader = image_loader(units, tower.preprocess, batch_size, device, workers)
+    loader = image_loader(units, tower.preprocess, batch_size, device, workers, decode=decode)
     expected = {u.name: u.count for u in units}
     buffers: dict[str, dict[str, list]] = {
         u.name: {"features": [], "keys": [], "labels": [], "splits": [], "rejects": [], "seen": 0} for u in units
     }
     bar = tqdm(total=sum(expected.values()), unit="img", desc="features", disable=not progress, smoothing=0.05)
     for batch in loader:
-        if batch["pixels"] is not None:
-            embeddings = tower.embed(batch["pixels"].to(device, non_blocking=True)).cpu().numpy().astype(np.float16)
-            for item, embedding in zip(batch["good"], embeddings, strict=True):
+        pixels, good, bad = batch_on_device(batch, tower.preprocess, device)
+        if pixels is not None:
+            embeddings = tower.embed(pixels).cpu().numpy().astype(np.float16)
+            for item, embedding in zip(good, embeddings, strict=True):
                 buffer = buffers[item["unit"]]
                 buffer["features"].append(embedding)
                 buffer["keys"].append(item["key"])
                 buffer["labels"].append(item["label"])
                 buffer["splits"].append(item["split"])
-        for item in batch["bad"]:
+        for item in bad:
             buffers[item["unit"]]["rejects"].append({"key": item["key"], "reason": item["reason"]})
-        touched = {i["unit"] for i in batch["good"] + batch["bad"]}
+        touched = {i["unit"] for i in good + bad}
         for name in touched:
             buffer = buffers[name]
             buffer["seen"] = len(buffer["keys"]) + len(buffer["rejects"])
             if buffer["seen"] == expected[name]:
                 save_part(parts, name, buffer, key, tower.width)
                 buffers[name] = {}
-        bar.update(len(batch["good"]) + len(batch["bad"]))
+        bar.update(len(good) + len(bad))
     bar.close()
     unfinished = [n for n, b in buffers.items() if b]
     if unfinished:

@@ -13,6 +13,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # The WebDataset key an image is stored under, by PIL format; the bytes are kept as they are.
 FORMAT_KEYS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tiff")
+# Where extraction decodes JPEGs (see data/device_decode.py); here, torch-free, for the CLI's choices.
+DECODES = ("auto", "workers", "device")
 
 
 class BadImage(Exception):
