@@ -14,6 +14,7 @@ from conftest import write_classes_csv
 from taxoclip.data.device_decode import choose_decode, device_decodable, pixels_on_device
 from taxoclip.data.features import extract_features
 from taxoclip.data.images import EXIF_ORIENTATION, decode_image
+from taxoclip.errors import TaxoclipError
 from taxoclip.models.towers import Preprocess, create_image_tower
 
 CPU = torch.device("cpu")
@@ -150,6 +151,17 @@ def test_auto_decodes_in_the_workers_without_a_working_gpu_decoder(capsys):
         assert choose_decode("auto", torch.device("cuda")) == "workers"
         assert "GPU decoder does not work here" in capsys.readouterr().out
     assert choose_decode("device", CPU) == "device"
+
+
+def test_asking_for_the_device_decoder_where_it_does_not_work_is_a_clear_error(monkeypatch, mixed_folder, tmp_path):
+    import taxoclip.data.device_decode as device_decode
+
+    monkeypatch.setattr(device_decode, "device_decoder_problem", lambda device: "nvJPEG missing")
+    with pytest.raises(TaxoclipError, match=r"--decode device.*nvJPEG missing.*--decode workers"):
+        extract_features(mixed_folder, TOWER, tmp_path / "f", pretrained=False, progress=False, decode="device")
+    # auto falls back to the workers, and the run completes
+    cache = extract_features(mixed_folder, TOWER, tmp_path / "f", pretrained=False, progress=False, workers=0)
+    assert cache.meta["count"] == 8 and cache.meta["ranks"][0]["decode"] == "workers"
 
 
 def test_cli_refuses_an_unknown_decode(mixed_folder, tmp_path):

@@ -8,10 +8,12 @@ both apply the EXIF orientation) and resizes and crops there. Anything the devic
 decoder cannot take (PNG, CMYK JPEG ...) is decoded by the worker as before, and a photo the
 device decoder refuses is retried alone, so one bad file costs only itself (a counted reject).
 
-On CPU this path decodes in the main process with the same libjpeg-turbo as PIL and resizes with
-torchvision's PIL-matching kernels: the pixels equal ``Preprocess.to_uint8``'s for photos whose
-shorter side is under twice the resize target (larger ones skip PIL's DCT-domain draft and are
-resized from full size, a difference of a few grey levels). That is what the tests check here.
+On CPU this path decodes in the main process with the same libjpeg-turbo as PIL (the same pixels)
+and resizes with torchvision's PIL-matching kernels: the result is ``Preprocess.to_uint8``'s to
+resize rounding (at most 2 grey levels) for photos whose shorter side is under twice the resize
+target; larger ones skip PIL's DCT-domain draft and are resized from full size, a difference of a
+few grey levels on average. That is what the tests check here; nvJPEG's closeness to libjpeg-turbo
+is measured on a GPU by benchmarks/bench_gpu.py.
 """
 
 from __future__ import annotations
@@ -37,10 +39,7 @@ def device_decodable(data: bytes) -> bool:
 def resize_and_crop(image: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
     """``Preprocess.to_uint8`` on a decoded uint8 tensor: the shorter side to size / crop_pct
     (antialiased, PIL's kernels), then the centre ``size`` x ``size``."""
-    resize_to = round(preprocess.size / preprocess.crop_pct)
-    height, width = image.shape[1:]
-    scale = resize_to / min(height, width)
-    width, height = max(preprocess.size, round(width * scale)), max(preprocess.size, round(height * scale))
+    width, height = preprocess.resized(image.shape[2], image.shape[1])
     mode = {"bicubic": F.InterpolationMode.BICUBIC, "bilinear": F.InterpolationMode.BILINEAR}
     image = F.resize(image, [height, width], interpolation=mode[preprocess.interpolation], antialias=True)
     top, left = (height - preprocess.size) // 2, (width - preprocess.size) // 2
@@ -85,11 +84,14 @@ def choose_decode(decode: str, device: torch.device) -> str:
     device on a GPU whose JPEG decoder works, and says so when it falls back to the workers."""
     if decode not in DECODES:
         raise TaxoclipError(f"decode must be one of {', '.join(DECODES)}, not {decode!r}")
-    if decode != "auto":
-        return decode
-    if device.type != "cuda":
+    if decode == "workers" or (decode == "auto" and device.type != "cuda"):
         return "workers"
     problem = device_decoder_problem(device)
+    if problem and decode == "device":
+        # Said now: otherwise every photo would become a "corrupt" reject, one batch at a time.
+        raise TaxoclipError(
+            f"--decode device: the JPEG decoder does not work on {device} ({problem}); use --decode workers"
+        )
     if problem:
         print(f"decoding JPEGs in the worker processes: the GPU decoder does not work here ({problem})")
         return "workers"
@@ -97,7 +99,7 @@ def choose_decode(decode: str, device: torch.device) -> str:
 
 
 def device_decoder_problem(device: torch.device) -> str | None:
-    """Why the JPEG decoder cannot decode on ``device`` (a one-pixel trial), or None when it can."""
+    """Why the JPEG decoder cannot decode on ``device`` (a trial on a tiny JPEG), or None when it can."""
     import io
 
     from PIL import Image
@@ -106,6 +108,6 @@ def device_decoder_problem(device: torch.device) -> str | None:
     Image.new("RGB", (8, 8), (200, 40, 90)).save(out, format="JPEG")
     try:
         decoded = decode_jpegs([out.getvalue()], device)[0]
-    except Exception as error:  # a missing library or driver: fall back, never fail the run
+    except Exception as error:  # a missing library, driver or wheel: say why instead of failing mid-run
         return f"{type(error).__name__}: {error}"
     return decoded if isinstance(decoded, str) else None

@@ -79,13 +79,17 @@ class Preprocess:
         if image.format == "JPEG" and min(image.size) >= 2 * resize_to:
             image.draft("RGB", (resize_to, resize_to))  # DCT-domain downscale: much faster for big photos
         image = as_rgb(image)  # upright, 8-bit RGB
-        scale = resize_to / min(image.size)
-        width, height = max(self.size, round(image.width * scale)), max(self.size, round(image.height * scale))
+        width, height = self.resized(image.width, image.height)
         resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[self.interpolation]
         image = image.resize((width, height), resample)
         left, top = (width - self.size) // 2, (height - self.size) // 2
         image = image.crop((left, top, left + self.size, top + self.size))
         return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+    def resized(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of a photo once its shorter side is size / crop_pct, before the crop."""
+        scale = round(self.size / self.crop_pct) / min(width, height)
+        return max(self.size, round(width * scale)), max(self.size, round(height * scale))
 
 
 def normalise(pixels: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
