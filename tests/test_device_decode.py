@@ -44,7 +44,7 @@ def assert_same_to_rounding(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def device_pixels(data: bytes, preprocess: Preprocess) -> torch.Tensor:
-    assert device_decodable(data)
+    assert device_decodable(decode_image(data))
     pixels, reasons = pixels_on_device([data], preprocess, CPU)
     assert reasons == [None]
     return pixels[0]
@@ -80,7 +80,7 @@ def test_what_the_device_decoder_cannot_take_stays_with_the_workers():
     png, cmyk = io.BytesIO(), io.BytesIO()
     Image.new("RGB", (40, 30), (10, 200, 30)).save(png, format="PNG")
     Image.new("CMYK", (40, 30), (10, 200, 30, 5)).save(cmyk, format="JPEG")
-    assert not device_decodable(png.getvalue()) and not device_decodable(cmyk.getvalue())
+    assert not device_decodable(decode_image(png.getvalue())) and not device_decodable(decode_image(cmyk.getvalue()))
 
 
 def test_a_corrupt_photo_in_a_batch_costs_only_itself():

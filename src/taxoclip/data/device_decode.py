@@ -19,20 +19,20 @@ is measured on a GPU by benchmarks/bench_gpu.py.
 from __future__ import annotations
 
 import torch
+from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from taxoclip.data.images import DECODES, decode_image
+from taxoclip.data.images import DECODES
 from taxoclip.errors import TaxoclipError
 from taxoclip.models.towers import Preprocess
 
 DEVICE_MODES = ("RGB", "L")  # JPEG colour modes the device decoder turns into RGB as PIL does
 
 
-def device_decodable(data: bytes) -> bool:
-    """Whether the device decoder takes this photo (a JPEG in RGB or grey; the worker decodes
-    anything else). Reads only the header; refuses decompression bombs (`BadImage`) as every
-    decoding path does. The decoder turns the photo upright by its EXIF orientation itself."""
-    image = decode_image(data)
+def device_decodable(image: Image.Image) -> bool:
+    """Whether the device decoder takes this photo, opened lazily by `decode_image` (so only its
+    header is read): a JPEG in RGB or grey; the worker decodes anything else. The decoder turns
+    the photo upright by its EXIF orientation itself."""
     return image.format == "JPEG" and image.mode in DEVICE_MODES
 
 
@@ -101,8 +101,6 @@ def choose_decode(decode: str, device: torch.device) -> str:
 def device_decoder_problem(device: torch.device) -> str | None:
     """Why the JPEG decoder cannot decode on ``device`` (a trial on a tiny JPEG), or None when it can."""
     import io
-
-    from PIL import Image
 
     out = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 40, 90)).save(out, format="JPEG")

@@ -148,11 +148,11 @@ class UnitImages(IterableDataset):
                 try:
                     if isinstance(data, BadImage):
                         raise data
-                    if self.decode == "device" and device_decodable(data):
+                    image = decode_image(data)  # opened once: the header decides where it is decoded
+                    if self.decode == "device" and device_decodable(image):
                         item["jpeg"] = data  # bytes cross by pickle: no shared-memory handle per photo
-                        yield item
-                        continue
-                    item["pixels"] = self.preprocess.to_uint8(decode_image(data))
+                    else:
+                        item["pixels"] = self.preprocess.to_uint8(image)
                 except BadImage as error:
                     item["reason"] = str(error)
                 except Exception as error:  # any decoder failure is a counted reject, never fatal
