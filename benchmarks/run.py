@@ -25,6 +25,7 @@ def main() -> int:
     import bench_finetune  # noqa: F401
     import bench_gpu  # noqa: F401
     import bench_lit  # noqa: F401
+    import bench_scale  # noqa: F401
     import bench_shards  # noqa: F401
     import bench_vqa  # noqa: F401
     import study_finetune  # noqa: F401

@@ -291,6 +291,12 @@ def add_loop_settings(setting, holdout: bool = True) -> None:
     setting("--seed", "seed", "data order, caption styles, dropout", type=int)
     setting("--device", "device", "auto, cpu, cuda, cuda:1 ...")
     setting("--eval-every", "eval_every", "epochs between evaluations on valid (the last always)", type=POSITIVE)
+    setting(
+        "--steps-per-epoch",
+        "max_steps_per_epoch",
+        "cap on steps per epoch: a step budget where one pass over every row is too long",
+        type=POSITIVE,
+    )
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -574,6 +580,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         shots=tuple(int(s) for s in args.shots.split(",")) if args.shots else (),
         group_by=[c.strip() for c in args.group_by.split(",")] if args.group_by else [],
         random_weights=args.random_weights,
+        baseline_rows=args.baseline_rows or None,
+        baseline_steps=args.baseline_steps,
         progress=not args.quiet,
     )
     report = run_evaluation(config)
@@ -885,12 +893,6 @@ def build_parser() -> argparse.ArgumentParser:
     setting("--image-tokens", "image_tokens", "K: image tokens before the question", type=POSITIVE)
     setting("--lr", "lr", "learning rate of the projector", type=NON_NEGATIVE_NUMBER)
     setting("--eval-questions", "eval_questions", "valid questions answered at each evaluation", type=NON_NEGATIVE)
-    setting(
-        "--steps-per-epoch",
-        "max_steps_per_epoch",
-        "cap on steps per epoch: a budget where one pass over every question is too long",
-        type=POSITIVE,
-    )
     setting("--lora-rank", "lora_rank", "stage 2: LoRA rank on the language model (0: stage 1 only)", type=NON_NEGATIVE)
     setting("--lora-alpha", "lora_alpha", "LoRA scale numerator (alpha / rank scales the update)", type=POSITIVE_NUMBER)
     setting("--lora-lr", "lora_lr", "learning rate of the LoRA adapters", type=NON_NEGATIVE_NUMBER)
@@ -941,6 +943,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--shots",
         default=",".join(map(str, default(EvalConfig, "shots"))),
         help="training images per class for the data-efficiency curve (default %(default)s)",
+    )
+    p.add_argument(
+        "--baseline-rows",
+        type=NON_NEGATIVE,
+        default=default(EvalConfig, "baseline_rows"),
+        help="test photos the baselines are scored on, a seeded sample when there are more (0: all; "
+        "default %(default)s)",
+    )
+    p.add_argument(
+        "--baseline-steps",
+        type=POSITIVE,
+        default=default(EvalConfig, "baseline_steps"),
+        help="training steps (of 256 rows) for the probe and Transfer Init at most (default %(default)s)",
     )
     p.add_argument("--group-by", help="class-table columns to report accuracy by (default: supercategory or a rank)")
     p.add_argument("--random-weights", action="store_true", help="open_clip architecture with random weights")

@@ -42,6 +42,7 @@ from taxoclip.taxonomy import KNOWN_SPLITS, ClassTable
 
 CACHE_VERSION = 2  # 2: photos turned upright by EXIF, 16-bit grey scaled (caches from 1 are recomputed)
 SOURCE_UNIT = 1000  # images per resumable unit when reading a source folder directly
+STREAM_CHUNK = 65536  # rows a streamed pass over a split reads at a time (8 MB of float16 at 1,280-d)
 
 
 @dataclass
@@ -237,6 +238,21 @@ class FeatureCache:
         """(features as float32, labels) of one split."""
         mask = self.split_mask(split)
         return np.asarray(self.features[mask], dtype=np.float32), self.labels[mask]
+
+    def chunks(self, rows: np.ndarray, chunk: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(rows, their embeddings as float32) ``chunk`` rows at a time, read from the memory map in
+        row order: how every pass over a split reads it, so memory never grows with the split."""
+        chunk = chunk or STREAM_CHUNK
+        for start in range(0, len(rows), chunk):
+            part = np.sort(rows[start : start + chunk])
+            yield part, np.asarray(self.features[part], dtype=np.float32)
+
+    def mean(self, rows: np.ndarray, chunk: int | None = None) -> np.ndarray:
+        """The mean embedding of ``rows``, accumulated in float64 chunk by chunk."""
+        total = np.zeros(self.features.shape[1], np.float64)
+        for _, features in self.chunks(rows, chunk):
+            total += features.sum(0, dtype=np.float64)
+        return (total / max(1, len(rows))).astype(np.float32)
 
     @property
     def classes(self) -> ClassTable:
@@ -456,43 +472,161 @@ def ordered_splits(names: set[str]) -> list[str]:
     return [s for s in KNOWN_SPLITS if s in names] + sorted(names - set(KNOWN_SPLITS))
 
 
+class CacheWriter:
+    """Writes a feature cache in bounded memory: rows are appended chunk by chunk into a
+    memory-mapped features.npy (never held whole), keys streamed to keys.json; ``finish`` writes
+    labels, splits and meta.json last (it marks the cache complete). The one writer behind
+    extraction's merge and `write_synthetic_cache`."""
+
+    def __init__(self, out: Path, total: int, width: int):
+        self.out, self.total, self.row = Path(out), total, 0
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.features = np.lib.format.open_memmap(
+            self.out / "features.npy.tmp.npy", mode="w+", dtype=np.float16, shape=(total, width)
+        )
+        self.labels = np.zeros(total, np.int32)
+        self.splits: list[np.ndarray] = []
+        self.split_names: list[str] = []
+        self.keys = open(self.out / "keys.json.tmp", "w")  # noqa: SIM115 (closed in finish)
+        self.keys.write("[")
+
+    def add(self, features: np.ndarray, labels, splits: list[str], keys: list[str]) -> None:
+        n = len(keys)
+        if not (len(features) == len(labels) == len(splits) == n) or self.row + n > self.total:
+            raise ValueError(f"uneven chunk ({len(features)}, {len(labels)}, {len(splits)}, {n}) at row {self.row}")
+        self.features[self.row : self.row + n] = features
+        self.labels[self.row : self.row + n] = labels
+        for name in dict.fromkeys(splits):
+            if name not in self.split_names:
+                self.split_names.append(name)
+        self.splits.append(np.array([self.split_names.index(s) for s in splits], dtype=np.uint8))
+        self.keys.write(("," if self.row else "") + ",".join(json.dumps(k) for k in keys))
+        self.row += n
+
+    def finish(self, meta: dict) -> dict:
+        """Write the rest; ``meta`` gains count, split names and counts. Returns the meta written."""
+        if self.row != self.total:
+            raise ValueError(f"{self.out}: {self.row} rows written of {self.total}")
+        self.features.flush()
+        del self.features
+        self.keys.write("]")
+        self.keys.close()
+        order = ordered_splits(set(self.split_names))  # codes renumbered in the canonical order
+        remap = np.array([order.index(s) for s in self.split_names] or [0], dtype=np.uint8)
+        codes = remap[np.concatenate(self.splits)] if self.splits else np.zeros(0, np.uint8)
+        np.save(self.out / "labels.npy", self.labels)
+        np.save(self.out / "splits.npy", codes)
+        os.replace(self.out / "keys.json.tmp", self.out / "keys.json")
+        os.replace(self.out / "features.npy.tmp.npy", self.out / "features.npy")
+        meta = {"version": CACHE_VERSION} | meta
+        meta |= {
+            "count": self.total,
+            "split_names": order,
+            "split_counts": {name: int((codes == i).sum()) for i, name in enumerate(order)},
+        }
+        (self.out / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks the cache complete
+        return meta
+
+
 def merge_parts(
     plan: DataPlan, tower: ImageTower, key: str, out: Path, *, seconds: float, shares: list[dict] | None = None
 ) -> None:
     records = [json.loads((out / "parts" / f"{u.name}.json").read_text()) for u in plan.units]
-    total = sum(len(r["keys"]) for r in records)
-    features = np.lib.format.open_memmap(
-        out / "features.npy.tmp.npy", mode="w+", dtype=np.float16, shape=(total, tower.width)
-    )
-    row = 0
-    for unit, _record in zip(plan.units, records, strict=True):
+    writer = CacheWriter(out, sum(len(r["keys"]) for r in records), tower.width)
+    for unit, record in zip(plan.units, records, strict=True):
         part = np.load(out / "parts" / f"{unit.name}.npy")
-        features[row : row + len(part)] = part
-        row += len(part)
-    features.flush()
-    del features
-    split_names = ordered_splits({s for r in records for s in r["splits"]})
-    splits = np.array([split_names.index(s) for r in records for s in r["splits"]], dtype=np.uint8)
-    np.save(out / "labels.npy", np.array([lbl for r in records for lbl in r["labels"]], dtype=np.int32))
-    np.save(out / "splits.npy", splits)
-    (out / "keys.json").write_text(json.dumps([k for r in records for k in r["keys"]]))
-    os.replace(out / "features.npy.tmp.npy", out / "features.npy")
+        writer.add(part, record["labels"], record["splits"], record["keys"])
     rejects = plan.rejects + [r for record in records for r in record["rejects"]]
-    meta = {
-        "version": CACHE_VERSION,
-        "cache_key": key,
-        "tower": tower.describe(),
-        "data": plan.description | {"data_id": plan.data_id},
-        "count": total,
-        "split_names": split_names,
-        "split_counts": {name: int((splits == i).sum()) for i, name in enumerate(split_names)},
-        "rejected": len(rejects),
-        "rejects": rejects,
-        "classes": plan.classes,
-        "captions": plan.captions,
-        "seconds": round(seconds, 2),
-        # Which process embedded which units in this run (units done by an earlier run are absent).
-        "ranks": shares or [{"rank": 0, "units": [u.name for u in plan.units]}],
-    }
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))  # written last: marks the cache complete
+    writer.finish(
+        {
+            "cache_key": key,
+            "tower": tower.describe(),
+            "data": plan.description | {"data_id": plan.data_id},
+            "rejected": len(rejects),
+            "rejects": rejects,
+            "classes": plan.classes,
+            "captions": plan.captions,
+            "seconds": round(seconds, 2),
+            # Which process embedded which units in this run (units done by an earlier run are absent).
+            "ranks": shares or [{"rank": 0, "units": [u.name for u in plan.units]}],
+        }
+    )
     shutil.rmtree(out / "parts", ignore_errors=True)
+
+
+# --- synthetic caches: the real format at any size, for benchmarks and tests ---------------------
+
+SYNTHETIC_RANK_WEIGHTS = (("order", 0.9), ("family", 0.7), ("genus", 0.5))  # shared by relatives
+
+
+def synthetic_centres(classes: ClassTable, width: int, seed: int = 0, species_weight: float = 0.45) -> np.ndarray:
+    """(classes, width) float32 class centres that follow the taxonomy: a species' centre is the
+    sum of random directions of its order, family and genus (shared with its relatives) and its
+    own, on a common positive offset (CNN embeddings are all positive, so centring matters)."""
+    rng = np.random.default_rng([seed, 1])
+    centres = np.full((len(classes), width), 0.5, np.float32)
+    for rank, weight in SYNTHETIC_RANK_WEIGHTS:
+        values = [row.get(rank, "") for row in classes]
+        distinct = sorted(set(values) - {""})
+        directions = rng.standard_normal((len(distinct) + 1, width), dtype=np.float32) / np.sqrt(width)
+        directions[-1] = 0  # a class with no value at this rank shares nothing there
+        position = {v: i for i, v in enumerate(distinct)}
+        centres += weight * directions[[position.get(v, len(distinct)) for v in values]]
+    centres += species_weight * rng.standard_normal(centres.shape, dtype=np.float32) / np.sqrt(width)
+    return centres
+
+
+def write_synthetic_cache(
+    out: str | Path,
+    classes: ClassTable,
+    *,
+    rows: int,
+    valid_rows: int = 0,
+    tower: dict,
+    noise: float = 0.5,
+    seed: int = 0,
+    chunk: int = 65536,
+    progress: bool = True,
+) -> FeatureCache:
+    """A feature cache in the real format (through `CacheWriter`, in bounded memory) with ``rows``
+    train and ``valid_rows`` valid embeddings of ``classes``, drawn around `synthetic_centres` with
+    Gaussian ``noise`` (per dimension, relative to a centre's spread): a right answer exists, so
+    accuracy at scale means something. ``tower`` is the describe() of the tower the rows pretend
+    to come from (e.g. EfficientNet-Lite0's, so models trained on them open real photos)."""
+    from taxoclip.data.captions import build_captions
+
+    out = Path(out)
+    width = int(tower["width"])
+    centres = synthetic_centres(classes, width, seed)
+    captions = build_captions(classes)
+    identity = {"synthetic": seed, "rows": rows, "valid": valid_rows, "noise": noise, "classes": classes.ids}
+    data_id = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps({"tower": tower, "data": data_id}, sort_keys=True).encode()).hexdigest()[:16]
+    if (out / "meta.json").exists() and json.loads((out / "meta.json").read_text()).get("cache_key") == key:
+        return load_features(out)
+    writer = CacheWriter(out, rows + valid_rows, width)
+    bar = tqdm(total=rows + valid_rows, unit="row", desc="synthetic cache", disable=not progress)
+    for split, count in (("train", rows), ("valid", valid_rows)):
+        for index, start in enumerate(range(0, count, chunk)):
+            n = min(chunk, count - start)
+            rng = np.random.default_rng([seed, 2, KNOWN_SPLITS.index(split), index])
+            labels = rng.integers(0, len(classes), n)
+            features = centres[labels] + noise * rng.standard_normal((n, width), dtype=np.float32) / np.sqrt(width)
+            keys = [f"{split}-{start + i:08d}" for i in range(n)]
+            writer.add(features.astype(np.float16), labels, [split] * n, keys)
+            bar.update(n)
+    bar.close()
+    writer.finish(
+        {
+            "cache_key": key,
+            "tower": tower,
+            "data": {"kind": "synthetic", "seed": seed, "noise": noise, "data_id": data_id},
+            "rejected": 0,
+            "rejects": [],
+            "classes": classes.to_json(),
+            "captions": {"config": captions.config(), "by_class": captions.by_class},
+            "seconds": 0.0,
+            "ranks": [{"rank": 0, "units": []}],
+        }
+    )
+    return load_features(out)

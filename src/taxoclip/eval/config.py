@@ -18,4 +18,8 @@ class EvalConfig:
     group_by: list[str] = field(default_factory=list)
     random_weights: bool = False  # open_clip architecture with random weights (tests, no network)
     chunk: int = 4096
+    # Baselines: at most this many test rows (a seeded sample, stated in the report) and this many
+    # training steps for each trained baseline, so their cost is bounded at iNat2021's size.
+    baseline_rows: int | None = 20000
+    baseline_steps: int = 300
     progress: bool = True

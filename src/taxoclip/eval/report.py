@@ -101,6 +101,10 @@ def run_evaluation(config: EvalConfig) -> dict:
         comparison, efficiency = run_baselines(
             config, train_cache, cache, classifier, rows, labels, classes, comparison, metrics["top1"]
         )
+        scored = len(baseline_test_positions(len(rows), config.baseline_rows))
+        if scored < len(rows):
+            baseline_note += f"; scored on a seeded sample of {scored:,} of the {len(rows):,} photos"
+        baseline_note += f"; trained baselines take at most {config.baseline_steps} steps of 256 rows"
 
     report = {
         "model": config.model,
@@ -199,51 +203,70 @@ def baseline_source(cache: FeatureCache, classifier: Classifier) -> tuple[Featur
 
 def run_baselines(config, train_cache, cache, classifier, rows, labels, classes, comparison, zero_shot_top1):
     """The probe, nearest class mean and (embedding models) Transfer Init, fitted on
-    ``train_cache``'s train split and scored on ``rows`` of ``cache``."""
-    train_mask = train_cache.split_mask("train")
-    train_x_all = np.asarray(train_cache.features[train_mask], np.float32)
-    train_y_all = train_cache.labels[train_mask].astype(np.int64)
-    test_x = np.asarray(cache.features[rows], np.float32)
-    test_labels = torch.from_numpy(labels)
-    test_embeddings = classifier.image_embeddings(test_x) if isinstance(classifier, EmbeddingClassifier) else None
+    ``train_cache``'s train split (streamed from its memory map, never read whole) and scored chunk
+    by chunk on ``rows`` of ``cache`` (at most ``config.baseline_rows`` of them, a seeded sample
+    whose size the report states)."""
+    train_rows = np.flatnonzero(train_cache.split_mask("train"))
+    train_y_all = train_cache.labels[train_rows].astype(np.int64)
+    source_all = baselines.RowSource.of_cache(train_cache.features, train_rows, train_y_all)
+    test_positions = baseline_test_positions(len(rows), config.baseline_rows)
+    test_rows, test_labels = rows[test_positions], labels[test_positions]
+    budget = baselines.BaselineBudget(max_steps=config.baseline_steps)
+    embeddings = classifier.image_embeddings if isinstance(classifier, EmbeddingClassifier) else None
     efficiency = [{"method": "zero-shot", "shots": 0, "top1": zero_shot_top1}]
 
-    def score(probabilities: torch.Tensor) -> dict:
+    def score(scorer: baselines.Scorer, prepare=None) -> dict:
         evaluation = Evaluation(classes)
-        evaluation.add(probabilities, test_labels)
+        for start in range(0, len(test_rows), config.chunk):
+            x = np.asarray(cache.features[test_rows[start : start + config.chunk]], np.float32)
+            x = prepare(x) if prepare is not None else x
+            evaluation.add(scorer.probabilities(x), torch.from_numpy(test_labels[start : start + config.chunk]))
         return evaluation.result()
 
+    def as_numpy(function):
+        return lambda x: np.asarray(function(x), np.float32)
+
     for shots in (*config.shots, None):
-        picked = baselines.few_shot_rows(train_y_all, shots)
-        train_x, train_y = train_x_all[picked], train_y_all[picked]
+        source = source_all.subset(baselines.few_shot_rows(train_y_all, shots))
         label = "all" if shots is None else str(shots)
         methods = {
-            "logistic-regression probe": partial(baselines.probe, train_x, train_y, test_x, len(classes)),
-            "nearest class mean": partial(baselines.nearest_class_mean, train_x, train_y, test_x, len(classes)),
+            "logistic-regression probe": (
+                lambda s=source: baselines.fit_probe(
+                    s, len(classes), baselines.BaselineBudget(max_steps=config.baseline_steps, lr=1e-2)
+                ),
+                None,
+            ),
+            "nearest class mean": (lambda s=source: baselines.fit_nearest_class_mean(s, len(classes)), None),
         }
-        if isinstance(classifier, EmbeddingClassifier):  # Transfer Init needs caption embeddings
-            methods["Transfer Init (CatLIP)"] = partial(
-                baselines.transfer_init,
-                classifier.image_embeddings(train_x),
-                train_y,
-                test_embeddings,
-                classifier.class_embeddings,
-                classifier.scale,
+        if embeddings is not None:  # Transfer Init needs caption embeddings
+            methods["Transfer Init (CatLIP)"] = (
+                lambda s=source: baselines.fit_transfer_init(
+                    s.mapped(as_numpy(embeddings)), classifier.class_embeddings, classifier.scale, budget
+                ),
+                as_numpy(embeddings),
             )
-        for method, run in methods.items():
+        for method, (fit, prepare) in methods.items():
             if config.progress:
-                print(f"baseline: {method}, {label} training images per class")
-            metrics = score(run())
+                print(f"baseline: {method}, {label} training images per class ({len(source):,} rows)")
+            metrics = score(fit(), prepare)
             comparison.append(summary_row(method, label, metrics))
             efficiency.append(
                 {
                     "method": method,
-                    "shots": shots if shots is not None else int(np.bincount(train_y).max()),
+                    "shots": shots if shots is not None else int(np.bincount(source.labels).max()),
                     "label": label,
                     "top1": metrics["top1"],
                 }
             )
     return comparison, efficiency
+
+
+def baseline_test_positions(count: int, limit: int | None, seed: int = 0) -> np.ndarray:
+    """Which of the ``count`` evaluated rows the baselines are scored on: all of them, or a seeded
+    sample of ``limit`` (in row order) when there are more."""
+    if limit is None or count <= limit:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, size=limit, replace=False))
 
 
 # --- writing --------------------------------------------------------------------------------------

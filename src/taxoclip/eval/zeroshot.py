@@ -43,15 +43,52 @@ def accuracy(
     return {"top1": totals[1] / count, "top5": totals[5] / count, "count": len(inputs)}
 
 
+class SeenUnseenAccuracy:
+    """`seen_unseen_accuracy` accumulated chunk by chunk (``add(logits, labels)``), so a trainer
+    scores a valid split of any size streamed from the cache, never holding it whole."""
+
+    def __init__(self, held_out: np.ndarray):
+        self.held_out = torch.as_tensor(np.asarray(held_out), dtype=torch.long)
+        self.counts = {"all": [0, 0, 0], "seen": [0, 0, 0], "unseen": [0, 0, 0]}  # top-1 hits, top-5 hits, rows
+
+    def _count(self, name: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        if len(labels):
+            hits = topk_correct(logits, labels)
+            total = self.counts[name]
+            total[0], total[1], total[2] = total[0] + hits[1], total[1] + hits[5], total[2] + len(labels)
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        labels = labels.cpu()
+        logits = logits.cpu()
+        self._count("all", logits, labels)
+        if len(self.held_out):
+            unseen = torch.isin(labels, self.held_out)
+            self._count("seen", logits[~unseen], labels[~unseen])
+            position = torch.full((logits.shape[1],), -1, dtype=torch.long)
+            position[self.held_out] = torch.arange(len(self.held_out))
+            self._count("unseen", logits[unseen][:, self.held_out], position[labels[unseen]])
+
+    def result(self) -> dict[str, float]:
+        def share(name: str, which: int) -> float:
+            return self.counts[name][which] / max(1, self.counts[name][2])
+
+        result = {"top1": share("all", 0), "top5": share("all", 1)}
+        if len(self.held_out):
+            result |= {"seen_top1": share("seen", 0), "unseen_top1": share("unseen", 0)}
+            result["unseen_count"] = self.counts["unseen"][2]
+        return result
+
+
 def seen_unseen_accuracy(
-    scores: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, labels: torch.Tensor, held_out: np.ndarray
+    scores: Callable[[torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    held_out: np.ndarray,
+    chunk: int = 4096,
 ) -> dict[str, float]:
     """Top-1/top-5 over all classes; with held-out classes, also the seen classes' top-1 and the
     held-out classes' top-1 among themselves (the unseen-species figure)."""
-    result = {k: v for k, v in accuracy(scores, inputs, labels).items() if k != "count"}
-    if len(held_out):
-        unseen = torch.from_numpy(np.isin(labels.numpy(), held_out))
-        seen = accuracy(scores, inputs[~unseen], labels[~unseen])
-        among = accuracy(scores, inputs[unseen], labels[unseen], classes=held_out)
-        result.update({"seen_top1": seen["top1"], "unseen_top1": among["top1"], "unseen_count": among["count"]})
-    return result
+    total = SeenUnseenAccuracy(held_out)
+    for start in range(0, len(inputs), chunk):
+        total.add(scores(inputs[start : start + chunk]), labels[start : start + chunk])
+    return total.result()

@@ -220,14 +220,23 @@ def class_embeddings_of(
 
 @torch.no_grad()
 def ridge_text_projection(
-    model: LiTModel, captions: list[str], class_means: torch.Tensor, has_class: torch.Tensor, ridge: float = 1e-2
+    model: LiTModel,
+    captions: list[str],
+    class_means: torch.Tensor,
+    has_class: torch.Tensor,
+    ridge: float = 1e-2,
+    batch_size: int = 256,
 ) -> None:
     """Start the text projection as the ridge fit of pretrained caption embeddings onto the
     (centred, normalised) class-mean image embeddings of the classes with training images."""
     text = model.text_tower.eval()
     device = model.logit_scale.device
-    tokens = {k: v.to(device) for k, v in text.tokenize(captions).items()}
-    t = text(tokens)[has_class]
+    # In batches: 10,000 captions through the tower at once held several GB of activations.
+    parts = []
+    for start in range(0, len(captions), batch_size):
+        tokens = {k: v.to(device) for k, v in text.tokenize(captions[start : start + batch_size]).items()}
+        parts.append(text(tokens))
+    t = torch.cat(parts)[has_class]
     target = F.normalize(class_means[has_class], dim=-1)
     if model.image_projection is not None:
         target = F.normalize(model.image_projection(target), dim=-1)

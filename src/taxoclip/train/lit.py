@@ -20,7 +20,7 @@ from torch import nn
 
 from taxoclip.data.features import FeatureCache, load_features
 from taxoclip.errors import TaxoclipError
-from taxoclip.eval.zeroshot import seen_unseen_accuracy
+from taxoclip.eval.zeroshot import SeenUnseenAccuracy
 from taxoclip.models.lit import (
     CaptionBank,
     LiTConfig,
@@ -111,15 +111,14 @@ class LiTTrainer(Trainer):
         self.train_rows, self.valid_rows = split_rows(cache, self.held_out)
         if len(self.train_rows) < config.batch_size:
             config.batch_size = max(2, len(self.train_rows))
-        # Read once: the centring mean and the ridge fit both need every training embedding.
-        train_features = torch.from_numpy(np.asarray(cache.features[self.train_rows], dtype=np.float32))
-        self.model = self.build_model(train_features.mean(0).numpy())
+        # The centring mean and the ridge fit's class means are each one streamed pass over the
+        # training rows: the split is never read whole (2.7M rows would be 13.8 GB as float32).
+        self.model = self.build_model(cache.mean(self.train_rows))
         self.image_tower = self.build_image_tower()
         self.captions_by_style = [captions_for(cache, style) for style in config.styles]
         self.eval_captions = captions_for(cache, config.eval_style)
         if config.projection_init == "ridge":
-            self.initialise_text_projection(train_features)
-        del train_features
+            self.initialise_text_projection()
         bank = CaptionBank(self.model.text_tower, self.captions_by_style, runtime.device)
         self.rank_captions = RankCaptions(cache.meta["classes"]) if config.rank_weight else None
         ranks = RankBank(self.model.text_tower, self.rank_captions, runtime.device) if self.rank_captions else None
@@ -159,11 +158,10 @@ class LiTTrainer(Trainer):
             raise TaxoclipError(f"the image tower {meta['name']} is not the one that made {self.config.features}")
         return tower.requires_grad_(self.config.unlock_image)
 
-    def initialise_text_projection(self, features: torch.Tensor) -> None:
-        labels = self.cache.labels[self.train_rows]
-        class_means = class_mean_embeddings(self.model, features, labels, self.n_classes)
+    def initialise_text_projection(self) -> None:
+        class_means = class_mean_embeddings(self.model, self.cache, self.train_rows, self.n_classes)
         has_class = torch.zeros(self.n_classes, dtype=torch.bool)
-        has_class[np.unique(labels)] = True
+        has_class[np.unique(self.cache.labels[self.train_rows])] = True
         device = self.runtime.device
         ridge_text_projection(self.model, self.captions_by_style[0], class_means.to(device), has_class.to(device))
 
@@ -248,11 +246,14 @@ def train_lit(config: TrainConfig) -> dict:
     return history[-1] if history else {}
 
 
-def class_mean_embeddings(model: LiTModel, features: torch.Tensor, labels: np.ndarray, n_classes: int) -> torch.Tensor:
-    with torch.no_grad():
-        centred = torch.nn.functional.normalize(features - model.image_mean.cpu(), dim=-1)
-    sums = torch.zeros(n_classes, features.shape[1])
-    sums.index_add_(0, torch.from_numpy(labels.astype(np.int64)), centred)
+@torch.no_grad()
+def class_mean_embeddings(model: LiTModel, cache: FeatureCache, rows: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Per class, the sum of its rows' centred, normalised embeddings: one streamed pass."""
+    mean = model.image_mean.cpu()
+    sums = torch.zeros(n_classes, cache.features.shape[1])
+    for part, features in cache.chunks(rows):
+        centred = torch.nn.functional.normalize(torch.from_numpy(features) - mean, dim=-1)
+        sums.index_add_(0, torch.from_numpy(cache.labels[part].astype(np.int64)), centred)
     return sums
 
 
@@ -269,15 +270,21 @@ def evaluate(
     rank_weight: float = 0.0,
 ) -> dict:
     """Zero-shot top-1/top-5 on the valid rows over all classes; with held-out classes, also the
-    seen classes' accuracy and the held-out classes' accuracy among themselves."""
+    seen classes' accuracy and the held-out classes' accuracy among themselves. Rows are read
+    and scored a chunk at a time (``features``: embeddings of a trained tower, in row order)."""
     if len(rows) == 0:
         return {}
     model.eval()
-    class_embeddings = class_embeddings_of(model, captions, ranks, rank_weight)
-    if features is None:
-        features = torch.from_numpy(np.asarray(cache.features[rows], np.float32))
-    image = model.encode_image_features(features.to(device)).cpu()
-    labels = torch.from_numpy(cache.labels[rows].astype(np.int64))
-    result = seen_unseen_accuracy(lambda x: x @ class_embeddings.T, image, labels, held_out)
+    class_embeddings = class_embeddings_of(model, captions, ranks, rank_weight).to(device)
+    total = SeenUnseenAccuracy(held_out)
+    chunk = 4096
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        if features is None:
+            inputs = torch.from_numpy(np.asarray(cache.features[part], np.float32))
+        else:
+            inputs = features[start : start + chunk]
+        image = model.encode_image_features(inputs.to(device))
+        total.add(image @ class_embeddings.T, torch.from_numpy(cache.labels[part].astype(np.int64)))
     model.train()
-    return result
+    return total.result()

@@ -25,13 +25,11 @@ def split_rows(cache: FeatureCache, held_out: np.ndarray) -> tuple[np.ndarray, n
     return train, valid
 
 
-def check_finite(cache: FeatureCache, rows: np.ndarray, chunk: int = 65536) -> None:
+def check_finite(cache: FeatureCache, rows: np.ndarray) -> None:
     """Refuse NaN or infinite embeddings (a damaged cache) before they train into NaN weights."""
     bad: list[int] = []
-    for start in range(0, len(rows), chunk):
-        part = rows[start : start + chunk]
-        finite = np.isfinite(np.asarray(cache.features[part], dtype=np.float32)).all(axis=1)
-        bad.extend(part[~finite].tolist())
+    for part, features in cache.chunks(rows):
+        bad.extend(part[~np.isfinite(features).all(axis=1)].tolist())
     if bad:
         keys = ", ".join(cache.keys[row] for row in bad[:5])
         raise TaxoclipError(

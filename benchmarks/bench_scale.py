@@ -1,0 +1,410 @@
+"""iNat2021 scale: every command on the real 10,000-class table and synthetic caches of 100k to
+2.7M rows, as a lab would run them (the command line, one process per command), with seconds
+per 1,000 rows (or per step), peak memory and disk per row, and a log-log figure of cost.
+
+The caches are written by the library's own writer (`write_synthetic_cache`): embeddings drawn
+around taxonomy-shaped class centres, so each run's top-1 means something. Sizes:
+
+  TAXOCLIP_SCALE_ROWS     train rows at 10,000 classes (default 100000,1000000; add 2700000)
+  TAXOCLIP_SCALE_CLASSES  class counts at 100,000 rows (default 100,1000,10000)
+  TAXOCLIP_SCALE_STEPS    the fixed step budget of each trainer (default 40)
+  TAXOCLIP_SCALE_EPOCH=1  also one whole LiT epoch at 1M rows (about an hour on 2 cores)
+
+Memory is sampled every 0.1 s over the command's process tree: "anon" is what the process
+itself allocated (it cannot be given back while it runs); "rss" adds the cache's file pages the
+kernel maps in, which it reclaims under pressure. Valid rows are a tenth of train, at most 100,000.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from common import benchmark
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+TAXOCLIP = [sys.executable, "-m", "taxoclip.apps.cli"]
+
+
+def sizes(name: str, default: str) -> list[int]:
+    return [int(v) for v in os.environ.get(name, default).split(",") if v.strip()]
+
+
+def measured(command: list[str], *, cwd: Path | None = None) -> dict:
+    """Run one command; wall seconds and the peak anonymous / resident memory of its process tree."""
+    import psutil
+
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peaks = {"anon": 0, "rss": 0}
+
+    def sample() -> None:
+        try:
+            root = psutil.Process(process.pid)
+            while process.poll() is None:
+                anon = rss = 0
+                for p in [root, *root.children(recursive=True)]:
+                    try:
+                        info = p.memory_full_info() if hasattr(p, "memory_full_info") else p.memory_info()
+                        rss += info.rss
+                        anon += getattr(info, "uss", info.rss - getattr(info, "shared", 0))
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        pass
+                peaks["anon"], peaks["rss"] = max(peaks["anon"], anon), max(peaks["rss"], rss)
+                time.sleep(0.1)
+        except psutil.NoSuchProcess:
+            pass
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    output, _ = process.communicate()
+    watcher.join()
+    seconds = time.perf_counter() - started
+    if process.returncode != 0:
+        print(output[-3000:], file=sys.stderr)
+    return {
+        "rc": process.returncode,
+        "seconds": seconds,
+        "peak_anon_mb": peaks["anon"] / 2**20,
+        "peak_rss_mb": peaks["rss"] / 2**20,
+        "output": output,
+    }
+
+
+def last_metrics(model: Path) -> dict:
+    lines = (model / "metrics.jsonl").read_text().splitlines()
+    return json.loads(lines[-1]) if lines else {}
+
+
+def spread(classes, count: int):
+    """``count`` classes taken evenly through the table (every kingdom, not only its first order)."""
+    return classes.subset(classes.ids[:: max(1, len(classes) // count)][:count])
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def make_cache(work: Path, classes, rows: int, tower: dict) -> tuple[Path, dict]:
+    from taxoclip.data.features import write_synthetic_cache
+
+    out = work / f"cache-{len(classes)}-{rows}"
+    started = time.perf_counter()
+    write_synthetic_cache(out, classes, rows=rows, valid_rows=min(100_000, rows // 10), tower=tower, progress=False)
+    return out, {"seconds": time.perf_counter() - started, "bytes": folder_bytes(out)}
+
+
+def row_of(
+    command: str, classes: int, rows: int, result: dict, *, per: str, count: int, seconds: float | None = None, **extra
+) -> dict:
+    """One table row; the cost is ``seconds`` (default: the whole command's) per ``count``."""
+    seconds = result["seconds"] if seconds is None else seconds
+    row = {
+        "command": command,
+        "classes": classes,
+        "rows": rows,
+        "seconds": round(result["seconds"], 1),
+        per: round(seconds / max(1, count) * (1000 if per == "s/1k rows" else 1), 4),
+        "peak anon MB": round(result["peak_anon_mb"]),
+        "peak rss MB": round(result["peak_rss_mb"]),
+        "ok": result["rc"] == 0,
+    }
+    return row | extra
+
+
+def run_size(work: Path, classes, rows: int, tower: dict, steps: int, *, heavy: bool) -> list[dict]:
+    """Every command at one size; ``heavy`` adds eval, questions + vqa (the 10,000-class rows)."""
+    cache, written = make_cache(work, classes, rows, tower)
+    n_classes = len(classes)
+    valid = min(100_000, rows // 10)
+    out: list[dict] = [
+        {
+            "command": "write_synthetic_cache",
+            "classes": n_classes,
+            "rows": rows,
+            "seconds": round(written["seconds"], 1),
+            "s/1k rows": round(written["seconds"] / (rows + valid) * 1000, 4),
+            "disk B/row": round(written["bytes"] / (rows + valid)),
+            "ok": True,
+        }
+    ]
+    budget = ["--epochs", "1", "--steps-per-epoch", str(steps), "-q"]
+    lit = work / f"lit-{n_classes}-{rows}"
+    result = measured([*TAXOCLIP, "train", "lit", "--features", str(cache), "-o", str(lit), *budget])
+    metrics = last_metrics(lit) if result["rc"] == 0 else {}
+    out.append(
+        row_of(
+            "train lit",
+            n_classes,
+            rows,
+            result,
+            per="s/step",
+            count=steps,
+            seconds=metrics.get("seconds"),
+            top1=metrics.get("top1"),
+        )
+    )
+    catlip = work / f"catlip-{n_classes}-{rows}"
+    result = measured([*TAXOCLIP, "train", "catlip", "--features", str(cache), "-o", str(catlip), *budget])
+    metrics = last_metrics(catlip) if result["rc"] == 0 else {}
+    out.append(
+        row_of(
+            "train catlip",
+            n_classes,
+            rows,
+            result,
+            per="s/step",
+            count=steps,
+            seconds=metrics.get("seconds"),
+            top1=metrics.get("top1"),
+        )
+    )
+    finetune = work / f"ft-{n_classes}-{rows}"
+    command = [*TAXOCLIP, "train", "finetune", "--features", str(cache), "-o", str(finetune), "--depth", "head"]
+    result = measured([*command, "--balance", "100", *budget])
+    metrics = last_metrics(finetune) if result["rc"] == 0 else {}
+    out.append(
+        row_of(
+            "train finetune --balance 100",
+            n_classes,
+            rows,
+            result,
+            per="s/step",
+            count=steps,
+            seconds=metrics.get("seconds"),
+            top1=metrics.get("top1"),
+        )
+    )
+    if heavy:
+        report = work / f"eval-{n_classes}-{rows}"
+        result = measured([*TAXOCLIP, "eval", "--model", str(lit), "--data", str(cache), "-o", str(report), "-q"])
+        metrics = json.loads((report / "metrics.json").read_text()) if result["rc"] == 0 else {}
+        probe = next(
+            (
+                r
+                for r in metrics.get("comparison", [])
+                if r["method"].startswith("logistic") and r["train images per class"] == "all"
+            ),
+            {},
+        )
+        out.append(
+            row_of(
+                "eval (with baselines)",
+                n_classes,
+                rows,
+                result,
+                per="s/1k rows",
+                count=rows + valid,
+                top1=metrics.get("metrics", {}).get("top1"),
+                **{"probe top1": probe.get("top1")},
+            )
+        )
+        questions = work / f"qa-{n_classes}-{rows}.jsonl"
+        result = measured([*TAXOCLIP, "questions", str(cache), "-o", str(questions)])
+        disk = questions.stat().st_size if questions.exists() else 0
+        out.append(
+            row_of(
+                "questions",
+                n_classes,
+                rows,
+                result,
+                per="s/1k rows",
+                count=rows + valid,
+                **{"disk B/row": round(disk / (rows + valid))},
+            )
+        )
+    return out
+
+
+def run_field(work: Path, classes, tower: dict, photos: list[Path], steps: int) -> list[dict]:
+    """predict's cold start and per-photo time, serve's memory and ONNX size: 102 vs 10,000 classes."""
+    out = []
+    for table in (spread(classes, 102), classes):
+        cache, _ = make_cache(work, table, 20_000, tower)
+        model = work / f"field-lit-{len(table)}"
+        if not (model / "config.json").exists():
+            measured(
+                [
+                    *TAXOCLIP,
+                    "train",
+                    "lit",
+                    "--features",
+                    str(cache),
+                    "-o",
+                    str(model),
+                    "--epochs",
+                    "1",
+                    "--steps-per-epoch",
+                    str(steps),
+                    "-q",
+                ]
+            )
+        one = measured([*TAXOCLIP, "predict", str(photos[0]), "--model", str(model), "--format", "json", "-q"])
+        many = measured([*TAXOCLIP, "predict", *map(str, photos), "--model", str(model), "--format", "json", "-q"])
+        per_photo = (many["seconds"] - one["seconds"]) / max(1, len(photos) - 1)
+        out.append(
+            row_of(
+                "predict cold start (1 photo)",
+                len(table),
+                0,
+                one,
+                per="s/photo",
+                count=1,
+                **{"extra s/photo": round(per_photo, 3)},
+            )
+        )
+        onnx = work / f"model-{len(table)}.onnx"
+        result = measured([*TAXOCLIP, "export", "onnx", "--model", str(model), "-o", str(onnx)])
+        out.append(
+            row_of(
+                "export onnx",
+                len(table),
+                0,
+                result,
+                per="s/photo",
+                count=1,
+                **{"onnx MB": round(folder_bytes(onnx) / 2**20, 1) if onnx.exists() else None},
+            )
+        )
+        out.append(serve_memory(model, len(table), photos))
+    return out
+
+
+def serve_memory(model: Path, n_classes: int, photos: list[Path]) -> dict:
+    """The server's resident memory after it answered a few photos."""
+    import socket
+
+    import httpx
+    import psutil
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [*TAXOCLIP, "serve", "--model", str(model), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    started, answered = time.perf_counter(), 0
+    try:
+        for _ in range(300):
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        ready = time.perf_counter() - started
+        for photo in photos[:8]:
+            reply = httpx.post(f"http://127.0.0.1:{port}/api/predict", files={"file": photo.open("rb")}, timeout=60)
+            answered += reply.status_code == 200
+        rss = psutil.Process(server.pid).memory_info().rss
+    finally:
+        server.terminate()
+        server.wait(10)
+    return {
+        "command": "serve (after 8 photos)",
+        "classes": n_classes,
+        "rows": 0,
+        "seconds": round(ready, 1),
+        "peak rss MB": round(rss / 2**20),
+        "ok": answered == min(8, len(photos)),
+    }
+
+
+def figure(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_rows, by_classes) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for axis, key, fixed, label in (
+        (by_rows, "rows", 10_000, "train rows (10,000 classes)"),
+        (by_classes, "classes", None, "classes"),
+    ):
+        for command in dict.fromkeys(r["command"] for r in rows if r.get("rows")):
+            points = [r for r in rows if r["command"] == r["command"] and r["command"] == command and r.get("ok")]
+            if fixed is not None:
+                points = [r for r in points if r["classes"] == fixed]
+            else:
+                base = min((r["rows"] for r in points), default=0)
+                points = [r for r in points if r["rows"] == base]
+            cost = [(r[key], r.get("s/step") or r.get("s/1k rows")) for r in points if r.get(key)]
+            cost = sorted((x, y) for x, y in cost if y)
+            if len(cost) > 1:
+                axis.plot(*zip(*cost, strict=True), marker="o", label=command)
+        axis.set(xscale="log", yscale="log", xlabel=label, ylabel="seconds per step or per 1,000 rows")
+        axis.grid(True, which="both", alpha=0.3)
+    by_rows.legend(fontsize=7)
+    by_rows.set_title("cost against rows")
+    by_classes.set_title("cost against classes (fixed rows)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@benchmark("scale")
+def bench_scale(args) -> list[dict]:
+    from taxoclip.data.paths import find_dataset
+    from taxoclip.data.sources import load_source
+    from taxoclip.models.towers import create_image_tower
+
+    classes = load_source(find_dataset("inat2021") / "categories.json").classes
+    tower = create_image_tower("efficientnet-lite0").describe()  # the rows pretend to be its embeddings
+    steps = int(os.environ.get("TAXOCLIP_SCALE_STEPS", "40"))
+    work = Path(os.environ.get("TAXOCLIP_SCALE_WORK") or tempfile.mkdtemp(prefix="taxoclip-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    try:
+        for n in sizes("TAXOCLIP_SCALE_ROWS", "100000,1000000"):
+            rows += run_size(work, classes, n, tower, steps, heavy=True)
+            print(json.dumps(rows[-1]))
+        base = min(sizes("TAXOCLIP_SCALE_ROWS", "100000,1000000"))
+        for count in sizes("TAXOCLIP_SCALE_CLASSES", "100,1000,10000"):
+            if count == len(classes) and base == 100_000:
+                continue  # already run above
+            rows += run_size(work, spread(classes, count), 100_000, tower, steps, heavy=False)
+        photos = sorted((find_dataset("flowers102") / "valid").rglob("*.jpg"))[:16]
+        rows += run_field(work, classes, tower, photos, steps)
+        if os.environ.get("TAXOCLIP_SCALE_EPOCH") == "1":
+            cache = work / "cache-10000-1000000"
+            result = measured(
+                [
+                    *TAXOCLIP,
+                    "train",
+                    "lit",
+                    "--features",
+                    str(cache),
+                    "-o",
+                    str(work / "lit-epoch"),
+                    "--epochs",
+                    "1",
+                    "-q",
+                ]
+            )
+            metrics = last_metrics(work / "lit-epoch") if result["rc"] == 0 else {}
+            rows.append(
+                row_of(
+                    "train lit, one whole epoch",
+                    10_000,
+                    1_000_000,
+                    result,
+                    per="s/1k rows",
+                    count=1_000_000,
+                    top1=metrics.get("top1"),
+                )
+            )
+    finally:
+        if not os.environ.get("TAXOCLIP_SCALE_WORK"):
+            shutil.rmtree(work, ignore_errors=True)
+    RESULTS.mkdir(exist_ok=True)
+    figure(rows, RESULTS / "scale.png")
+    return rows

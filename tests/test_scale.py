@@ -1,0 +1,211 @@
+"""The paths that must hold at iNat2021's size, on small data: the synthetic cache writer, the
+streamed LiT start (centring mean, ridge class means), streamed baselines and chunked scoring.
+Each streamed path gives the dense path's answer, and a spy on the memory map fails the test if
+a whole split is read at once again."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import taxoclip.data.features as features_module
+from taxoclip.data.features import load_features, write_synthetic_cache
+from taxoclip.eval import baselines
+from taxoclip.eval.zeroshot import SeenUnseenAccuracy, accuracy
+from taxoclip.taxonomy import ClassTable
+
+WIDTH = 32
+TOWER = {"name": "timm:test_efficientnet", "id": "synthetic-test", "width": WIDTH, "pretrained": False}
+
+
+def tiny_table(n: int = 40) -> ClassTable:
+    rows = [
+        {
+            "id": str(i),
+            "order": f"Order{i // 20}",
+            "family": f"Family{i // 10}",
+            "genus": f"Genus{i // 4}",
+            "species": f"Genus{i // 4} species{i}",
+            "common_name": f"thing {i}",
+        }
+        for i in range(n)
+    ]
+    return ClassTable.from_records(rows, origin="test")
+
+
+class SpyArray:
+    """A (N, d) array that records the most rows any one read asked for."""
+
+    def __init__(self, array: np.ndarray):
+        self.array, self.largest = array, 0
+        self.shape, self.dtype = array.shape, array.dtype
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, index):
+        part = self.array[index]
+        self.largest = max(self.largest, len(part) if np.ndim(part) > 1 else 1)
+        return part
+
+    def __array__(self, dtype=None, copy=None):
+        self.largest = len(self.array)
+        return np.asarray(self.array, dtype)
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return write_synthetic_cache(
+        tmp_path / "c", tiny_table(), rows=3000, valid_rows=400, tower=TOWER, noise=1.0, chunk=700, progress=False
+    )
+
+
+def test_synthetic_cache_is_a_real_cache_with_a_right_answer(cache, tmp_path):
+    again = load_features(cache.path)
+    assert again.features.shape == (3400, WIDTH) and again.features.dtype == np.float16
+    assert again.meta["split_counts"] == {"train": 3000, "valid": 400}
+    assert len(set(again.keys)) == 3400 and again.keys[0] == "train-00000000"
+    assert len(again.meta["captions"]["by_class"]) == 40 and again.meta["tower"] == TOWER
+    assert set(np.unique(again.labels)) == set(range(40))
+    # Deterministic: the draws are seeded per chunk, so the same call writes the same rows.
+    same = write_synthetic_cache(
+        tmp_path / "d", tiny_table(), rows=3000, valid_rows=400, tower=TOWER, noise=1.0, chunk=700, progress=False
+    )
+    assert np.array_equal(np.asarray(same.features), np.asarray(again.features))
+    # Nearest class mean on train recovers the valid labels far above chance (1/40).
+    train, valid = again.split_mask("train"), again.split_mask("valid")
+    probabilities = baselines.nearest_class_mean(
+        np.asarray(again.features[train], np.float32),
+        again.labels[train],
+        np.asarray(again.features[valid], np.float32),
+        40,
+    )
+    assert (probabilities.argmax(1).numpy() == again.labels[valid]).mean() > 0.5
+
+
+def test_cache_mean_streams_and_equals_the_dense_mean(cache, monkeypatch):
+    rows = np.flatnonzero(cache.split_mask("train"))
+    dense = np.asarray(cache.features[rows], np.float32).mean(0)
+    spy = SpyArray(cache.features)
+    cache.features = spy
+    assert np.allclose(cache.mean(rows, chunk=500), dense, atol=1e-5)
+    assert spy.largest <= 500
+
+
+def test_lit_start_reads_the_training_rows_in_chunks_and_matches_the_dense_fit(
+    cache, tiny_text_tower, tmp_path, monkeypatch
+):
+    from taxoclip.train.lit import LiTTrainer, TrainConfig, class_mean_embeddings
+    from taxoclip.runtime import setup
+
+    spy = SpyArray(load_features(cache.path).features)
+    original = features_module.load_features
+
+    def spied(path):
+        loaded = original(path)
+        loaded.features = spy
+        return loaded
+
+    monkeypatch.setattr("taxoclip.train.lit.load_features", spied)
+    monkeypatch.setattr(features_module, "STREAM_CHUNK", 256)
+    config = TrainConfig(
+        features=str(cache.path), output=str(tmp_path / "m"), text_tower=tiny_text_tower, batch_size=64, progress=False
+    )
+    trainer = LiTTrainer(config, setup("cpu"))
+    assert spy.largest <= 400  # chunks of 256 and the valid split's 400; never the 3,000 train rows
+    # The streamed start equals the dense one.
+    rows = trainer.train_rows
+    dense = torch.from_numpy(np.asarray(spy.array[rows], np.float32))
+    assert torch.allclose(trainer.model.image_mean, dense.mean(0), atol=1e-5)
+    centred = torch.nn.functional.normalize(dense - dense.mean(0), dim=-1)
+    sums = torch.zeros(40, WIDTH).index_add_(0, torch.from_numpy(cache.labels[rows].astype(np.int64)), centred)
+    assert torch.allclose(class_mean_embeddings(trainer.model, trainer.cache, rows, 40), sums, atol=1e-4)
+
+
+def test_few_shot_rows_take_at_most_k_per_class_without_a_pass_per_class():
+    labels = np.random.default_rng(0).integers(0, 50, 5000)
+    for shots in (1, 3, 10):
+        picked = baselines.few_shot_rows(labels, shots)
+        counts = np.bincount(labels[picked], minlength=50)
+        assert (counts == np.minimum(shots, np.bincount(labels, minlength=50))).all()
+        assert len(set(picked.tolist())) == len(picked)
+    assert np.array_equal(baselines.few_shot_rows(labels, 3), baselines.few_shot_rows(labels, 3))
+    assert len(baselines.few_shot_rows(labels, None)) == 5000
+
+
+def test_streamed_baselines_read_batches_and_score_in_chunks(tmp_path):
+    """20,000 rows × 2,000 classes: every read of the memory map is one batch or chunk, and no
+    probability matrix over all test rows is ever made (the old path made a 160 MB one)."""
+    table = ClassTable.from_records([{"id": str(i), "species": f"S{i}"} for i in range(2000)], origin="t")
+    cache = write_synthetic_cache(
+        tmp_path / "big", table, rows=20000, valid_rows=2000, tower=TOWER, noise=1.0, progress=False
+    )
+    spy = SpyArray(cache.features)
+    train = np.flatnonzero(cache.split_mask("train"))
+    source = baselines.RowSource.of_cache(spy, train, cache.labels[train])
+    budget = baselines.BaselineBudget(max_steps=40, lr=1e-2)
+    probe = baselines.fit_probe(source, 2000, budget)
+    ncm = baselines.fit_nearest_class_mean(source, 2000)
+    assert 0 < spy.largest <= baselines.CHUNK
+    valid = np.flatnonzero(cache.split_mask("valid"))
+    shapes = []
+    for scorer in (probe, ncm):
+        for start in range(0, len(valid), 512):
+            x = np.asarray(cache.features[valid[start : start + 512]], np.float32)
+            shapes.append(scorer.probabilities(x).shape)
+    assert max(s[0] for s in shapes) == 512 and all(s[1] == 2000 for s in shapes)
+
+
+def test_streamed_probe_equals_the_array_probe_and_learns(cache):
+    train, valid = np.flatnonzero(cache.split_mask("train")), np.flatnonzero(cache.split_mask("valid"))
+    x, y = np.asarray(cache.features[train], np.float32), cache.labels[train]
+    vx, vy = np.asarray(cache.features[valid], np.float32), cache.labels[valid]
+    dense = baselines.probe(x, y, vx, 40)
+    streamed = baselines.fit_probe(baselines.RowSource.of_cache(cache.features, train, y), 40).dense(vx)
+    assert torch.allclose(dense, streamed, atol=1e-4)
+    assert (dense.argmax(1).numpy() == vy).mean() > 0.5
+
+
+def test_report_baselines_never_read_the_train_split_whole(cache, tmp_path, monkeypatch):
+    """eval's baselines through run_evaluation on a LiT-like model: the spy sees only batches."""
+    from taxoclip.eval import report
+
+    seen = {}
+    original = report.baselines.RowSource.of_cache
+
+    def spied(features, rows, labels):
+        spy = seen.setdefault("spy", SpyArray(features))
+        return original(spy, rows, labels)
+
+    monkeypatch.setattr(report.baselines.RowSource, "of_cache", staticmethod(spied))
+    monkeypatch.setattr(baselines, "CHUNK", 500)
+
+    class Plain:  # a classifier that is not an embedding model: probe and nearest class mean only
+        kind = "finetune"
+
+    config = report.EvalConfig(
+        model="m", data=str(cache.path), output=str(tmp_path / "r"), shots=(2,), baseline_steps=5, progress=False
+    )
+    rows = np.flatnonzero(cache.split_mask("valid"))
+    comparison, efficiency = report.run_baselines(
+        config, cache, cache, Plain(), rows, cache.labels[rows].astype(np.int64), cache.classes, [], 0.0
+    )
+    assert {r["method"] for r in comparison} == {"logistic-regression probe", "nearest class mean"}
+    assert 0 < seen["spy"].largest <= 500  # batches of 256, passes of 500: never the 3,000 train rows
+
+
+def test_seen_unseen_accuracy_in_chunks_equals_one_pass():
+    generator = torch.Generator().manual_seed(0)
+    inputs, labels = torch.randn(300, 12, generator=generator), torch.randint(0, 12, (300,), generator=generator)
+    held_out = np.array([2, 5, 7])
+    whole = SeenUnseenAccuracy(held_out)
+    whole.add(inputs, labels)
+    parts = SeenUnseenAccuracy(held_out)
+    for start in range(0, 300, 37):
+        parts.add(inputs[start : start + 37], labels[start : start + 37])
+    assert whole.result() == parts.result()
+    unseen = torch.from_numpy(np.isin(labels.numpy(), held_out))
+    among = accuracy(lambda x: x, inputs[unseen], labels[unseen], classes=held_out)
+    assert parts.result()["unseen_top1"] == pytest.approx(among["top1"])
+    assert parts.result()["top1"] == pytest.approx(accuracy(lambda x: x, inputs, labels)["top1"])
