@@ -96,8 +96,8 @@ def test_cache_mean_streams_and_equals_the_dense_mean(cache, monkeypatch):
 def test_lit_start_reads_the_training_rows_in_chunks_and_matches_the_dense_fit(
     cache, tiny_text_tower, tmp_path, monkeypatch
 ):
-    from taxoclip.train.lit import LiTTrainer, TrainConfig, class_mean_embeddings
     from taxoclip.runtime import setup
+    from taxoclip.train.lit import LiTTrainer, TrainConfig, class_mean_embeddings
 
     spy = SpyArray(load_features(cache.path).features)
     original = features_module.load_features
@@ -188,7 +188,7 @@ def test_report_baselines_never_read_the_train_split_whole(cache, tmp_path, monk
         model="m", data=str(cache.path), output=str(tmp_path / "r"), shots=(2,), baseline_steps=5, progress=False
     )
     rows = np.flatnonzero(cache.split_mask("valid"))
-    comparison, efficiency = report.run_baselines(
+    comparison, _ = report.run_baselines(
         config, cache, cache, Plain(), rows, cache.labels[rows].astype(np.int64), cache.classes, [], 0.0
     )
     assert {r["method"] for r in comparison} == {"logistic-regression probe", "nearest class mean"}

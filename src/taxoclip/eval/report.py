@@ -13,7 +13,6 @@ import csv
 import html
 import json
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
