@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+PROBE_LR = 3e-3  # AdamW, 300 steps of 256: 95.6% on flowers valid (1e-2: 92.4%, 3e-2: 84.0%; lbfgs was 95.4%)
 PROBE_C = 0.1  # inverse L2 regularisation, scikit-learn's meaning (C × summed loss + ½‖W‖²)
 CHUNK = 8192  # rows read at a time by a streamed pass
 
@@ -187,7 +188,7 @@ def train_linear(
 def fit_probe(source: RowSource, n_classes: int, budget: BaselineBudget | None = None) -> LinearScorer:
     """The softmax probe on standardised features (mean and spread from one streamed pass),
     L2-regularised as scikit-learn's LogisticRegression(C=PROBE_C) is."""
-    budget = budget or BaselineBudget(lr=1e-2)
+    budget = budget or BaselineBudget(lr=PROBE_LR)
     mean, std = (torch.from_numpy(v) for v in source.moments())
     present = torch.zeros(n_classes, dtype=torch.bool)
     present[np.unique(source.labels)] = True

@@ -231,7 +231,7 @@ def run_baselines(config, train_cache, cache, classifier, rows, labels, classes,
         methods = {
             "logistic-regression probe": (
                 lambda s=source: baselines.fit_probe(
-                    s, len(classes), baselines.BaselineBudget(max_steps=config.baseline_steps, lr=1e-2)
+                    s, len(classes), baselines.BaselineBudget(max_steps=config.baseline_steps, lr=baselines.PROBE_LR)
                 ),
                 None,
             ),
