@@ -120,6 +120,12 @@ def row_of(
     return row | extra
 
 
+def add(out: list[dict], row: dict) -> None:
+    """One measured row: kept, and printed at once (a size can take an hour)."""
+    out.append(row)
+    print(json.dumps(row), flush=True)
+
+
 def run_size(work: Path, classes, rows: int, tower: dict, steps: int, *, heavy: bool) -> list[dict]:
     """Every command at one size; ``heavy`` adds eval, questions + vqa (the 10,000-class rows)."""
     cache, written = make_cache(work, classes, rows, tower)
@@ -140,7 +146,8 @@ def run_size(work: Path, classes, rows: int, tower: dict, steps: int, *, heavy: 
     lit = work / f"lit-{n_classes}-{rows}"
     result = measured([*TAXOCLIP, "train", "lit", "--features", str(cache), "-o", str(lit), *budget])
     metrics = last_metrics(lit) if result["rc"] == 0 else {}
-    out.append(
+    add(
+        out,
         row_of(
             "train lit",
             n_classes,
@@ -150,12 +157,13 @@ def run_size(work: Path, classes, rows: int, tower: dict, steps: int, *, heavy: 
             count=steps,
             seconds=metrics.get("seconds"),
             top1=metrics.get("top1"),
-        )
+        ),
     )
     catlip = work / f"catlip-{n_classes}-{rows}"
     result = measured([*TAXOCLIP, "train", "catlip", "--features", str(cache), "-o", str(catlip), *budget])
     metrics = last_metrics(catlip) if result["rc"] == 0 else {}
-    out.append(
+    add(
+        out,
         row_of(
             "train catlip",
             n_classes,
@@ -165,13 +173,14 @@ def run_size(work: Path, classes, rows: int, tower: dict, steps: int, *, heavy: 
             count=steps,
             seconds=metrics.get("seconds"),
             top1=metrics.get("top1"),
-        )
+        ),
     )
     finetune = work / f"ft-{n_classes}-{rows}"
     command = [*TAXOCLIP, "train", "finetune", "--features", str(cache), "-o", str(finetune), "--depth", "head"]
     result = measured([*command, "--balance", "100", *budget])
     metrics = last_metrics(finetune) if result["rc"] == 0 else {}
-    out.append(
+    add(
+        out,
         row_of(
             "train finetune --balance 100",
             n_classes,
@@ -181,7 +190,7 @@ def run_size(work: Path, classes, rows: int, tower: dict, steps: int, *, heavy: 
             count=steps,
             seconds=metrics.get("seconds"),
             top1=metrics.get("top1"),
-        )
+        ),
     )
     if heavy:
         report = work / f"eval-{n_classes}-{rows}"
@@ -195,7 +204,8 @@ def run_size(work: Path, classes, rows: int, tower: dict, steps: int, *, heavy: 
             ),
             {},
         )
-        out.append(
+        add(
+            out,
             row_of(
                 "eval (with baselines)",
                 n_classes,
@@ -205,12 +215,13 @@ def run_size(work: Path, classes, rows: int, tower: dict, steps: int, *, heavy: 
                 count=rows + valid,
                 top1=metrics.get("metrics", {}).get("top1"),
                 **{"probe top1": probe.get("top1")},
-            )
+            ),
         )
         questions = work / f"qa-{n_classes}-{rows}.jsonl"
         result = measured([*TAXOCLIP, "questions", str(cache), "-o", str(questions)])
         disk = questions.stat().st_size if questions.exists() else 0
-        out.append(
+        add(
+            out,
             row_of(
                 "questions",
                 n_classes,
@@ -219,7 +230,7 @@ def run_size(work: Path, classes, rows: int, tower: dict, steps: int, *, heavy: 
                 per="s/1k rows",
                 count=rows + valid,
                 **{"disk B/row": round(disk / (rows + valid))},
-            )
+            ),
         )
     return out
 
@@ -250,7 +261,8 @@ def run_field(work: Path, classes, tower: dict, photos: list[Path], steps: int) 
         one = measured([*TAXOCLIP, "predict", str(photos[0]), "--model", str(model), "--format", "json", "-q"])
         many = measured([*TAXOCLIP, "predict", *map(str, photos), "--model", str(model), "--format", "json", "-q"])
         per_photo = (many["seconds"] - one["seconds"]) / max(1, len(photos) - 1)
-        out.append(
+        add(
+            out,
             row_of(
                 "predict cold start (1 photo)",
                 len(table),
@@ -259,11 +271,12 @@ def run_field(work: Path, classes, tower: dict, photos: list[Path], steps: int) 
                 per="s/photo",
                 count=1,
                 **{"extra s/photo": round(per_photo, 3)},
-            )
+            ),
         )
         onnx = work / f"model-{len(table)}.onnx"
         result = measured([*TAXOCLIP, "export", "onnx", "--model", str(model), "-o", str(onnx)])
-        out.append(
+        add(
+            out,
             row_of(
                 "export onnx",
                 len(table),
@@ -272,9 +285,9 @@ def run_field(work: Path, classes, tower: dict, photos: list[Path], steps: int) 
                 per="s/photo",
                 count=1,
                 **{"onnx MB": round(folder_bytes(onnx) / 2**20, 1) if onnx.exists() else None},
-            )
+            ),
         )
-        out.append(serve_memory(model, len(table), photos))
+        add(out, serve_memory(model, len(table), photos))
     return out
 
 
@@ -319,6 +332,12 @@ def serve_memory(model: Path, n_classes: int, photos: list[Path]) -> dict:
     }
 
 
+def keep(rows: list[dict]) -> None:
+    """The rows so far, so that a long run killed half way still leaves what it measured."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "scale-partial.json").write_text(json.dumps(rows, indent=1))
+
+
 def figure(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -331,7 +350,7 @@ def figure(rows: list[dict], path: Path) -> None:
         (by_classes, "classes", None, "classes"),
     ):
         for command in dict.fromkeys(r["command"] for r in rows if r.get("rows")):
-            points = [r for r in rows if r["command"] == r["command"] and r["command"] == command and r.get("ok")]
+            points = [r for r in rows if r["command"] == command and r.get("ok")]
             if fixed is not None:
                 points = [r for r in points if r["classes"] == fixed]
             else:
@@ -366,12 +385,13 @@ def bench_scale(args) -> list[dict]:
     try:
         for n in sizes("TAXOCLIP_SCALE_ROWS", "100000,1000000"):
             rows += run_size(work, classes, n, tower, steps, heavy=True)
-            print(json.dumps(rows[-1]))
+            keep(rows)
         base = min(sizes("TAXOCLIP_SCALE_ROWS", "100000,1000000"))
         for count in sizes("TAXOCLIP_SCALE_CLASSES", "100,1000,10000"):
             if count == len(classes) and base == 100_000:
                 continue  # already run above
             rows += run_size(work, spread(classes, count), 100_000, tower, steps, heavy=False)
+            keep(rows)
         photos = sorted((find_dataset("flowers102") / "valid").rglob("*.jpg"))[:16]
         rows += run_field(work, classes, tower, photos, steps)
         if os.environ.get("TAXOCLIP_SCALE_EPOCH") == "1":

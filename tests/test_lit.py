@@ -292,3 +292,57 @@ def test_hierarchy_aware_targets_add_each_rank_to_the_loss_and_to_the_class_embe
             terms.append(class_contrastive_loss(image, text, targets, model.scale()))
     assert float(with_ranks - plain) == pytest.approx(0.5 * float(sum(terms)), rel=1e-4)
     assert all(t > 0 for t in terms)
+
+
+def test_the_ridge_from_the_caption_bank_equals_the_ridge_through_the_whole_tower(tiny_text_tower):
+    """The ridge start reuses the bank's frozen prefix (the frozen blocks run once, not twice at
+    10,000 classes): the projection it fits is the one the whole tower's caption embeddings give."""
+    from taxoclip.models.lit import CaptionBank, LiTConfig, LiTModel, ridge_text_projection
+    from taxoclip.models.towers import create_text_tower
+
+    tower = create_text_tower(tiny_text_tower)
+    model = LiTModel(
+        LiTConfig(image_tower="x", text_tower=tiny_text_tower, image_width=16, text_width=tower.width, embed_dim=16),
+        tower,
+        image_mean=torch.zeros(16),
+    )
+    assert model.text_tower.frozen_blocks > 0  # the bank holds hidden states, not tokens
+    captions = [f"a photo of species number {i}" + " with a long name" * (i % 4) for i in range(300)]
+    bank = CaptionBank(model.text_tower, [captions], torch.device("cpu"), batch_size=64)
+    assert bank.prefix["hidden"].shape[0] == 300
+    torch.manual_seed(0)
+    means, has_class = torch.randn(300, 16), torch.rand(300) > 0.2
+    ridge_text_projection(model, captions, means, has_class, batch_size=128)
+    whole = model.text_projection.weight.clone()
+    model.text_projection.weight.data.zero_()
+    ridge_text_projection(model, captions, means, has_class, batch_size=128, bank=bank)
+    assert torch.allclose(model.text_projection.weight, whole, atol=1e-4)
+
+
+def test_the_last_evaluation_and_the_saved_model_share_one_encoding_of_the_captions(
+    colour_features, tiny_text_tower, tmp_path, monkeypatch
+):
+    """At 10,000 classes each pass over the captions costs minutes: the last epoch's evaluation
+    and the saved classifier use one, and a changed weight makes the next one encode again."""
+    import taxoclip.train.lit as lit_module
+    from taxoclip.models.registry import load_classifier
+
+    calls = []
+    real = lit_module.class_embeddings_of
+    monkeypatch.setattr(lit_module, "class_embeddings_of", lambda *a, **k: calls.append(1) or real(*a, **k))
+    train_lit(config(colour_features, tmp_path / "m", tiny_text_tower, epochs=2))
+    assert len(calls) == 2  # one per evaluation; saving re-used the last
+    classifier = load_classifier(tmp_path / "m")
+    by_class = json.loads((tmp_path / "m" / "captions.json").read_text())["by_class"]
+    fresh = classifier.model.encode_captions([entry["paper"] for entry in by_class])
+    assert torch.allclose(classifier.class_embeddings, fresh, atol=1e-5)
+
+    model = classifier.model
+    before = lit_module.weights_fingerprint(model)
+    assert lit_module.weights_fingerprint(model) == before
+    with torch.no_grad():
+        next(model.text_tower.parameters()).view(-1)[0] += 1e-3
+    assert lit_module.weights_fingerprint(model) != before
+    with torch.no_grad():
+        model.logit_scale += 1  # a 0-d weight counts too
+    assert lit_module.weights_fingerprint(model) != before

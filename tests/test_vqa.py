@@ -111,8 +111,8 @@ def test_stage_one_trains_only_the_projector_and_ask_answers(stage_one, colour_s
 
 
 def test_a_questions_file_is_checked_line_by_line(tmp_path):
+    from taxoclip.data.question_file import QuestionFile as read_questions
     from taxoclip.errors import TaxoclipError
-    from taxoclip.train.vqa import read_questions
 
     path = tmp_path / "qa.jsonl"
     path.write_text('{"key": "a", "question": "Q?", "answer": "yes"}\n{"key": "b", "question": "Q?"}\n')

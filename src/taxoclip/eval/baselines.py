@@ -147,6 +147,15 @@ def few_shot_rows(labels: np.ndarray, shots: int | None, seed: int = 0) -> np.nd
     return np.sort(by_class[rank_in_class < shots])
 
 
+def adamw(parameters: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    """AdamW, fused where this torch has it: at 10,000 classes the update of the 12.8M-weight
+    classifier took 0.14 s a step unfused and 0.024 s fused (2 cores), a third of each step."""
+    try:
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+
+
 def train_linear(
     source: RowSource,
     weight: torch.Tensor,
@@ -165,7 +174,7 @@ def train_linear(
     rng = np.random.default_rng(budget.seed)
     weight = torch.nn.Parameter(weight.clone().float())
     bias = torch.nn.Parameter(bias.clone().float())
-    optimizer = torch.optim.AdamW([weight, bias], lr=budget.lr, weight_decay=0.0)
+    optimizer = adamw([weight, bias], budget.lr)
     scorer = LinearScorer(weight, bias, scale=scale, normalise_weight=normalise_weight, prepare=prepare)
     scorer.weight, scorer.bias = weight, bias  # trained in place
     size = min(budget.batch_size, len(source))

@@ -21,8 +21,10 @@ encoder made the embeddings and what that encoder was trained on.
 from __future__ import annotations
 
 import csv
+import heapq
 import json
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,10 +32,11 @@ import numpy as np
 import torch
 
 from taxoclip.data.features import load_features
+from taxoclip.data.question_file import QuestionFile
 from taxoclip.data.questions import choice_names, species_name, stable
 from taxoclip.errors import TaxoclipError
 from taxoclip.models.vqa import load_vqa_model, read_seen_photos
-from taxoclip.train.vqa import answer_record, candidates_of, normalise, read_questions
+from taxoclip.train.vqa import answer_record, candidates_of, normalise
 
 ANSWERERS = ("model", "question only", "shuffled images", "majority", "linear probe")
 GREEDY_BATCH = 8  # open questions decoded together (left-padded; the same answers as one by one)
@@ -67,9 +70,9 @@ def tower_trained_on(record: dict) -> str:
     return "unknown"
 
 
-def guard(records: list[dict], seen: set[str], force: bool, model: str) -> None:
-    """Refuses questions about photos the model trained on, unless forced."""
-    leaked = sorted({r["key"] for r in records if r["key"] in seen})
+def guard(keys: Iterable[str], seen: set[str], force: bool, model: str) -> None:
+    """Refuses questions about photos (``keys``) the model trained on, unless forced."""
+    leaked = sorted({key for key in keys if key in seen})
     if leaked and not force:
         raise TaxoclipError(
             f"{len(leaked)} of the photos asked about trained the model {model} (e.g. {leaked[0]}): its "
@@ -78,19 +81,27 @@ def guard(records: list[dict], seen: set[str], force: bool, model: str) -> None:
         )
 
 
-def sample(records: list[dict], per_type: int, seed: int) -> list[dict]:
-    """Up to ``per_type`` questions of each type, in a stable hash order (the same every run)."""
-    by_type: dict[str, list[dict]] = {}
-    for record in sorted(records, key=lambda r: stable(seed, "eval", r["key"], r["question"])):
-        by_type.setdefault(record["type"], []).append(record)
-    return [r for group in by_type.values() for r in (group[:per_type] if per_type else group)]
+def sample(records: Iterable[dict], per_type: int, seed: int) -> list[dict]:
+    """Up to ``per_type`` questions of each type (0: all), in a stable hash order (the same every
+    run). ``records`` is streamed: each type keeps a heap of its ``per_type`` smallest hashes, so
+    memory is bounded by the sample, not by the questions file."""
+    heaps: dict[str, list[tuple[int, int, dict]]] = {}
+    for n, record in enumerate(records):
+        item = (-stable(seed, "eval", record["key"], record["question"]), n, record)
+        heap = heaps.setdefault(record["type"], [])
+        if not per_type or len(heap) < per_type:
+            heapq.heappush(heap, item)
+        elif item > heap[0]:  # a smaller hash than the largest kept
+            heapq.heapreplace(heap, item)
+    groups = sorted((sorted(heap, reverse=True) for heap in heaps.values()), key=lambda g: g[0][:2], reverse=True)
+    return [r for group in groups for *_, r in group]  # types in the order of their smallest hash
 
 
 class Majority:
     """The most frequent training answer per (type, rank); for a closed question, the candidate
     most often right in training (ties: the first candidate)."""
 
-    def __init__(self, training: list[dict]):
+    def __init__(self, training: Iterable[dict]):
         self.counts: dict[tuple, Counter] = {}
         for record in training:
             self.counts.setdefault((record["type"], record.get("rank")), Counter())[normalise(record["answer"])] += 1
@@ -147,13 +158,15 @@ class ProbeAnswers:
 
 
 def fit_probe(cache, rows: list[int]) -> tuple[np.ndarray, dict[int, int]]:
-    """The probe's class probabilities for the cache rows asked about (fitted on its train split)."""
-    from taxoclip.eval.baselines import probe
+    """The probe's class probabilities for the cache rows asked about (fitted on its train split,
+    streamed from the memory map; only the sampled rows' probabilities are held)."""
+    from taxoclip.eval import baselines
 
-    train_x, train_y = cache.split("train")
+    train_rows = np.flatnonzero(cache.split_mask("train"))
+    source = baselines.RowSource.of_cache(cache.features, train_rows, cache.labels[train_rows].astype(np.int64))
+    scorer = baselines.fit_probe(source, len(cache.classes))
     unique = sorted(set(rows))
-    test_x = np.asarray(cache.features[unique], np.float32)
-    probabilities = probe(np.asarray(train_x, np.float32), train_y, test_x, len(cache.classes)).numpy()
+    probabilities = scorer.dense(np.asarray(cache.features[unique], np.float32)).numpy()
     return probabilities, {row: i for i, row in enumerate(unique)}
 
 
@@ -188,16 +201,16 @@ def run_vqa_evaluation(config: VQAEvalConfig) -> dict:
             f"was trained on {model_config['image_tower']['name']} ({model_config['image_tower']['id']}) embeddings; "
             "use the cache it was trained on (or one made with the same tower)"
         )
-    every = read_questions(config.questions, cache.row_of())
-    asked = [r for r in every if r.get("split") == config.split]
-    if not asked:
-        have = ", ".join(sorted({str(r.get("split")) for r in every}))
+    questions = QuestionFile(config.questions, cache.row_of())  # indexed; records read when sampled
+    asked = questions.in_split(config.split)
+    if not len(asked):
+        have = ", ".join(sorted(questions.split_names))
         raise TaxoclipError(
             f"{config.questions}: no question about a {config.split!r} photo (splits: {have}); use --split"
         )
     seen = read_seen_photos(Path(config.model))
-    guard(asked, seen, config.force, config.model)
-    records = sample(asked, config.per_type, config.seed)
+    guard((cache.keys[row] for row in np.unique(questions.rows[asked])), seen, config.force, config.model)
+    records = sample(questions.iterate(asked), config.per_type, config.seed)
     leaked = sum(r["key"] in seen for r in records)
 
     features = torch.from_numpy(np.asarray(cache.features[[r["row"] for r in records]], np.float32))
@@ -205,7 +218,7 @@ def run_vqa_evaluation(config: VQAEvalConfig) -> dict:
     order = np.random.default_rng(config.seed).permutation(len(records))
     shuffled = np.empty(len(records), dtype=np.int64)
     shuffled[order] = np.roll(order, -1)
-    majority = Majority([r for r in every if r.get("split") == "train"])
+    majority = Majority(questions.iterate(questions.in_split("train")))
     probabilities, position = fit_probe(cache, [r["row"] for r in records])
     probe = ProbeAnswers(cache.classes, probabilities, position)
     answers: dict[str, list] = {

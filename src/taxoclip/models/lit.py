@@ -149,11 +149,15 @@ class CaptionBank:
         self.n_styles, self.n_classes = len(captions_by_style), len(captions_by_style[0])
         flat = [caption for style in captions_by_style for caption in style]
         tokens = {k: v.to(device) for k, v in text_tower.tokenize(flat).items()}
-        parts = [
-            text_tower.prefix({k: v[i : i + batch_size] for k, v in tokens.items()})
-            for i in range(0, len(flat), batch_size)
-        ]
-        self.prefix = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        # Written batch by batch into one tensor: a list of parts then torch.cat held the bank
+        # twice (10,000 classes x 31 tokens x 384 floats is 476 MB once).
+        self.prefix: dict[str, torch.Tensor] = {}
+        for i in range(0, len(flat), batch_size):
+            part = text_tower.prefix({k: v[i : i + batch_size] for k, v in tokens.items()})
+            for k, v in part.items():
+                if k not in self.prefix:
+                    self.prefix[k] = v.new_empty((len(flat), *v.shape[1:]))
+                self.prefix[k][i : i + len(v)] = v
 
     def select(self, classes: torch.Tensor, styles: torch.Tensor) -> dict[str, torch.Tensor]:
         """The prefix rows of these (class, style) captions, trimmed to their longest caption."""
@@ -226,16 +230,23 @@ def ridge_text_projection(
     has_class: torch.Tensor,
     ridge: float = 1e-2,
     batch_size: int = 256,
+    bank: CaptionBank | None = None,
 ) -> None:
     """Start the text projection as the ridge fit of pretrained caption embeddings onto the
-    (centred, normalised) class-mean image embeddings of the classes with training images."""
+    (centred, normalised) class-mean image embeddings of the classes with training images.
+    With ``bank`` (whose first style is ``captions``) the captions go on from its frozen prefix
+    through the trainable blocks only, instead of through the whole tower a second time."""
     text = model.text_tower.eval()
     device = model.logit_scale.device
     # In batches: 10,000 captions through the tower at once held several GB of activations.
     parts = []
     for start in range(0, len(captions), batch_size):
-        tokens = {k: v.to(device) for k, v in text.tokenize(captions[start : start + batch_size]).items()}
-        parts.append(text(tokens))
+        if bank is not None:
+            classes = torch.arange(start, min(start + batch_size, len(captions)))
+            parts.append(text.from_prefix(bank.select(classes, torch.zeros_like(classes))))
+        else:
+            tokens = {k: v.to(device) for k, v in text.tokenize(captions[start : start + batch_size]).items()}
+            parts.append(text(tokens))
     t = torch.cat(parts)[has_class]
     target = F.normalize(class_means[has_class], dim=-1)
     if model.image_projection is not None:
@@ -257,9 +268,18 @@ def ridge_text_projection(
 
 
 def save_lit(
-    out: Path, model: LiTModel, cache, eval_style: str, *, training: dict, image_tower=None, rank_weight: float = 0.0
+    out: Path,
+    model: LiTModel,
+    cache,
+    eval_style: str,
+    *,
+    training: dict,
+    image_tower=None,
+    rank_weight: float = 0.0,
+    class_embeddings: torch.Tensor | None = None,
 ) -> None:
-    """Write a LiT model directory from a trained model and the feature cache it trained on."""
+    """Write a LiT model directory from a trained model and the feature cache it trained on
+    (``class_embeddings``: the eval style's, when the caller has them for these weights)."""
     from taxoclip.models.bundle import save_weights, write_config
     from taxoclip.taxonomy import ClassTable
 
@@ -267,7 +287,9 @@ def save_lit(
     captions = cache.meta["captions"]
     species = [entry[eval_style] for entry in captions["by_class"]]
     ranks = RankCaptions(cache.meta["classes"]) if rank_weight else None
-    class_embeddings = class_embeddings_of(model, species, ranks, rank_weight).numpy()
+    if class_embeddings is None:
+        class_embeddings = class_embeddings_of(model, species, ranks, rank_weight)
+    class_embeddings = class_embeddings.cpu().numpy()
     save_weights(out / "model.safetensors", model)
     if image_tower is not None:
         save_weights(out / "image_tower.safetensors", image_tower)

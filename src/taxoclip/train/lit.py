@@ -10,6 +10,7 @@ of the cache being read, which is what a trainer without the cache does (e.g. Op
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -105,6 +106,7 @@ class LiTTrainer(Trainer):
     def __init__(self, config: TrainConfig, runtime: Runtime):
         self.config, self.runtime = config, runtime
         self.cache = load_features(config.features)
+        self.embedded: tuple[str, torch.Tensor] | None = None  # (weights fingerprint, class embeddings)
         self.n_classes = len(self.cache.meta["classes"])
         self.held_out = held_out_classes(self.n_classes, config.holdout, config.holdout_seed)
         cache = self.cache
@@ -117,9 +119,9 @@ class LiTTrainer(Trainer):
         self.image_tower = self.build_image_tower()
         self.captions_by_style = [captions_for(cache, style) for style in config.styles]
         self.eval_captions = captions_for(cache, config.eval_style)
-        if config.projection_init == "ridge":
-            self.initialise_text_projection()
         bank = CaptionBank(self.model.text_tower, self.captions_by_style, runtime.device)
+        if config.projection_init == "ridge":  # from the bank's prefix: the frozen blocks run once
+            self.initialise_text_projection(bank)
         self.rank_captions = RankCaptions(cache.meta["classes"]) if config.rank_weight else None
         ranks = RankBank(self.model.text_tower, self.rank_captions, runtime.device) if self.rank_captions else None
         self.module = LiTStep(
@@ -158,12 +160,14 @@ class LiTTrainer(Trainer):
             raise TaxoclipError(f"the image tower {meta['name']} is not the one that made {self.config.features}")
         return tower.requires_grad_(self.config.unlock_image)
 
-    def initialise_text_projection(self) -> None:
+    def initialise_text_projection(self, bank: CaptionBank | None = None) -> None:
         class_means = class_mean_embeddings(self.model, self.cache, self.train_rows, self.n_classes)
         has_class = torch.zeros(self.n_classes, dtype=torch.bool)
         has_class[np.unique(self.cache.labels[self.train_rows])] = True
         device = self.runtime.device
-        ridge_text_projection(self.model, self.captions_by_style[0], class_means.to(device), has_class.to(device))
+        ridge_text_projection(
+            self.model, self.captions_by_style[0], class_means.to(device), has_class.to(device), bank=bank
+        )
 
     def param_groups(self) -> list[dict]:
         """Text blocks (and an unlocked image tower) at text_lr; projections and temperature at lr."""
@@ -220,9 +224,20 @@ class LiTTrainer(Trainer):
             self.held_out,
             self.runtime.device,
             valid_features,
-            ranks=self.rank_captions,
-            rank_weight=self.config.rank_weight,
+            class_embeddings=self.class_embeddings(),
         )
+
+    def class_embeddings(self) -> torch.Tensor:
+        """The classifier (every class's evaluation caption, embedded), encoded again only when the
+        weights changed: the last evaluation and the saved model share one pass over the captions
+        (at 10,000 classes each pass is minutes on a laptop)."""
+        key = weights_fingerprint(self.model)
+        if self.embedded is None or self.embedded[0] != key:
+            embeddings = class_embeddings_of(
+                self.model, self.eval_captions, self.rank_captions, self.config.rank_weight
+            )
+            self.embedded = (key, embeddings)
+        return self.embedded[1]
 
     def epoch_extras(self) -> dict:
         return {"temperature": float(1 / self.model.scale().detach())}
@@ -241,9 +256,19 @@ def train_lit(config: TrainConfig) -> dict:
             training=asdict(config) | {"held_out": trainer.held_out.tolist(), "world_size": runtime.world_size},
             image_tower=trainer.image_tower if config.unlock_image else None,
             rank_weight=config.rank_weight,
+            class_embeddings=trainer.class_embeddings(),
         )
     runtime.barrier()
     return history[-1] if history else {}
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """A hash of every weight and buffer: equal exactly when the module computes the same."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @torch.no_grad()
@@ -268,6 +293,7 @@ def evaluate(
     features: torch.Tensor | None = None,
     ranks: RankCaptions | None = None,
     rank_weight: float = 0.0,
+    class_embeddings: torch.Tensor | None = None,
 ) -> dict:
     """Zero-shot top-1/top-5 on the valid rows over all classes; with held-out classes, also the
     seen classes' accuracy and the held-out classes' accuracy among themselves. Rows are read
@@ -275,7 +301,9 @@ def evaluate(
     if len(rows) == 0:
         return {}
     model.eval()
-    class_embeddings = class_embeddings_of(model, captions, ranks, rank_weight).to(device)
+    if class_embeddings is None:
+        class_embeddings = class_embeddings_of(model, captions, ranks, rank_weight)
+    class_embeddings = class_embeddings.to(device)
     total = SeenUnseenAccuracy(held_out)
     chunk = 4096
     for start in range(0, len(rows), chunk):

@@ -8,7 +8,6 @@ full report with its controls (`eval/vqa.py`)."""
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -19,6 +18,7 @@ import torch
 
 from taxoclip.data.chat import collate, encode
 from taxoclip.data.features import load_features
+from taxoclip.data.question_file import QuestionFile
 from taxoclip.data.questions import stable
 from taxoclip.errors import TaxoclipError
 from taxoclip.models.language import load_language_model
@@ -36,49 +36,26 @@ def normalise(text: str) -> str:
     return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
 
 
-def read_questions(path: str | Path, row_of: dict[str, int]) -> list[dict]:
-    """The questions whose photos are in the cache (each with its cache row)."""
-    path = Path(path)
-    if not path.is_file():
-        raise TaxoclipError(f"{path}: no such questions file; make one with 'taxoclip questions FEATURES -o {path}'")
-    records, missing = [], 0
-    with open(path) as handle:
-        for line_number, line in enumerate(handle, 1):
-            try:
-                record = json.loads(line)
-                complete = isinstance(record, dict) and {"key", "question", "answer"} <= record.keys()
-            except json.JSONDecodeError:
-                complete = False
-            if not complete:
-                raise TaxoclipError(f"{path}, line {line_number}: not a question record (key, question, answer)")
-            if record["key"] not in row_of:
-                missing += 1
-                continue
-            records.append(record | {"row": row_of[record["key"]]})
-    if not records:
-        raise TaxoclipError(
-            f"{path}: none of its {missing} questions names a photo of the feature cache; make the questions from it"
-        )
-    return records
-
-
 class VQATrainer(Trainer):
     def __init__(self, config: VQAConfig, runtime: Runtime):
         self.config, self.runtime = config, runtime
         self.cache = load_features(config.features)
-        records = read_questions(config.questions, self.cache.row_of())
-        self.train_records = [r for r in records if r["split"] == "train"]
-        valid = [r for r in records if r["split"] != "train"]
-        if not self.train_records:
+        # Indexed, not read: at iNat2021's size the file holds ~27M questions.
+        self.questions = QuestionFile(config.questions, self.cache.row_of())
+        self.train_positions = self.questions.in_split("train")
+        if not len(self.train_positions):
             raise TaxoclipError(f"{config.questions}: no question about a training photo")
-        self.eval_records = sorted(valid, key=lambda r: stable(config.seed, "eval", r["key"], r["question"]))[
-            : config.eval_questions
-        ]
+        self.eval_records = self.questions.smallest(
+            self.questions.in_split("train", keep=False),
+            config.eval_questions,
+            key=lambda r: stable(config.seed, "eval", r["key"], r["question"]),
+        )
         lm, self.tokenizer = load_language_model(config.language_model)
         for parameter in lm.parameters():
             parameter.requires_grad_(False)
-        rows = sorted({r["row"] for r in self.train_records})
-        sample = torch.from_numpy(np.asarray(self.cache.features[rows[:: max(1, len(rows) // 4096)]], np.float32))
+        self.train_photo_rows = np.unique(self.questions.rows[self.train_positions])
+        rows = self.train_photo_rows[:: max(1, len(self.train_photo_rows) // 4096)]
+        sample = torch.from_numpy(np.asarray(self.cache.features[rows], np.float32))
         hidden = lm.get_input_embeddings().embedding_dim
         projector = Projector(sample.shape[1], hidden, config.image_tokens, sample.mean(0), sample.std(0))
         self.earlier_photos: set[str] = set()
@@ -129,17 +106,17 @@ class VQATrainer(Trainer):
         return groups
 
     def steps_per_epoch(self) -> int:
-        steps = max(1, len(self.train_records) // self.config.batch_size)
+        steps = max(1, len(self.train_positions) // self.config.batch_size)
         return min(steps, self.config.max_steps_per_epoch or steps)
 
     def batches(self, epoch: int) -> Iterator[Batch]:
         """This rank's share of each global batch of training questions, with their photos' embeddings."""
         config, runtime, device = self.config, self.runtime, self.runtime.device
-        order = np.random.default_rng([config.seed, epoch]).permutation(len(self.train_records))
+        order = np.random.default_rng([config.seed, epoch]).permutation(self.train_positions)
         size = min(config.batch_size, len(order))
-        for step in range(len(order) // size):
+        for step in range(min(len(order) // size, self.steps_per_epoch())):
             mine = runtime.share(order[step * size : (step + 1) * size])
-            chosen = [self.train_records[i] for i in mine]
+            chosen = self.questions.records(mine)  # read from disk, a batch at a time
             text = collate([encode(self.tokenizer, r["question"], r["answer"]) for r in chosen], self.pad_id)
             rows = [r["row"] for r in chosen]
             features = torch.from_numpy(np.asarray(self.cache.features[rows], np.float32))
@@ -185,7 +162,7 @@ def train_vqa(config: VQAConfig) -> dict:
     if runtime.is_main:
         # the leakage guard: every photo whose embedding trained the projector or the adapters,
         # in this run and in the stage-1 run it started from
-        seen = {record["key"] for record in trainer.train_records} | trainer.earlier_photos
+        seen = {trainer.cache.keys[row] for row in trainer.train_photo_rows} | trainer.earlier_photos
         training = asdict(config) | {
             "world_size": runtime.world_size,
             "saw": {"cache_key": trainer.cache.meta["cache_key"], "split": "train", "photos": len(seen)},

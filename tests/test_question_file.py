@@ -1,0 +1,79 @@
+"""The questions file is indexed, never held: records come back from disk exactly as written,
+and the index's memory stays far below what the records themselves would take."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import numpy as np
+
+
+def write(path, count: int, splits=("train", "valid")) -> list[dict]:
+    records = [
+        {
+            "key": f"photo-{i // 10:07d}",
+            "split": splits[(i // 10) % len(splits)],
+            "type": ("species", "yes_no", "rank")[i % 3],
+            "question": f"What is in photo {i // 10}, question {i % 10}? " + "padding " * 20,
+            "answer": "yes" if i % 2 else "no",
+        }
+        for i in range(count)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def test_records_come_back_from_disk_as_written(tmp_path):
+    from taxoclip.data.question_file import QuestionFile
+
+    path = tmp_path / "qa.jsonl"
+    records = write(path, 300)
+    row_of = {f"photo-{p:07d}": p for p in range(25)}  # photos 25..29 are not in the cache
+    questions = QuestionFile(path, row_of)
+    assert len(questions) == 250 and questions.missing == 50  # nothing lost: kept + counted missing
+    train = questions.in_split("train")
+    assert len(train) + len(questions.in_split("train", keep=False)) == 250
+    picked = [7, 3, 200, 7]
+    assert [{k: v for k, v in r.items() if k != "row"} for r in questions.records(picked)] == [
+        records[i] for i in picked
+    ]
+    assert [r["row"] for r in questions.records(picked)] == [0, 0, 20, 0]
+    streamed = list(questions.iterate(train, chunk=16))
+    assert [r["key"] for r in streamed] == [records[i]["key"] for i in train]
+    assert all(r["split"] == "train" for r in streamed)
+
+
+def test_sample_streams_to_the_sorted_answer(tmp_path):
+    """The heap sample equals sorting every record by its hash and taking each type's first."""
+    from taxoclip.data.question_file import QuestionFile
+    from taxoclip.data.questions import stable
+    from taxoclip.eval.vqa import sample
+
+    path = tmp_path / "qa.jsonl"
+    write(path, 600)
+    questions = QuestionFile(path, {f"photo-{p:07d}": p for p in range(60)})
+    every = list(questions.iterate(np.arange(len(questions))))
+    expected: dict[str, list[dict]] = {}
+    for record in sorted(every, key=lambda r: stable(3, "eval", r["key"], r["question"])):
+        expected.setdefault(record["type"], []).append(record)
+    for per_type in (0, 1, 7, 1000):
+        want = [r for group in expected.values() for r in (group[:per_type] if per_type else group)]
+        assert sample(questions.iterate(np.arange(len(questions))), per_type, 3) == want
+    smallest = questions.smallest(np.arange(len(questions)), 5, key=lambda r: stable(1, r["question"]))
+    assert smallest == sorted(every, key=lambda r: stable(1, r["question"]))[:5]
+
+
+def test_indexing_holds_no_records(tmp_path):
+    """60,000 questions (~13 MB of JSON, ~60 MB as dicts) index in a few MB: 17 bytes a question."""
+    from taxoclip.data.question_file import QuestionFile
+
+    path = tmp_path / "qa.jsonl"
+    write(path, 60_000)
+    row_of = {f"photo-{p:07d}": p for p in range(6_000)}
+    tracemalloc.start()
+    questions = QuestionFile(path, row_of)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(questions) == 60_000
+    assert peak < 4 * 2**20, f"indexing peaked at {peak / 2**20:.1f} MB"
