@@ -225,28 +225,22 @@ def class_embeddings_of(
 @torch.no_grad()
 def ridge_text_projection(
     model: LiTModel,
-    captions: list[str],
+    bank: CaptionBank,
     class_means: torch.Tensor,
     has_class: torch.Tensor,
     ridge: float = 1e-2,
     batch_size: int = 256,
-    bank: CaptionBank | None = None,
 ) -> None:
-    """Start the text projection as the ridge fit of pretrained caption embeddings onto the
-    (centred, normalised) class-mean image embeddings of the classes with training images.
-    With ``bank`` (whose first style is ``captions``) the captions go on from its frozen prefix
-    through the trainable blocks only, instead of through the whole tower a second time."""
+    """Start the text projection as the ridge fit of pretrained caption embeddings (the bank's
+    first style, run on from its frozen prefix: the frozen blocks never run twice) onto the
+    (centred, normalised) class-mean image embeddings of the classes with training images."""
     text = model.text_tower.eval()
     device = model.logit_scale.device
     # In batches: 10,000 captions through the tower at once held several GB of activations.
     parts = []
-    for start in range(0, len(captions), batch_size):
-        if bank is not None:
-            classes = torch.arange(start, min(start + batch_size, len(captions)))
-            parts.append(text.from_prefix(bank.select(classes, torch.zeros_like(classes))))
-        else:
-            tokens = {k: v.to(device) for k, v in text.tokenize(captions[start : start + batch_size]).items()}
-            parts.append(text(tokens))
+    for start in range(0, bank.n_classes, batch_size):
+        classes = torch.arange(start, min(start + batch_size, bank.n_classes))
+        parts.append(text.from_prefix(bank.select(classes, torch.zeros_like(classes))))
     t = torch.cat(parts)[has_class]
     target = F.normalize(class_means[has_class], dim=-1)
     if model.image_projection is not None:
@@ -274,21 +268,17 @@ def save_lit(
     eval_style: str,
     *,
     training: dict,
+    class_embeddings: torch.Tensor,
     image_tower=None,
     rank_weight: float = 0.0,
-    class_embeddings: torch.Tensor | None = None,
 ) -> None:
-    """Write a LiT model directory from a trained model and the feature cache it trained on
-    (``class_embeddings``: the eval style's, when the caller has them for these weights)."""
+    """Write a LiT model directory from a trained model, its classifier (``class_embeddings``,
+    of the ``eval_style`` captions) and the feature cache it trained on."""
     from taxoclip.models.bundle import save_weights, write_config
     from taxoclip.taxonomy import ClassTable
 
     out.mkdir(parents=True, exist_ok=True)
     captions = cache.meta["captions"]
-    species = [entry[eval_style] for entry in captions["by_class"]]
-    ranks = RankCaptions(cache.meta["classes"]) if rank_weight else None
-    if class_embeddings is None:
-        class_embeddings = class_embeddings_of(model, species, ranks, rank_weight)
     class_embeddings = class_embeddings.cpu().numpy()
     save_weights(out / "model.safetensors", model)
     if image_tower is not None:

@@ -160,14 +160,12 @@ class LiTTrainer(Trainer):
             raise TaxoclipError(f"the image tower {meta['name']} is not the one that made {self.config.features}")
         return tower.requires_grad_(self.config.unlock_image)
 
-    def initialise_text_projection(self, bank: CaptionBank | None = None) -> None:
+    def initialise_text_projection(self, bank: CaptionBank) -> None:
         class_means = class_mean_embeddings(self.model, self.cache, self.train_rows, self.n_classes)
         has_class = torch.zeros(self.n_classes, dtype=torch.bool)
         has_class[np.unique(self.cache.labels[self.train_rows])] = True
         device = self.runtime.device
-        ridge_text_projection(
-            self.model, self.captions_by_style[0], class_means.to(device), has_class.to(device), bank=bank
-        )
+        ridge_text_projection(self.model, bank, class_means.to(device), has_class.to(device))
 
     def param_groups(self) -> list[dict]:
         """Text blocks (and an unlocked image tower) at text_lr; projections and temperature at lr."""
@@ -220,11 +218,10 @@ class LiTTrainer(Trainer):
             self.model,
             self.cache,
             self.valid_rows,
-            self.eval_captions,
+            self.class_embeddings(),
             self.held_out,
             self.runtime.device,
             valid_features,
-            class_embeddings=self.class_embeddings(),
         )
 
     def class_embeddings(self) -> torch.Tensor:
@@ -287,22 +284,18 @@ def evaluate(
     model: LiTModel,
     cache: FeatureCache,
     rows: np.ndarray,
-    captions: list[str],
+    class_embeddings: torch.Tensor,
     held_out: np.ndarray,
     device: torch.device,
     features: torch.Tensor | None = None,
-    ranks: RankCaptions | None = None,
-    rank_weight: float = 0.0,
-    class_embeddings: torch.Tensor | None = None,
 ) -> dict:
-    """Zero-shot top-1/top-5 on the valid rows over all classes; with held-out classes, also the
-    seen classes' accuracy and the held-out classes' accuracy among themselves. Rows are read
-    and scored a chunk at a time (``features``: embeddings of a trained tower, in row order)."""
+    """Zero-shot top-1/top-5 on the valid rows over all classes (``class_embeddings``: the
+    classifier); with held-out classes, also the seen classes' accuracy and the held-out classes'
+    accuracy among themselves. Rows are read and scored a chunk at a time (``features``:
+    embeddings of a trained tower, in row order)."""
     if len(rows) == 0:
         return {}
     model.eval()
-    if class_embeddings is None:
-        class_embeddings = class_embeddings_of(model, captions, ranks, rank_weight)
     class_embeddings = class_embeddings.to(device)
     total = SeenUnseenAccuracy(held_out)
     chunk = 4096
