@@ -8,18 +8,26 @@ around taxonomy-shaped class centres, so each run's top-1 means something. Sizes
   TAXOCLIP_SCALE_ROWS     train rows at 10,000 classes (default 100000,1000000; add 2700000)
   TAXOCLIP_SCALE_CLASSES  class counts at 100,000 rows (default 100,1000,10000)
   TAXOCLIP_SCALE_STEPS    the fixed step budget of each trainer (default 40)
-  TAXOCLIP_SCALE_EPOCH=1  also one whole LiT epoch at 1M rows (about an hour on 2 cores)
+  TAXOCLIP_SCALE_EPOCH=1  also one whole LiT epoch at 1M rows (hours on 2 cores)
+  TAXOCLIP_SCALE_PARTS    which parts to run (default rows,classes,field; also epoch, shards,
+                          features): a part is a set of rows of the table
+  TAXOCLIP_SCALE_PHOTOS   generated 64 x 64 JPEGs for the shards part (default 1000000)
+  TAXOCLIP_SCALE_FEATURE_PHOTOS  the same for the features part (default 20000,100000: even a tiny
+                          random tower's forward is ~200 photos/s on 2 cores, so 1M is hours)
 
 Memory is sampled every 0.1 s over the command's process tree: "anon" is what the process
-itself allocated (it cannot be given back while it runs); "rss" adds the cache's file pages the
-kernel maps in, which it reclaims under pressure. Valid rows are a tenth of train, at most 100,000.
+itself allocated (Linux's Anonymous: it cannot be given back while it runs); "rss" adds the
+cache's file pages the kernel maps in, which it reclaims under pressure. Valid rows are a tenth
+of train, at most 100,000.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,18 +40,36 @@ from common import benchmark
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 TAXOCLIP = [sys.executable, "-m", "taxoclip.apps.cli"]
+DEFAULT_PARTS = "rows,classes,field"
 
 
 def sizes(name: str, default: str) -> list[int]:
     return [int(v) for v in os.environ.get(name, default).split(",") if v.strip()]
 
 
-def measured(command: list[str], *, cwd: Path | None = None) -> dict:
-    """Run one command; wall seconds and the peak anonymous / resident memory of its process tree."""
+def anonymous_bytes(process) -> int:
+    """Memory the process allocated itself (Linux's ``Anonymous`` in smaps_rollup). Not psutil's
+    USS: that also counts the memory-mapped cache's clean file pages, which the kernel drops under
+    pressure (a 1M-row cache is 2.8 GB of them)."""
+    rollup = Path(f"/proc/{process.pid}/smaps_rollup")
+    if rollup.exists():
+        for line in rollup.read_text().splitlines():
+            if line.startswith("Anonymous:"):
+                return int(line.split()[1]) * 1024
+    info = process.memory_full_info()
+    return getattr(info, "uss", info.rss)
+
+
+def measured(command: list[str], *, cwd: Path | None = None, kill_when=None) -> dict:
+    """Run one command; wall seconds and the peak anonymous / resident memory of its process tree.
+    ``kill_when``: a predicate polled as it runs; when true the whole process group is killed
+    (SIGKILL, as a node failure would), to measure what a re-run resumes."""
     import psutil
 
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     peaks = {"anon": 0, "rss": 0}
 
     def sample() -> None:
@@ -53,12 +79,14 @@ def measured(command: list[str], *, cwd: Path | None = None) -> dict:
                 anon = rss = 0
                 for p in [root, *root.children(recursive=True)]:
                     try:
-                        info = p.memory_full_info() if hasattr(p, "memory_full_info") else p.memory_info()
-                        rss += info.rss
-                        anon += getattr(info, "uss", info.rss - getattr(info, "shared", 0))
-                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        rss += p.memory_info().rss
+                        anon += anonymous_bytes(p)
+                    except (psutil.NoSuchProcess, psutil.AccessDenied, FileNotFoundError, ProcessLookupError):
                         pass
                 peaks["anon"], peaks["rss"] = max(peaks["anon"], anon), max(peaks["rss"], rss)
+                if kill_when is not None and kill_when():
+                    os.killpg(process.pid, signal.SIGKILL)
+                    return
                 time.sleep(0.1)
         except psutil.NoSuchProcess:
             pass
@@ -68,7 +96,7 @@ def measured(command: list[str], *, cwd: Path | None = None) -> dict:
     output, _ = process.communicate()
     watcher.join()
     seconds = time.perf_counter() - started
-    if process.returncode != 0:
+    if process.returncode != 0 and kill_when is None:
         print(output[-3000:], file=sys.stderr)
     return {
         "rc": process.returncode,
@@ -232,6 +260,26 @@ def run_size(work: Path, classes, rows: int, tower: dict, steps: int, *, heavy: 
                 **{"disk B/row": round(disk / (rows + valid))},
             ),
         )
+        if questions.exists():
+            vqa = work / f"vqa-{n_classes}-{rows}"
+            vqa_steps = max(1, steps // 4)  # a language-model step costs ~10 label-layer steps
+            command = [*TAXOCLIP, "train", "vqa", "--features", str(cache), "--questions", str(questions)]
+            budget_vqa = ["--epochs", "1", "--steps-per-epoch", str(vqa_steps), "--eval-questions", "20", "-q"]
+            result = measured([*command, "-o", str(vqa), *budget_vqa])
+            metrics = last_metrics(vqa) if result["rc"] == 0 else {}
+            add(
+                out,
+                row_of(
+                    "train vqa (stage 1)",
+                    n_classes,
+                    rows,
+                    result,
+                    per="s/step",
+                    count=vqa_steps,
+                    seconds=metrics.get("seconds"),
+                    **{"exact match": metrics.get("exact_match")},
+                ),
+            )
     return out
 
 
@@ -332,6 +380,122 @@ def serve_memory(model: Path, n_classes: int, photos: list[Path]) -> dict:
     }
 
 
+def photo_folder(root: Path, classes, photos: int, side: int = 64) -> Path:
+    """``root/<class id>/<n>.jpg``: ``photos`` small JPEGs spread over the classes, plus the class
+    table as ``classes.csv`` (a folder source, as a lab's own photos would be). Made once: a later
+    run with the same root reuses it. 512 distinct noisy pictures are cycled, so every file is a
+    real JPEG that decodes, at the cost of one file write each."""
+    import numpy as np
+    from PIL import Image
+
+    if (root / ".complete").exists():
+        return root
+    rng = np.random.default_rng(0)
+    pictures = []
+    for _ in range(512):
+        colour = rng.integers(0, 256, 3)
+        pixels = np.clip(colour + rng.normal(0, 40, (side, side, 3)), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=85)
+        pictures.append(buffer.getvalue())
+    per_class, extra = divmod(photos, len(classes))
+    written = 0
+    for index, class_id in enumerate(classes.ids):
+        folder = root / class_id
+        folder.mkdir(parents=True, exist_ok=True)
+        for n in range(per_class + (index < extra)):
+            (folder / f"{n:05d}.jpg").write_bytes(pictures[written % len(pictures)])
+            written += 1
+    classes.to_csv(root / "classes.csv")
+    (root / ".complete").touch()
+    return root
+
+
+def run_shards(work: Path, classes, photos: int, shard_size: int = 1000) -> list[dict]:
+    """`shards` on ``photos`` generated photos: killed once half its shards are written, re-run
+    (what the resume costs and keeps), then `shards verify`; the manifest's size."""
+    started = time.perf_counter()
+    root = photo_folder(work / f"photos-{photos}", classes, photos)
+    made = time.perf_counter() - started
+    out = work / f"shards-{photos}"
+    shutil.rmtree(out, ignore_errors=True)
+    expected = -(-photos // shard_size)
+    command = [*TAXOCLIP, "shards", str(root), "-o", str(out), "--shard-size", str(shard_size), "-q"]
+
+    def half_written() -> bool:
+        return out.is_dir() and sum(1 for _ in out.glob("*.tar")) >= expected // 2
+
+    out_rows: list[dict] = []
+    killed = measured(command, kill_when=half_written)
+    done = sum(1 for _ in out.glob("*.tar"))
+    add(
+        out_rows,
+        row_of(
+            "shards (killed at half)",
+            len(classes),
+            photos,
+            killed,
+            per="s/1k rows",
+            count=done * shard_size,
+            **{"shards written": done, "photos made s": round(made, 1)},
+        ),
+    )
+    resumed = measured(command)
+    manifest = json.loads((out / "manifest.json").read_text()) if resumed["rc"] == 0 else {}
+    run = manifest.get("run", {})
+    written = run.get("shards_written", 0) * shard_size
+    add(
+        out_rows,
+        row_of(
+            "shards (re-run: resumes)",
+            len(classes),
+            photos,
+            resumed,
+            per="s/1k rows",
+            count=written,
+            **{
+                "images/s": run.get("images_per_second"),
+                "shards resumed": run.get("shards_resumed"),
+                "resume overhead s": round(resumed["seconds"] - run.get("seconds", 0), 1),
+                "manifest MB": round((out / "manifest.json").stat().st_size / 2**20, 1) if manifest else None,
+                "in = out + rejects": manifest.get("totals", {}).get("input")
+                == manifest.get("totals", {}).get("written", -1) + manifest.get("totals", {}).get("rejected", -1),
+            },
+        ),
+    )
+    verify = measured([*TAXOCLIP, "shards", "verify", str(out)])
+    add(out_rows, row_of("shards verify", len(classes), photos, verify, per="s/1k rows", count=photos))
+    return out_rows
+
+
+def run_features(work: Path, classes, photos: int, tower: str = "timm:test_byobnet") -> list[dict]:
+    """`features` over the generated shards with a tiny random tower: what is measured is the
+    pipeline's own cost per photo (planning, reading, decoding, merging the parts), not a forward."""
+    shards = work / f"shards-{photos}"
+    if not (shards / "manifest.json").exists():
+        root = photo_folder(work / f"photos-{photos}", classes, photos)
+        subprocess.run([*TAXOCLIP, "shards", str(root), "-o", str(shards), "-q"], check=True)
+    out = work / f"features-{photos}"
+    shutil.rmtree(out, ignore_errors=True)
+    result = measured([*TAXOCLIP, "features", str(shards), "--tower", tower, "--random-weights", "-o", str(out), "-q"])
+    meta = json.loads((out / "meta.json").read_text()) if result["rc"] == 0 else {}
+    return [
+        row_of(
+            f"features ({tower}, random)",
+            len(classes),
+            photos,
+            result,
+            per="s/1k rows",
+            count=photos,
+            **{
+                "cache rows": meta.get("count"),
+                "disk B/row": round(folder_bytes(out) / max(1, meta.get("count", 1))) if meta else None,
+                "extraction s": meta.get("seconds"),
+            },
+        )
+    ]
+
+
 def keep(rows: list[dict]) -> None:
     """The rows so far, so that a long run killed half way still leaves what it measured."""
     RESULTS.mkdir(exist_ok=True)
@@ -381,20 +545,37 @@ def bench_scale(args) -> list[dict]:
     steps = int(os.environ.get("TAXOCLIP_SCALE_STEPS", "40"))
     work = Path(os.environ.get("TAXOCLIP_SCALE_WORK") or tempfile.mkdtemp(prefix="taxoclip-scale-"))
     work.mkdir(parents=True, exist_ok=True)
+    parts = set(os.environ.get("TAXOCLIP_SCALE_PARTS", DEFAULT_PARTS).split(","))
+    if os.environ.get("TAXOCLIP_SCALE_EPOCH") == "1":
+        parts.add("epoch")
     rows: list[dict] = []
     try:
-        for n in sizes("TAXOCLIP_SCALE_ROWS", "100000,1000000"):
-            rows += run_size(work, classes, n, tower, steps, heavy=True)
+        if "rows" in parts:
+            for n in sizes("TAXOCLIP_SCALE_ROWS", "100000,1000000"):
+                rows += run_size(work, classes, n, tower, steps, heavy=True)
+                keep(rows)
+        if "classes" in parts:
+            base = min(sizes("TAXOCLIP_SCALE_ROWS", "100000,1000000"), default=0)
+            for count in sizes("TAXOCLIP_SCALE_CLASSES", "100,1000,10000"):
+                if count == len(classes) and base == 100_000 and "rows" in parts:
+                    continue  # already run above
+                rows += run_size(work, spread(classes, count), 100_000, tower, steps, heavy=False)
+                keep(rows)
+        if "field" in parts:
+            photos = sorted((find_dataset("flowers102") / "valid").rglob("*.jpg"))[:16]
+            rows += run_field(work, classes, tower, photos, steps)
             keep(rows)
-        base = min(sizes("TAXOCLIP_SCALE_ROWS", "100000,1000000"))
-        for count in sizes("TAXOCLIP_SCALE_CLASSES", "100,1000,10000"):
-            if count == len(classes) and base == 100_000:
-                continue  # already run above
-            rows += run_size(work, spread(classes, count), 100_000, tower, steps, heavy=False)
-            keep(rows)
-        photos = sorted((find_dataset("flowers102") / "valid").rglob("*.jpg"))[:16]
-        rows += run_field(work, classes, tower, photos, steps)
-        if os.environ.get("TAXOCLIP_SCALE_EPOCH") == "1":
+        if "shards" in parts or "features" in parts:
+            photos = int(os.environ.get("TAXOCLIP_SCALE_PHOTOS", "1000000"))
+            if "shards" in parts:
+                rows += run_shards(work, classes, photos)
+                keep(rows)
+            if "features" in parts:
+                for count in sizes("TAXOCLIP_SCALE_FEATURE_PHOTOS", "20000,100000"):
+                    for row in run_features(work, classes, count):
+                        add(rows, row)
+                    keep(rows)
+        if "epoch" in parts:
             cache = work / "cache-10000-1000000"
             result = measured(
                 [

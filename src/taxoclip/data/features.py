@@ -531,12 +531,16 @@ class CacheWriter:
 def merge_parts(
     plan: DataPlan, tower: ImageTower, key: str, out: Path, *, seconds: float, shares: list[dict] | None = None
 ) -> None:
-    records = [json.loads((out / "parts" / f"{u.name}.json").read_text()) for u in plan.units]
-    writer = CacheWriter(out, sum(len(r["keys"]) for r in records), tower.width)
-    for unit, record in zip(plan.units, records, strict=True):
+    # One part's record in memory at a time (each holds its rows' keys): the row count comes from
+    # the parts' array headers, so merging a million rows holds one unit, not every record.
+    total = sum(np.load(out / "parts" / f"{u.name}.npy", mmap_mode="r").shape[0] for u in plan.units)
+    writer = CacheWriter(out, total, tower.width)
+    rejects = list(plan.rejects)
+    for unit in plan.units:
+        record = json.loads((out / "parts" / f"{unit.name}.json").read_text())
         part = np.load(out / "parts" / f"{unit.name}.npy")
         writer.add(part, record["labels"], record["splits"], record["keys"])
-    rejects = plan.rejects + [r for record in records for r in record["rejects"]]
+        rejects += record["rejects"]
     writer.finish(
         {
             "cache_key": key,
