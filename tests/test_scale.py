@@ -209,3 +209,47 @@ def test_seen_unseen_accuracy_in_chunks_equals_one_pass():
     among = accuracy(lambda x: x, inputs[unseen], labels[unseen], classes=held_out)
     assert parts.result()["unseen_top1"] == pytest.approx(among["top1"])
     assert parts.result()["top1"] == pytest.approx(accuracy(lambda x: x, inputs, labels)["top1"])
+
+
+class FakeTower:
+    width = 4
+
+    def describe(self) -> dict:
+        return {"name": "fake", "id": "fake", "width": self.width}
+
+
+def test_merging_parts_holds_one_part_record_at_a_time(tmp_path):
+    """Extraction's merge at a million rows: each part's record (its rows' keys, labels, splits)
+    is read, written and dropped in turn; the rows come out in plan order, rejects counted."""
+    import tracemalloc
+
+    from taxoclip.data.features import DataPlan, Unit, merge_parts, save_part
+
+    parts = tmp_path / "out" / "parts"
+    parts.mkdir(parents=True)
+    units, rows_per_part = [Unit(f"train-{u:06d}", 1001) for u in range(30)], 1000
+    for u, unit in enumerate(units):
+        keys = [f"train-{u:06d}-{i:05d}-" + "x" * 200 for i in range(rows_per_part)]  # ~0.2 MB a record
+        buffer = {
+            "features": list(np.full((rows_per_part, 4), u, np.float16)),
+            "keys": keys,
+            "labels": [u % 7] * rows_per_part,
+            "splits": ["train"] * rows_per_part,
+            "rejects": [{"key": f"bad-{u}", "reason": "truncated"}],
+        }
+        save_part(parts, unit.name, buffer, "k", 4)
+    classes = [{"id": str(c)} for c in range(7)]
+    plan = DataPlan(
+        units, "data", classes, None, {"kind": "test"}, rejects=[{"key": "planned", "reason": "cannot read"}]
+    )
+    tracemalloc.start()
+    merge_parts(plan, FakeTower(), "k", tmp_path / "out", seconds=1.0)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    cache = load_features(tmp_path / "out")
+    assert len(cache.labels) == 30 * rows_per_part
+    assert np.array_equal(np.asarray(cache.features[::rows_per_part, 0]), np.arange(30, dtype=np.float16))
+    assert cache.keys[rows_per_part] == "train-000001-00000-" + "x" * 200
+    assert cache.meta["rejected"] == 31  # the plan's reject and one per part
+    # every record at once is ~7 MB of keys as Python strings; one at a time stays near one record
+    assert peak < 3 * 2**20, f"merge peaked at {peak / 2**20:.1f} MB of Python allocations"
