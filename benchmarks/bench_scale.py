@@ -9,8 +9,8 @@ around taxonomy-shaped class centres, so each run's top-1 means something. Sizes
   TAXOCLIP_SCALE_CLASSES  class counts at 100,000 rows (default 100,1000,10000)
   TAXOCLIP_SCALE_STEPS    the fixed step budget of each trainer (default 40)
   TAXOCLIP_SCALE_EPOCH=1  also one whole LiT epoch at 1M rows (hours on 2 cores)
-  TAXOCLIP_SCALE_PARTS    which parts to run (default rows,classes,field; also epoch, shards,
-                          features): a part is a set of rows of the table
+  TAXOCLIP_SCALE_PARTS    which parts to run (default rows,classes,field; also ridge, epoch,
+                          shards, features): a part is a set of rows of the table
   TAXOCLIP_SCALE_PHOTOS   generated 64 x 64 JPEGs for the shards part (default 1000000)
   TAXOCLIP_SCALE_FEATURE_PHOTOS  the same for the features part (default 20000,100000: even a tiny
                           random tower's forward is ~200 photos/s on 2 cores, so 1M is hours)
@@ -41,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 TAXOCLIP = [sys.executable, "-m", "taxoclip.apps.cli"]
 DEFAULT_PARTS = "rows,classes,field"
+LIT_BATCH = 512  # train lit's default --batch-size
 
 
 def sizes(name: str, default: str) -> list[int]:
@@ -185,6 +186,9 @@ def run_size(work: Path, classes, rows: int, tower: dict, steps: int, *, heavy: 
             count=steps,
             seconds=metrics.get("seconds"),
             top1=metrics.get("top1"),
+            loss=metrics.get("train_loss"),
+            # labels are uniform over the classes, so a batch of B holds C(1 - (1 - 1/C)^B) captions
+            **{"captions/batch": round(n_classes * (1 - (1 - 1 / n_classes) ** LIT_BATCH))},
         ),
     )
     catlip = work / f"catlip-{n_classes}-{rows}"
@@ -380,6 +384,18 @@ def serve_memory(model: Path, n_classes: int, photos: list[Path]) -> dict:
     }
 
 
+def run_ridge_start(work: Path, classes, rows: int, tower: dict) -> list[dict]:
+    """LiT's top-1 at its ridge start (one step at learning rate 0): what its trained rows at the
+    same size must beat, or training makes the classifier worse at 10,000 classes."""
+    cache, _ = make_cache(work, classes, rows, tower)
+    out = work / f"lit-start-{len(classes)}-{rows}"
+    zero = ["--lr", "0", "--text-lr", "0", "--epochs", "1", "--steps-per-epoch", "1", "-q"]
+    result = measured([*TAXOCLIP, "train", "lit", "--features", str(cache), "-o", str(out), *zero])
+    metrics = last_metrics(out) if result["rc"] == 0 else {}
+    row = row_of("train lit, ridge start (lr 0)", len(classes), rows, result, per="s/step", count=1)
+    return [row | {"top1": metrics.get("top1"), "loss": metrics.get("train_loss")}]
+
+
 def photo_folder(root: Path, classes, photos: int, side: int = 64) -> Path:
     """``root/<class id>/<n>.jpg``: ``photos`` small JPEGs spread over the classes, plus the class
     table as ``classes.csv`` (a folder source, as a lab's own photos would be). Made once: a later
@@ -554,6 +570,9 @@ def bench_scale(args) -> list[dict]:
             for n in sizes("TAXOCLIP_SCALE_ROWS", "100000,1000000"):
                 rows += run_size(work, classes, n, tower, steps, heavy=True)
                 keep(rows)
+        if "ridge" in parts:
+            rows += run_ridge_start(work, classes, min(sizes("TAXOCLIP_SCALE_ROWS", "100000,1000000")), tower)
+            keep(rows)
         if "classes" in parts:
             base = min(sizes("TAXOCLIP_SCALE_ROWS", "100000,1000000"), default=0)
             for count in sizes("TAXOCLIP_SCALE_CLASSES", "100,1000,10000"):
