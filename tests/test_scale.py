@@ -253,3 +253,58 @@ def test_merging_parts_holds_one_part_record_at_a_time(tmp_path):
     assert cache.meta["rejected"] == 31  # the plan's reject and one per part
     # every record at once is ~7 MB of keys as Python strings; one at a time stays near one record
     assert peak < 3 * 2**20, f"merge peaked at {peak / 2**20:.1f} MB of Python allocations"
+
+
+def test_chunked_scores_and_temperature_equal_one_pass():
+    from taxoclip.models.catlip import fit_temperature, fit_temperature_chunks
+    from taxoclip.train.finetune import Scores
+
+    generator = torch.Generator().manual_seed(0)
+    logits, labels = 3 * torch.randn(500, 30, generator=generator), torch.randint(0, 30, (500,), generator=generator)
+    whole, parts = Scores(30), Scores(30)
+    whole.add(logits, labels)
+    for start in range(0, 500, 64):
+        parts.add(logits[start : start + 64], labels[start : start + 64])
+    assert whole.result() == pytest.approx(parts.result())
+    recalls = [float((logits.argmax(1)[labels == c] == c).float().mean()) for c in labels.unique()]
+    assert whole.result()["balanced"] == pytest.approx(np.mean(recalls))  # the per-class loop it replaced
+    assert whole.result()["worst_recall"] == pytest.approx(min(recalls))
+    chunks = [(logits[s : s + 64], labels[s : s + 64]) for s in range(0, 500, 64)]
+    assert fit_temperature_chunks(chunks) == fit_temperature(logits, labels)
+
+
+@pytest.mark.parametrize("trainer", ["finetune", "catlip"])
+def test_classifier_trainers_score_valid_in_chunks(cache, tmp_path, monkeypatch, trainer):
+    """finetune's and CatLIP's evaluation, calibration and valid report read the valid split a
+    chunk at a time: iNat2021's 100,000 valid photos would be 512 MB of float32, their logits over
+    10,000 classes 4 GB (and finetune's confusion matrix 800 MB)."""
+    import taxoclip.train.depths as depths
+
+    spies = []
+    original = depths.load_features
+
+    def spied(path):
+        loaded = original(path)
+        loaded.features = SpyArray(loaded.features)
+        spies.append(loaded.features)
+        return loaded
+
+    monkeypatch.setattr(depths, "load_features", spied)
+    monkeypatch.setattr(depths, "EVAL_CHUNK", 50)
+    monkeypatch.setattr(features_module, "STREAM_CHUNK", 50)  # the streamed passes (finite check)
+    monkeypatch.setattr(depths, "STANDARDISE_ROWS", 50)  # the input standardisation's sample
+    out = tmp_path / trainer
+    common = {"features": str(cache.path), "output": str(out), "batch_size": 64, "epochs": 1, "progress": False}
+    if trainer == "finetune":
+        from taxoclip.train.finetune import FinetuneConfig, train_finetune
+
+        metrics = train_finetune(FinetuneConfig(**common))
+        per_class = (out / "per_class.csv").read_text().splitlines()[1:]
+        assert sum(int(line.split(",")[3]) for line in per_class) == 400  # every valid photo, in chunks
+        assert (out / "confusion.npy").exists()  # 40 classes: small enough to keep the matrix
+    else:
+        from taxoclip.train.catlip import CatLIPConfig, train_catlip
+
+        metrics = train_catlip(CatLIPConfig(**common))
+    assert 0 < metrics["top1"] <= 1  # scored
+    assert spies and max(s.largest for s in spies) <= 64  # batches of 64, chunks of 50; never 400 valid rows

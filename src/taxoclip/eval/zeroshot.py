@@ -68,6 +68,11 @@ class SeenUnseenAccuracy:
             position[self.held_out] = torch.arange(len(self.held_out))
             self._count("unseen", logits[unseen][:, self.held_out], position[labels[unseen]])
 
+    @property
+    def count(self) -> int:
+        """Rows added so far."""
+        return self.counts["all"][2]
+
     def result(self) -> dict[str, float]:
         def share(name: str, which: int) -> float:
             return self.counts[name][which] / max(1, self.counts[name][2])

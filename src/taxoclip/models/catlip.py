@@ -14,6 +14,7 @@ Model directory (kind ``catlip``):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -119,12 +120,25 @@ class ClassHead(nn.Module):
         return (((features.float() - self.mean) / self.std) @ self.rows.T + self.biases) / self.temperature
 
 
+CALIBRATION_ROWS = 10_000  # held-out photos a temperature is fitted on: one number needs no more
+
+
 @torch.no_grad()
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """The temperature that minimises the negative log-likelihood of ``labels`` (a grid over
     0.01 .. 100, log-spaced): temperature scaling, fitted on held-out photos."""
+    return fit_temperature_chunks([(logits, labels)])
+
+
+@torch.no_grad()
+def fit_temperature_chunks(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """`fit_temperature` over (logits, labels) chunks, summed chunk by chunk, so the photos'
+    logits over every class are never held at once."""
     grid = torch.logspace(-2, 2, 81)
-    losses = torch.stack([torch.nn.functional.cross_entropy(logits / t, labels) for t in grid])
+    losses = torch.zeros(len(grid), dtype=torch.float64)
+    for logits, labels in chunks:
+        for i, t in enumerate(grid):
+            losses[i] += float(torch.nn.functional.cross_entropy(logits / t, labels, reduction="sum"))
     return float(grid[int(losses.argmin())])
 
 

@@ -18,12 +18,13 @@ from torch import nn
 
 from taxoclip.data.labels import SCORINGS, Vocabulary, build_vocabulary, class_labels
 from taxoclip.errors import TaxoclipError
-from taxoclip.eval.zeroshot import seen_unseen_accuracy
+from taxoclip.eval.zeroshot import SeenUnseenAccuracy
 from taxoclip.models.catlip import (
+    CALIBRATION_ROWS,
     LabelHead,
     catlip_loss,
     class_head,
-    fit_temperature,
+    fit_temperature_chunks,
     reference_moments,
     save_catlip,
 )
@@ -65,7 +66,6 @@ class CatLIPTrainer(Trainer):
         self.tower, self.upper, self.cache = source.tower, source.upper, source.cache
         self.classes, self.held_out = source.classes, source.held_out
         self.images_per_class = images = source.images_per_class
-        self.last_valid: tuple[torch.Tensor, torch.Tensor] | None = None  # embeddings of the latest evaluation
         self._reference: dict[str, torch.Tensor] | None = None
         self.vocabulary = self.load_vocabulary(source.captions)
         targets = torch.zeros(len(self.classes), len(self.vocabulary), dtype=torch.bool)  # a quarter of float's size
@@ -77,10 +77,6 @@ class CatLIPTrainer(Trainer):
         head.start_from_prior(frequency)
         self.head = head.to(runtime.device)
         self.module = CatLIPStep(self.head, targets.to(runtime.device), self.upper)
-
-    def valid_embeddings(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(embeddings, labels) of the valid photos with the tower as it is now; None without valid."""
-        return self.source.split_embeddings("valid")
 
     def load_vocabulary(self, captions: list[dict] | None) -> Vocabulary:
         """The given vocabulary (checked against the classes) or one built from the training
@@ -151,21 +147,23 @@ class CatLIPTrainer(Trainer):
         """Per scoring, the softmax temperature fitted on valid (the ranking, and so accuracy, is
         unchanged); 1 without valid photos. Each scoring has its own scale, so a model scored
         another way later (`use_scoring`) keeps calibrated probabilities, which summing them up
-        the tree relies on. ``reference``: `reference` after training. The last epoch is always
-        evaluated: its embeddings are reused."""
-        valid = self.last_valid if self.last_valid is not None else self.valid_embeddings()
-        if valid is None:
-            return dict.fromkeys(SCORINGS, 1.0)
-        return {
-            scoring: fit_temperature(self.classifier(scoring, reference)(valid[0]), valid[1]) for scoring in SCORINGS
-        }
+        the tree relies on. ``reference``: `reference` after training. Fitted on at most
+        `CALIBRATION_ROWS` valid photos, their logits a chunk at a time."""
+        temperatures = {}
+        for scoring in SCORINGS:
+            head = self.classifier(scoring, reference)
+            chunks = self.source.split_chunks("valid", limit=CALIBRATION_ROWS)
+            temperatures[scoring] = fit_temperature_chunks((head(x), y) for x, y in chunks)
+        return temperatures
 
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict:
         """Top-1/top-5 on valid over all classes from the label logits; with held-out classes,
         the seen classes' top-1 and the unseen ones' among themselves."""
-        valid = self.last_valid = self.valid_embeddings()
-        return {} if valid is None else seen_unseen_accuracy(self.classifier(), valid[0], valid[1], self.held_out)
+        head, total = self.classifier(), SeenUnseenAccuracy(self.held_out)
+        for embeddings, labels in self.source.split_chunks("valid"):  # never the whole split at once
+            total.add(head(embeddings), labels)
+        return total.result() if total.count else {}
 
 
 def train_catlip(config: CatLIPConfig) -> dict:

@@ -29,6 +29,8 @@ from taxoclip.train.photos import ShardBatches, crop_and_flip, embed_split
 from taxoclip.train.selection import SelectionSplit
 from taxoclip.train.splits import held_out_classes, split_rows
 
+EVAL_CHUNK = 4096  # valid / selection rows scored at a time (their logits: 160 MB at 10,000 classes)
+
 STANDARDISE_ROWS = 4096  # training rows whose embeddings set a head's input standardisation
 
 
@@ -159,6 +161,28 @@ class TowerSource:
             return None
         return self.embed(rows), torch.from_numpy(self.cache.labels[rows].astype(np.int64))
 
+    def split_chunks(
+        self, part: str, chunk: int | None = None, limit: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(embeddings, labels) of ``valid`` or ``select`` a chunk at a time, with the tower as it
+        is now: a cached split is never held whole as float32 (iNat2021's valid would be 512 MB of
+        it, and its logits over 10,000 classes 4 GB). ``limit``: at most that many rows, a fixed
+        sample spread evenly over the split. Without a cache (photos) the split is embedded first."""
+        chunk = chunk or EVAL_CHUNK
+        if self.cache is None:
+            found = self.split_embeddings(part)
+            if found is not None:
+                keep = spread(len(found[1]), limit)
+                embeddings, labels = found[0][keep], found[1][keep]
+                for start in range(0, len(labels), chunk):
+                    yield embeddings[start : start + chunk], labels[start : start + chunk]
+            return
+        rows = self.valid_rows if part == "valid" else self.select_rows
+        rows = rows[spread(len(rows), limit)]
+        for start in range(0, len(rows), chunk):
+            some = rows[start : start + chunk]
+            yield self.embed(some), torch.from_numpy(self.cache.labels[some].astype(np.int64))
+
     def batches(
         self,
         epoch: int,
@@ -187,6 +211,13 @@ class TowerSource:
             features = torch.from_numpy(np.asarray(self.cache.features[rows], dtype=np.float32)).to(device)
             labels = torch.from_numpy(self.cache.labels[rows].astype(np.int64)).to(device)
             yield Batch({"features": features, "labels": labels}, len(rows))
+
+
+def spread(count: int, limit: int | None) -> np.ndarray:
+    """Positions of at most ``limit`` of ``count`` items, evenly spread (all when under it)."""
+    if limit is None or count <= limit:
+        return np.arange(count)
+    return np.unique(np.linspace(0, count - 1, limit).astype(np.int64))
 
 
 def repeated(

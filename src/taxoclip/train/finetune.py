@@ -19,7 +19,7 @@ from torch import nn
 
 from taxoclip.errors import TaxoclipError
 from taxoclip.eval.zeroshot import topk_correct
-from taxoclip.models.catlip import fit_temperature
+from taxoclip.models.catlip import CALIBRATION_ROWS, fit_temperature_chunks
 from taxoclip.models.finetune import FinetuneHead, save_finetune
 from taxoclip.runtime import Runtime
 from taxoclip.train.depths import TowerOnPixels, TowerSource, freeze_batch_norm_statistics
@@ -196,25 +196,30 @@ class FinetuneTrainer(Trainer):
         """Valid's top-1/top-5 and balanced accuracy (mean per-class recall) as ``top1``...; the
         selection split's as ``select_top1``... (what early stopping and sweeps choose on)."""
         metrics = {}
+        self.head.eval()
         for part, prefix in (("valid", ""), ("select", "select_")):
-            found = self.source.split_embeddings(part)
-            if found is None:
-                continue
-            logits = self.head.eval()(found[0].to(self.runtime.device)).cpu()
-            metrics.update({prefix + k: v for k, v in scores(logits, found[1]).items()})
+            total = Scores(len(self.classes))
+            for embeddings, labels in self.source.split_chunks(part):  # never the whole split at once
+                total.add(self.head(embeddings.to(self.runtime.device)).cpu(), labels)
+            if total.count:
+                metrics.update({prefix + k: v for k, v in total.result().items()})
         self.head.train()
         return metrics
 
     @torch.no_grad()
     def calibrate(self) -> float:
         """The head's temperature, fitted on the selection split (valid when there is none), with
-        the weights as they are now (the best epoch's, with --patience)."""
-        found = self.source.split_embeddings("select") or self.source.split_embeddings("valid")
-        if found is None:
+        the weights as they are now (the best epoch's, with --patience); at most
+        `CALIBRATION_ROWS` photos, their logits a chunk at a time."""
+        chunks = list(self.source.split_chunks("select", limit=CALIBRATION_ROWS)) or list(
+            self.source.split_chunks("valid", limit=CALIBRATION_ROWS)
+        )
+        if not chunks:
             return 1.0
         self.head.eval()
         self.head.temperature.fill_(1.0)
-        temperature = fit_temperature(self.head(found[0].to(self.runtime.device)).cpu(), found[1])
+        device = self.runtime.device
+        temperature = fit_temperature_chunks((self.head(x.to(device)).cpu(), y) for x, y in chunks)
         self.head.temperature.fill_(temperature)
         return temperature
 
@@ -222,30 +227,39 @@ class FinetuneTrainer(Trainer):
     def write_valid_report(self, out: Path) -> dict | None:
         """per_class.csv (each class's training photos, valid photos, recall and what it is most
         often taken for) and confusion.npy (valid counts, true x predicted), with the final weights."""
-        found = self.source.split_embeddings("valid")
-        if found is None:
-            return None
         self.head.eval()
-        predicted = self.head(found[0].to(self.runtime.device)).argmax(-1).cpu().numpy()
-        truth = found[1].numpy()
+        truth, predicted = [], []
+        for embeddings, labels in self.source.split_chunks("valid"):
+            predicted.append(self.head(embeddings.to(self.runtime.device)).argmax(-1).cpu().numpy())
+            truth.append(labels.numpy())
+        if not truth:
+            return None
+        truth, predicted = np.concatenate(truth), np.concatenate(predicted)
         n = len(self.classes)
-        confusion = np.zeros((n, n), dtype=np.int64)
-        np.add.at(confusion, (truth, predicted), 1)
-        np.save(out / "confusion.npy", confusion)
+        photos = np.bincount(truth, minlength=n)
+        right = np.bincount(truth[truth == predicted], minlength=n)
+        # each class's most frequent wrong answer, from the (true, predicted) pairs that occur: a
+        # class x class matrix is 800 MB at iNat2021's 10,000 classes
+        wrong = truth != predicted
+        pairs, counts = np.unique(truth[wrong].astype(np.int64) * n + predicted[wrong], return_counts=True)
+        taken_for = np.full(n, -1)
+        order = np.lexsort((-counts, pairs // n))  # by true class, the largest count first
+        firsts = order[np.r_[True, np.diff(pairs[order] // n) != 0]] if len(order) else order
+        taken_for[pairs[firsts] // n] = pairs[firsts] % n
+        if n <= CONFUSION_MAX_CLASSES:  # the matrix the study plots, where it is small enough to look at
+            confusion = np.zeros((n, n), dtype=np.int64)
+            np.add.at(confusion, (truth, predicted), 1)
+            np.save(out / "confusion.npy", confusion)
         names = [row.get("common_name") or row.get("species") or "" for row in self.classes.rows]
         with open(out / "per_class.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["class_id", "name", "training_images", "valid_photos", "recall", "most_taken_for"])
             for c in range(n):
-                photos = int(confusion[c].sum())
-                wrong = confusion[c].copy()
-                wrong[c] = 0
-                taken_for = self.classes.ids[int(wrong.argmax())] if wrong.any() else ""
-                recall = f"{confusion[c, c] / photos:.4f}" if photos else ""
-                writer.writerow(
-                    [self.classes.ids[c], names[c], int(self.images_per_class[c]), photos, recall, taken_for]
-                )
-        return {"confusion": confusion}
+                recall = f"{right[c] / photos[c]:.4f}" if photos[c] else ""
+                other = self.classes.ids[taken_for[c]] if taken_for[c] >= 0 else ""
+                training = int(self.images_per_class[c])
+                writer.writerow([self.classes.ids[c], names[c], training, int(photos[c]), recall, other])
+        return {"photos": photos, "right": right}
 
     def write_sampling(self, out: Path) -> None:
         """sampling.csv: each class's training photos and what the last epoch drew of it."""
@@ -256,17 +270,38 @@ class FinetuneTrainer(Trainer):
                 writer.writerow([class_id, int(have), int(drawn)])
 
 
-def scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """top1, top5, balanced (mean recall over the classes present) and the worst class's recall."""
-    counts = topk_correct(logits, labels, (1, 5))
-    predicted = logits.argmax(-1)
-    recalls = [float((predicted[labels == c] == c).float().mean()) for c in labels.unique()]
-    return {
-        "top1": counts[1] / len(labels),
-        "top5": counts[5] / len(labels),
-        "balanced": float(np.mean(recalls)),
-        "worst_recall": float(np.min(recalls)),
-    }
+class Scores:
+    """top1, top5, balanced (mean recall over the classes present) and the worst class's recall,
+    accumulated chunk by chunk (``add(logits, labels)``): per-class counts, one bincount a chunk."""
+
+    def __init__(self, classes: int):
+        self.hits = {1: 0, 5: 0}
+        self.photos = np.zeros(classes, np.int64)
+        self.right = np.zeros(classes, np.int64)
+
+    @property
+    def count(self) -> int:
+        return int(self.photos.sum())
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        for k, n in topk_correct(logits, labels, (1, 5)).items():
+            self.hits[k] += n
+        truth, predicted = labels.numpy(), logits.argmax(-1).numpy()
+        self.photos += np.bincount(truth, minlength=len(self.photos))
+        self.right += np.bincount(truth[truth == predicted], minlength=len(self.photos))
+
+    def result(self) -> dict[str, float]:
+        present = self.photos > 0
+        recalls = self.right[present] / self.photos[present]
+        return {
+            "top1": self.hits[1] / self.count,
+            "top5": self.hits[5] / self.count,
+            "balanced": float(np.mean(recalls)),
+            "worst_recall": float(np.min(recalls)),
+        }
+
+
+CONFUSION_MAX_CLASSES = 1_000  # confusion.npy (8 MB at this size) only up to here
 
 
 def train_finetune(config: FinetuneConfig) -> dict:
