@@ -168,3 +168,19 @@ def test_real_flowers_train_split(flowers, tmp_path):
     assert manifest["totals"]["written"] == 6552 and manifest["totals"]["rejected"] == 0
     assert manifest["splits"]["train"]["classes"] == 102
     assert main(["shards", "verify", str(tmp_path / "s"), "-q"]) == 0
+
+
+def test_shard_workers_are_fresh_processes_not_forks_of_the_planner(image_folder, tmp_path, monkeypatch):
+    """At iNat2021's size the planner holds millions of Python objects; a forked worker shares
+    them copy-on-write and its garbage collector copies them (2 GB over three processes at 1M
+    photos). Workers from a fork server do not see the planner's memory at all: here, a change
+    made to the planner's module after start-up does not reach them."""
+    import taxoclip.data.shards as shards_module
+
+    def broken(path):
+        raise OSError(5, "seen only by forked workers")
+
+    monkeypatch.setattr(shards_module, "read_photo", broken)
+    manifest = shard(image_folder, tmp_path / "s", workers=2)
+    assert manifest["totals"]["rejected"] == 0
+    assert manifest["totals"]["written"] == manifest["totals"]["input"]

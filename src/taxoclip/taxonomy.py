@@ -202,9 +202,10 @@ class ClassTable:
         return cls.from_records(({k: v for k, v in r.items() if k != "index"} for r in rows), origin="manifest")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Sample:
-    """One image of the dataset: where it is, which class it shows, which split it belongs to."""
+    """One image of the dataset: where it is, which class it shows, which split it belongs to.
+    Slotted: iNat2021 has 2.7M of them, and a per-object dict would add ~100 bytes each."""
 
     path: str
     class_id: str
