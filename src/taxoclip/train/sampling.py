@@ -19,8 +19,12 @@ def balanced_rows(rows: np.ndarray, labels: np.ndarray, per_class: int, rng: np.
     replacement (so no photo is repeated more than needed); one with n >= N, N drawn without
     replacement."""
     chosen = []
-    for c in np.unique(labels):
-        mine = rows[labels == c]
+    # One stable sort puts each class's rows together in their original order (a mask per class
+    # was a pass over every row per class: 10,000 passes over 2.7M rows for iNat2021).
+    by_class = np.argsort(labels, kind="stable")
+    _, starts = np.unique(labels[by_class], return_index=True)
+    for start, end in zip(starts, [*starts[1:], len(by_class)], strict=True):
+        mine = rows[by_class[start:end]]
         whole, rest = divmod(per_class, len(mine))
         chosen.append(np.tile(mine, whole))
         chosen.append(rng.choice(mine, size=rest, replace=False))
