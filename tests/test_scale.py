@@ -358,3 +358,20 @@ def test_balanced_rows_take_one_sort_not_a_pass_per_class():
     order = balanced_rows(rows, labels.view(CountedLabels), 25, np.random.default_rng(3))
     assert CountedLabels.comparisons == 0
     assert np.array_equal(order, per_class_masks(np.random.default_rng(3)))
+
+
+def test_questions_hold_photos_as_arrays(tmp_path):
+    """`taxoclip questions` on iNat2021's 2.7M photos held a Photo object each, two dicts keyed by
+    photo and a sorted copy (~600 bytes a photo); as arrays it is ~60, records made one at a time."""
+    import tracemalloc
+
+    from taxoclip.data.questions import write_questions
+
+    tower = TOWER | {"width": 4}
+    write_synthetic_cache(tmp_path / "c", tiny_table(), rows=30_000, tower=tower, progress=False)
+    tracemalloc.start()
+    counts = write_questions(tmp_path / "c", tmp_path / "q.jsonl", types=("rank",))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert counts["photos"] == 30_000 and counts["questions"] >= 30_000
+    assert peak < 6 * 2**20, f"questions for 30,000 photos peaked at {peak / 2**20:.1f} MB"
