@@ -368,7 +368,7 @@ def serve_memory(model: Path, n_classes: int, photos: list[Path]) -> dict:
                 time.sleep(0.2)
         ready = time.perf_counter() - started
         for photo in photos[:8]:
-            reply = httpx.post(f"http://127.0.0.1:{port}/api/predict", files={"file": photo.open("rb")}, timeout=60)
+            reply = httpx.post(f"http://127.0.0.1:{port}/api/predict", files={"files": photo.open("rb")}, timeout=60)
             answered += reply.status_code == 200
         rss = psutil.Process(server.pid).memory_info().rss
     finally:
