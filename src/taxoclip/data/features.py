@@ -219,7 +219,10 @@ class CacheKeys(Sequence):
     that opens the cache)."""
 
     def __init__(self, keys: list[str]):
-        parts = [as_bytes(keys[i : i + STREAM_CHUNK]) for i in range(0, len(keys), STREAM_CHUNK)]
+        parts = [  # a chunk at a time, so the encoded copies never all exist at once
+            np.array([k.encode() for k in keys[i : i + STREAM_CHUNK]], dtype=bytes)
+            for i in range(0, len(keys), STREAM_CHUNK)
+        ]
         self.array = np.concatenate(parts) if parts else np.zeros(0, "S1")
 
     def __len__(self) -> int:
@@ -240,11 +243,6 @@ class CacheKeys(Sequence):
         return all(a == b for a, b in zip(self, other, strict=True))
 
     __hash__ = None  # mutable-style equality, like the list it stands for
-
-
-def as_bytes(keys: list[str]) -> np.ndarray:
-    """Keys as a fixed-width UTF-8 bytes array."""
-    return np.array([k.encode() for k in keys], dtype=bytes)
 
 
 @dataclass

@@ -264,7 +264,7 @@ def photos_of(path: str | Path, **source_options) -> tuple[ClassTable, Photos]:
         cache = load_features(path)
         photos = Photos(cache.keys.array, cache.labels.astype(np.int64), cache.split_codes, list(cache.split_names))
         return cache.classes, photos
-    from taxoclip.data.features import as_bytes, plan_data
+    from taxoclip.data.features import CacheKeys, plan_data
     from taxoclip.data.shards import iter_tar_samples
 
     plan = plan_data(path, **source_options)
@@ -283,7 +283,7 @@ def photos_of(path: str | Path, **source_options) -> tuple[ClassTable, Photos]:
     names = sorted(set(splits))
     code = {name: i for i, name in enumerate(names)}
     photos = Photos(
-        as_bytes(keys) if keys else np.zeros(0, "S1"),
+        CacheKeys(keys).array,
         np.array(labels, np.int64),
         np.array([code[s] for s in splits], np.uint8),
         names,

@@ -149,10 +149,10 @@ class CatLIPTrainer(Trainer):
         another way later (`use_scoring`) keeps calibrated probabilities, which summing them up
         the tree relies on. ``reference``: `reference` after training. Fitted on at most
         `CALIBRATION_ROWS` valid photos, their logits a chunk at a time."""
+        chunks = list(self.source.split_chunks("valid", limit=CALIBRATION_ROWS))  # embedded once, bounded
         temperatures = {}
         for scoring in SCORINGS:
             head = self.classifier(scoring, reference)
-            chunks = self.source.split_chunks("valid", limit=CALIBRATION_ROWS)
             temperatures[scoring] = fit_temperature_chunks((head(x), y) for x, y in chunks)
         return temperatures
 

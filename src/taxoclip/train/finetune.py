@@ -27,6 +27,8 @@ from taxoclip.train.finetune_config import FinetuneConfig
 from taxoclip.train.loop import Batch, Trainer, run_training
 from taxoclip.train.sampling import balanced_rows, class_weights, repeat_factors, repeats, sampling_summary
 
+CONFUSION_MAX_CLASSES = 1_000  # confusion.npy (8 MB at this size) only up to here
+
 __all__ = ["FinetuneConfig", "FinetuneTrainer", "train_finetune"]
 
 
@@ -228,16 +230,17 @@ class FinetuneTrainer(Trainer):
         """per_class.csv (each class's training photos, valid photos, recall and what it is most
         often taken for) and confusion.npy (valid counts, true x predicted), with the final weights."""
         self.head.eval()
-        truth, predicted = [], []
+        n = len(self.classes)
+        total, truth, predicted = Scores(n), [], []
         for embeddings, labels in self.source.split_chunks("valid"):
-            predicted.append(self.head(embeddings.to(self.runtime.device)).argmax(-1).cpu().numpy())
+            logits = self.head(embeddings.to(self.runtime.device)).cpu()
+            total.add(logits, labels)
+            predicted.append(logits.argmax(-1).numpy())
             truth.append(labels.numpy())
         if not truth:
             return None
         truth, predicted = np.concatenate(truth), np.concatenate(predicted)
-        n = len(self.classes)
-        photos = np.bincount(truth, minlength=n)
-        right = np.bincount(truth[truth == predicted], minlength=n)
+        photos, right = total.photos, total.right
         # each class's most frequent wrong answer, from the (true, predicted) pairs that occur: a
         # class x class matrix is 800 MB at iNat2021's 10,000 classes
         wrong = truth != predicted
@@ -299,9 +302,6 @@ class Scores:
             "balanced": float(np.mean(recalls)),
             "worst_recall": float(np.min(recalls)),
         }
-
-
-CONFUSION_MAX_CLASSES = 1_000  # confusion.npy (8 MB at this size) only up to here
 
 
 def train_finetune(config: FinetuneConfig) -> dict:
