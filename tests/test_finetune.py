@@ -14,6 +14,7 @@ import taxoclip
 from conftest import die_after_checkpoint, one_and_two_processes
 from taxoclip.apps.cli import main
 from taxoclip.data.features import load_features
+from taxoclip.errors import TaxoclipError
 from taxoclip.train.finetune import FinetuneConfig, FinetuneTrainer, soft_cross_entropy, train_finetune
 from taxoclip.train.sampling import balanced_rows, class_weights, repeat_factors, repeats
 from taxoclip.train.selection import SelectionSplit
@@ -319,7 +320,7 @@ def test_sweep_chooses_on_the_selection_split_and_draws_the_confusions(colour_fe
     rows = [{"select_top1": 0.5, "top1": 0.9}, {"select_top1": 0.7, "top1": 0.1}, {"select_top1": None}]
     assert choose(rows) == 1  # the better selection score wins even with the worse valid score
     assert main([*arguments, "--values", "none,zero"]) == 2
-    assert "'zero' is not a value of balance" in capsys.readouterr().err
+    assert "'zero' for --balance: 'zero' is not a whole number" in capsys.readouterr().err
     assert main([*arguments[:-2], "--param", "nonsense", "--values", "1"]) == 2
     assert "not a setting of this trainer" in capsys.readouterr().err
 
@@ -344,3 +345,21 @@ def test_transformer_backbones_fine_tune_whole_with_layer_decay(colour_shards, t
     sample = next(iter_tar_samples(sorted(colour_shards.glob("valid-*.tar"))[0]))
     probabilities = model.classify_images([decode_image(sample["jpg"])])
     assert probabilities.shape == (1, 6) and torch.allclose(probabilities.sum(-1), torch.ones(1))
+
+
+@pytest.mark.parametrize("value", ["../../elsewhere", "/etc/passwd", "..", ".hidden", "a/b\\c", "x" * 400, "é ü"])
+def test_a_sweep_value_never_names_a_folder_outside_the_sweep(value, tmp_path):
+    from taxoclip.train.sweep import run_folder
+
+    folder = tmp_path / run_folder("text_tower", value)
+    assert folder.resolve().parent == tmp_path.resolve() and not folder.name.startswith(".")
+
+
+def test_a_sweep_refuses_values_no_run_can_use_from_the_library_too(colour_features, tmp_path):
+    from taxoclip.train.sweep import run_sweep
+
+    base = FinetuneConfig(output=str(tmp_path / "sweep"), features=str(colour_features), progress=False)
+    for values, named in (([1e-3, float("nan")], "finite"), ([1e-3, 1e-3], "same value twice")):
+        with pytest.raises(TaxoclipError, match=named):
+            run_sweep("finetune", base, "lr", values)
+    assert not (tmp_path / "sweep").exists()

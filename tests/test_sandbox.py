@@ -200,6 +200,30 @@ CASES = [
         ["train", "sweep", "finetune", "--features", "FEATURES", "-o", "OUT", "--param", "lr", "--values", "fast"],
         "fast",
     ),
+    # a sweep value passes the setting's own flag: its range (no NaN, no infinity) and its choices
+    (["train", "sweep", "finetune", "--features", "FEATURES", "-o", "OUT", "--param", "lr", "--values", "nan"], "nan"),
+    (
+        ["train", "sweep", "finetune", "--features", "FEATURES", "-o", "OUT", "--param", "lr", "--values", "inf"],
+        "finit",
+    ),
+    (
+        ["train", "sweep", "finetune", "--features", "FEATURES", "-o", "OUT", "--param", "head", "--values", "../x"],
+        "choose from linear, mlp",
+    ),
+    (
+        ["train", "sweep", "finetune", "--features", "FEATURES", "-o", "OUT", "--param", "balance", "--values", "0,3"],
+        "at least 1",
+    ),
+    (
+        ["train", "sweep", "finetune", "--features", "FEATURES", "-o", "OUT", "--param", "tower", "--values", "a,b"],
+        "no effect at --depth head",
+    ),
+    # a free-text value that names a folder outside: its run still lives inside OUT
+    (
+        ["train", "sweep", "lit", "--features", "FEATURES", "-o", "OUT", "--param", "text_tower"]  # noqa: RUF005
+        + ["--values", "../../elsewhere"],
+        "elsewhere",
+    ),
     # eval
     (["eval", "--model", "EMPTY", "--data", "FEATURES", "-o", "OUT"], "config.json"),
     (["eval", "--model", "MODEL", "--data", "MISSING", "-o", "OUT"], "missing.jpg"),

@@ -29,7 +29,8 @@ LINEAGE_RANKS = RANKS[:-1]  # kingdom ... genus: the species is the answer itsel
 
 
 def at_least(minimum: float, kind: type = int):
-    """An argparse type: a number of ``kind`` that is at least ``minimum`` (NaN refused)."""
+    """An argparse type: a finite number of ``kind`` that is at least ``minimum`` (NaN and infinity
+    refused)."""
 
     def parse(text: str):
         try:
@@ -40,6 +41,8 @@ def at_least(minimum: float, kind: type = int):
             ) from None
         if not value >= minimum:  # also false for NaN
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        if value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         return value
 
     parse.__name__ = f"{kind.__name__} >= {minimum}"
@@ -247,22 +250,37 @@ def cmd_train_sweep(args: argparse.Namespace) -> int:
     ](args)
     if args.sweep_trainer == "lit" and args.param is None:  # the paper's warm-up study
         param = "warmup_steps"
-        values = parse_values(config, param, args.values or args.warmups) if (args.values or args.warmups) else None
+        given = args.values or args.warmups
+        values = parse_values(config, param, given, flag_of(args, param)) if given else None
         values = values or default_warmups(config)
     else:
         if not args.param or not args.values:
             raise TaxoclipError("give the setting to vary and its values: --param lr --values 1e-4,3e-4,1e-3")
         param = setting_name(config, args.param)
-        values = parse_values(config, param, args.values)
+        values = parse_values(config, param, args.values, flag_of(args, param))
     result = run_sweep(args.sweep_trainer, config, param, values)
     print(markdown(result["rows"], param, result["chosen"]))
     print(f"table, plot and runs in {args.output} (sweep.md, sweep.png, sweep.csv, sweep.json)")
     return 0
 
 
+def flag_of(args: argparse.Namespace, name: str):
+    """The sweep's view of a setting's own flag (None for a field with no flag)."""
+    from taxoclip.train.sweep import FlagParser
+
+    return FlagParser(*args.sweep_flags[name]) if name in args.sweep_flags else None
+
+
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--param", help="the setting to vary, by its flag or field name (lr, balance, depth, warmup ...)")
     p.add_argument("--values", help="its values, comma-separated ('none' for an absent value)")
+    # Each value goes through its setting's own flag: the same type, range and choices.
+    flags = {
+        action.dest: (action.option_strings[-1], action.type, action.choices)
+        for action in p._actions
+        if action.option_strings and action.dest not in ("help", "param", "values")
+    }
+    p.set_defaults(sweep_flags=flags)
 
 
 def settings_of(p: argparse.ArgumentParser, config_class: type):

@@ -31,6 +31,13 @@ class DepthSettings:
     select_seed: int = 0
     progress: bool = True
 
+    def settings_without_effect(self) -> set[str]:
+        """Settings this depth never reads: a study that varies one would train the same run again."""
+        unused = {"head": {"tower", "pretrained", "train_blocks", "tower_lr", "augment", "activations", "shards"}}
+        unused["upper"] = {"augment", "features"}
+        unused["full"] = {"train_blocks", "activations", "features"}
+        return unused.get(self.depth, set())
+
     def check_depth(self) -> None:
         if self.depth not in DEPTHS:
             raise TaxoclipError(f"--depth {self.depth}: use one of {', '.join(DEPTHS)}")

@@ -10,10 +10,13 @@ run and the chosen one on one figure (``confusion.png``).
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
-from dataclasses import fields, replace
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,43 +52,90 @@ def setting_name(config: Any, param: str) -> str:
     names = [f.name for f in fields(config) if f.name not in ("output", "progress", "device")]
     if name not in names:
         raise TaxoclipError(f"--param {param}: not a setting of this trainer; one of {', '.join(names)}")
+    unused = config.settings_without_effect() if hasattr(config, "settings_without_effect") else set()
+    if name in unused:
+        raise TaxoclipError(
+            f"--param {param}: has no effect at --depth {config.depth} (every run would be the same); "
+            "vary it at the depth that reads it"
+        )
     return name
 
 
-def parse_values(config: Any, name: str, text: str) -> list:
-    """Comma-separated values converted to the setting's type ("none" for an absent value)."""
+def parse_values(config: Any, name: str, text: str, flag: FlagParser | None = None) -> list:
+    """Comma-separated values, each through the same parsing and checks as the setting's own flag
+    (``flag``: its name, type and choices) where it has one, else converted to the field's type;
+    "none" for an absent value where the field allows it."""
     kind = str(next(f.type for f in fields(config) if f.name == name))
+    shown = flag.name if flag else name
     values = []
     for item in (t.strip() for t in text.split(",")):
         if not item:
             continue
+        if item.lower() == "none" and "None" in kind:
+            values.append(None)
+            continue
         try:
-            if item.lower() == "none" and "None" in kind:
-                values.append(None)
-            elif kind.startswith("bool"):
-                if item.lower() not in ("true", "false", "yes", "no", "1", "0"):
-                    raise ValueError(item)
-                values.append(item.lower() in ("true", "yes", "1"))
-            elif kind.startswith("int"):
-                values.append(int(item))
-            elif kind.startswith("float"):
-                values.append(float(item))
-            else:
-                values.append(item)
-        except ValueError:
-            raise TaxoclipError(f"--values: {item!r} is not a value of {name} ({kind})") from None
+            value = flag.parse(item) if flag and flag.parse not in (None, str) else convert(item, kind)
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
+            detail = str(error) if isinstance(error, argparse.ArgumentTypeError) else f"not a value of {name} ({kind})"
+            raise TaxoclipError(f"--values: {item!r} for {shown}: {detail}") from None
+        if flag and flag.choices is not None and value not in flag.choices:
+            raise TaxoclipError(f"--values: {item!r} for {shown}: choose from {', '.join(map(str, flag.choices))}")
+        values.append(value)
     if not values:
         raise TaxoclipError("--values names no value; give them comma-separated, e.g. --values 1e-4,1e-3")
+    check_values(name, values)
     return values
+
+
+@dataclass(frozen=True)
+class FlagParser:
+    """What the command line knows of a setting's flag: its name, its argparse type, its choices."""
+
+    name: str
+    parse: Callable[[str], Any] | None
+    choices: Sequence | None = None
+
+
+def convert(item: str, kind: str):
+    """A value for a field that has no flag of its own, by the field's declared type."""
+    if kind.startswith("bool"):
+        if item.lower() not in ("true", "false", "yes", "no", "1", "0"):
+            raise ValueError(item)
+        return item.lower() in ("true", "yes", "1")
+    if kind.startswith("int"):
+        return int(item)
+    if kind.startswith("float"):
+        return float(item)
+    return item
+
+
+def check_values(name: str, values: list) -> None:
+    """Refused whatever their source (the command line or the library): a number that is not finite
+    (a NaN run would be 'chosen') and a value given twice (two runs in one folder)."""
+    for value in values:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise TaxoclipError(f"--values: {value} is not a usable value of {name}: give finite numbers")
+    folders = [run_folder(name, v) for v in values]
+    if len(set(folders)) != len(folders):
+        raise TaxoclipError(f"--values: {name} is given the same value twice ({', '.join(map(str, values))})")
+
+
+def run_folder(param: str, value) -> str:
+    """A run's sub-folder name, safe whatever the value's text: letters, digits and ``.+-_`` only,
+    never starting with a dot, so a value such as ``../x`` cannot name a folder outside the sweep's."""
+    text = re.sub(r"[^A-Za-z0-9.+_-]", "_", str(value)).lstrip(".") or "_"
+    return f"{SHORT.get(param, param)}-{text}"[:120]
 
 
 def run_sweep(trainer: str, config: Any, param: str, values: list) -> dict:
     """Train one run per value (each resumable in OUTPUT/PARAM-VALUE) and write the comparison."""
     train = trainer_entry(trainer)
+    check_values(param, values)
     out = Path(config.output)
     rows, histories = [], {}
     for value in values:
-        run = replace(config, **{param: value}, output=str(out / f"{SHORT.get(param, param)}-{value}"))
+        run = replace(config, **{param: value}, output=str(out / run_folder(param, value)))
         if config.progress:
             print(f"== {param} = {value} -> {run.output}")
         train(run)
