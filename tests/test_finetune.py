@@ -363,3 +363,17 @@ def test_a_sweep_refuses_values_no_run_can_use_from_the_library_too(colour_featu
         with pytest.raises(TaxoclipError, match=named):
             run_sweep("finetune", base, "lr", values)
     assert not (tmp_path / "sweep").exists()
+
+
+def test_an_epoch_far_larger_than_the_data_is_announced_and_one_too_large_to_order_refused(
+    colour_features, tmp_path, capsys
+):
+    arguments = ["train", "finetune", "--features", str(colour_features), "--epochs", "1", "--steps-per-epoch", "1"]
+    assert main([*arguments, "-o", str(tmp_path / "a"), "--balance", "1000"]) == 0
+    said = capsys.readouterr().out
+    assert "--balance 1000 x 6 classes = 6,000 photos an epoch, drawn from 87 training photos" in said
+    assert "23 steps of 256 an epoch; capped at 1 by --steps-per-epoch" in said
+    assert main([*arguments, "-o", str(tmp_path / "b"), "--balance", "100000000"]) == 2
+    assert "too many to order in memory" in capsys.readouterr().err
+    assert main([*arguments, "-o", str(tmp_path / "c"), "--balance", "6"]) == 0  # about the data: no word
+    assert "note:" not in capsys.readouterr().out

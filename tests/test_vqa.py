@@ -7,9 +7,12 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from taxoclip.apps.cli import main
+from taxoclip.errors import TaxoclipError
+from taxoclip.models.vqa import Asker
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +111,11 @@ def test_stage_one_trains_only_the_projector_and_ask_answers(stage_one, colour_s
     assert answers <= {"yes", "no"}
     assert main(["ask", str(tmp_path / "none.jpg"), "What?", "--model", str(tmp_path / "m")]) == 2
     assert "none.jpg" in capsys.readouterr().err
+    for choices, named in ((",,,", "name no answer"), ("yes," + "x" * 500, "each choice is 1 to 100")):
+        assert main([*arguments, "--choices", choices]) == 2  # never an answer without the ranking asked for
+        assert named in capsys.readouterr().err
+    with pytest.raises(TaxoclipError, match="at most 12"):  # the library's own bound, not only the apps'
+        Asker(tmp_path / "m").ask(Image.open(photo).convert("RGB"), "Which?", [str(i) for i in range(13)])
 
 
 def test_a_questions_file_is_checked_line_by_line(tmp_path):
@@ -260,6 +268,9 @@ def test_the_server_answers_questions_about_an_uploaded_photo(stage_one, colour_
         ({"question": " "}, {"file": ("p.jpg", photo)}, 400),
         ({"question": "x" * 301}, {"file": ("p.jpg", photo)}, 400),
         ({"question": "What?", "choices": ",".join("abcdefghijklm")}, {"file": ("p.jpg", photo)}, 400),
+        # every field bounded: one long choice costs as much as a long question (it took 72 s at 20k)
+        ({"question": "What?", "choices": "yes," + "x" * 20_000}, {"file": ("p.jpg", photo)}, 400),
+        ({"question": "What?", "choices": ",,,"}, {"file": ("p.jpg", photo)}, 400),  # asked for, names none
         ({"question": "What?"}, {"file": ("notes.jpg", b"just text")}, 415),
         ({"question": "What?"}, {"file": ("empty.jpg", b"")}, 400),
     ]:

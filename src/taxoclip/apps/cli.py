@@ -381,9 +381,9 @@ def cmd_train_vqa(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from taxoclip.models.vqa import ask
+    from taxoclip.models.vqa import ask, parse_choices
 
-    choices = [c.strip() for c in args.choices.split(",") if c.strip()] if args.choices else None
+    choices = parse_choices(args.choices)
     result = ask(args.model, args.photo, args.question, choices)
     if args.format == "json":
         print(json.dumps(result, ensure_ascii=False))

@@ -23,14 +23,13 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 
 from taxoclip.data.images import BadImage, check_image, decode_image
+from taxoclip.errors import TaxoclipError
 from taxoclip.inference.predict import Predictor
 
 MAX_FILE_BYTES = 10 * 1024 * 1024
 MAX_FILES = 8
 MAX_PIXELS = 40_000_000  # ~ 7,700 x 5,200; larger "photos" are refused before decoding
 
-MAX_QUESTION_CHARS = 300
-MAX_CHOICES = 12
 PAGE = Path(__file__).with_name("static") / "index.html"
 
 
@@ -115,15 +114,17 @@ def create_app(
     def ask(file: UploadFile, question: str = Form(""), choices: str = Form("")) -> dict:
         if asker is None:
             raise HTTPException(404, "this server answers no questions; start it with --ask VQA_MODEL_DIR")
+        from taxoclip.models.vqa import check_question, parse_choices
+
         question = question.strip()
-        if not question or len(question) > MAX_QUESTION_CHARS:
-            raise HTTPException(400, f"ask a question of 1 to {MAX_QUESTION_CHARS} characters")
-        options = [c.strip() for c in choices.split(",") if c.strip()]
-        if len(options) > MAX_CHOICES:
-            raise HTTPException(400, f"{len(options)} choices; give at most {MAX_CHOICES}")
+        try:  # every field bounded before the photo is decoded or the model runs
+            options = parse_choices(choices)
+            check_question(question, options)
+        except TaxoclipError as error:
+            raise HTTPException(400, str(error)) from None
         image = read_upload(file, max_file_bytes)
         with lock:
-            return {"source": file.filename or "photo"} | asker.ask(image, question, options or None)
+            return {"source": file.filename or "photo"} | asker.ask(image, question, options)
 
     return app
 

@@ -224,6 +224,43 @@ def load_vqa_model(path) -> tuple[VQAModel, dict]:
     return VQAModel(lm, tokenizer, projector.eval(), adapters), config
 
 
+MAX_QUESTION_CHARS = 300
+MAX_CHOICES = 12
+MAX_CHOICE_CHARS = 100  # the longest species name with its common name fits; each costs a forward pass
+
+
+def parse_choices(text: str | None) -> list[str] | None:
+    """Comma-separated candidate answers; None when none were asked for. Text that was given but
+    names no answer (",,,") is refused rather than silently answering without the ranking."""
+    if text is None or not text.strip():
+        return None
+    choices = [c.strip() for c in text.split(",") if c.strip()]
+    if not choices:
+        raise TaxoclipError(f"choices {text!r} name no answer; give them comma-separated, e.g. Rosaceae,Asteraceae")
+    return choices
+
+
+def check_question(question: str, choices: list[str] | None) -> None:
+    """Every field of a question within its bound, whoever asks (the command line, the server, the
+    library): the cost of an answer grows with the text, so no field is unbounded."""
+    if not question.strip():
+        raise TaxoclipError("the question is empty; ask something, e.g. 'Which family does this plant belong to?'")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise TaxoclipError(f"the question has {len(question)} characters; ask in at most {MAX_QUESTION_CHARS}")
+    if choices is None:
+        return
+    if not choices:
+        raise TaxoclipError("the list of choices is empty; give at least one, or none at all")
+    if len(choices) > MAX_CHOICES:
+        raise TaxoclipError(f"{len(choices)} choices; give at most {MAX_CHOICES}")
+    for choice in choices:
+        if not choice.strip() or len(choice) > MAX_CHOICE_CHARS:
+            raise TaxoclipError(
+                f"choice {choice[:40]!r}{'...' if len(choice) > 40 else ''} has {len(choice)} characters; "
+                f"each choice is 1 to {MAX_CHOICE_CHARS}"
+            )
+
+
 class Asker:
     """A vqa model directory and its image tower, loaded once (the command line, the server):
     greedy answers, and closed questions' candidates ranked by likelihood."""
@@ -238,8 +275,7 @@ class Asker:
     @torch.no_grad()
     def ask(self, image, question: str, choices: list[str] | None = None) -> dict:
         """The answer about a decoded RGB photo (PIL)."""
-        if not question.strip():
-            raise TaxoclipError("the question is empty; ask something, e.g. 'Which family does this plant belong to?'")
+        check_question(question, choices)
         features = self.tower.embed(self.tower.preprocess.to_uint8(image).unsqueeze(0))
         result = {"question": question, "answer": self.model.answer(features, question)}
         if choices:
@@ -254,6 +290,8 @@ class Asker:
 def ask(model_dir, photo, question: str, choices: list[str] | None = None) -> dict:
     """Answer ``question`` about the photo at ``photo`` with a vqa model directory."""
     from taxoclip.data.images import BadImage, decode_image, read_photo
+
+    check_question(question, choices)  # before the photo and the model are read
 
     try:
         image = decode_image(read_photo(photo))

@@ -84,6 +84,10 @@ class FinetuneStep(nn.Module):
         return soft_cross_entropy(self.head(embeddings), targets, self.weights)
 
 
+EPOCH_WARNING_FACTOR = 10  # an epoch this many times the training photos is worth a word
+MAX_EPOCH_ROWS = 200_000_000  # an epoch's order as int64: 1.6 GB
+
+
 class FinetuneTrainer(Trainer):
     def __init__(self, config: FinetuneConfig, runtime: Runtime):
         self.config, self.runtime = config, runtime
@@ -99,6 +103,7 @@ class FinetuneTrainer(Trainer):
                 "(the selection split takes its photos from train)"
             )
         self.drawn = np.zeros(len(self.classes), dtype=np.int64)  # what the current epoch drew, per class
+        self.check_epoch_size()
         sample = source.standardisation_sample()
         self.head = FinetuneHead(
             sample.shape[1], len(self.classes), config.head, config.hidden, mean=sample.mean(0), std=sample.std(0)
@@ -156,6 +161,30 @@ class FinetuneTrainer(Trainer):
                 lr = config.tower_lr * group["lr_scale"]
                 groups.append({"params": params, "lr": lr, "weight_decay": group["weight_decay"]})
         return groups
+
+    def check_epoch_size(self) -> None:
+        """Say before the run when re-balancing makes an epoch far larger than the data (``--balance
+        2000000`` on 40 photos is a 30-minute epoch of repeats); refuse one whose order alone would
+        not fit in memory."""
+        config, photos = self.config, int(self.images_per_class.sum())
+        drawn = self.samples_per_epoch()
+        if not config.balance or drawn <= EPOCH_WARNING_FACTOR * photos:
+            return
+        trained = int((self.images_per_class > 0).sum())
+        detail = (
+            f"--balance {config.balance} x {trained} classes = {drawn:,} photos an epoch, drawn from {photos:,} "
+            f"training photos ({drawn / max(1, photos):,.0f} times the data)"
+        )
+        if drawn > MAX_EPOCH_ROWS:
+            raise TaxoclipError(f"{detail}: too many to order in memory; lower --balance")
+        steps = max(1, drawn // config.batch_size)
+        cap = config.max_steps_per_epoch
+        advice = (
+            f"capped at {cap} by --steps-per-epoch"
+            if cap and cap < steps
+            else "lower --balance (e.g. to the median class size) or cap the epoch with --steps-per-epoch"
+        )
+        self.runtime.print(f"note: {detail}: {steps:,} steps of {config.batch_size} an epoch; {advice}")
 
     def samples_per_epoch(self) -> int:
         trained = int((self.images_per_class > 0).sum())
