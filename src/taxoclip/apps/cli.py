@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from taxoclip.data.shards import ShardOptions
 from taxoclip.data.sources import FORMATS
 from taxoclip.errors import TaxoclipError
 from taxoclip.eval.config import EvalConfig
+from taxoclip.output_lock import output_lock
 from taxoclip.taxonomy import Rank
 from taxoclip.train.catlip_config import DEPTHS, SCORINGS, CatLIPConfig
 from taxoclip.train.finetune_config import HEADS, FinetuneConfig
@@ -1075,7 +1077,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         check_output(args)
-        return handler(args)
+        output = getattr(args, "output", None)
+        with output_lock(output, folder=args.command in FOLDER_OUTPUTS) if output else nullcontext():
+            return handler(args)
     except TaxoclipError as error:
         print(f"taxoclip {args.command}: error: {error}", file=sys.stderr)
         return error.exit_code

@@ -37,6 +37,7 @@ from taxoclip.data.images import IMAGE_KEYS, BadImage, decode_image, read_photo
 from taxoclip.data.shards import MANIFEST, check_shard_files, iter_tar_samples, read_manifest
 from taxoclip.errors import TaxoclipError
 from taxoclip.models.towers import ImageTower, Preprocess, create_image_tower
+from taxoclip.output_lock import locks_output
 from taxoclip.runtime import setup
 from taxoclip.taxonomy import KNOWN_SPLITS, ClassTable
 
@@ -327,6 +328,7 @@ def cache_key(tower: ImageTower, plan: DataPlan) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+@locks_output("out")
 def extract_features(
     data: str | Path,
     tower: str | ImageTower,

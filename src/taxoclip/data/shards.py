@@ -36,6 +36,7 @@ from tqdm import tqdm
 from taxoclip.data.captions import CaptionSet
 from taxoclip.data.images import IMAGE_KEYS, BadImage, check_image, read_photo, resize_shorter_side
 from taxoclip.errors import TaxoclipError
+from taxoclip.output_lock import locks_output
 from taxoclip.taxonomy import ClassTable, Dataset
 
 T = TypeVar("T")
@@ -248,6 +249,7 @@ def check_output_dir(out: Path, plan_id: str, overwrite: bool) -> None:
             path.unlink()
 
 
+@locks_output("out_dir")
 def write_shards(
     dataset: Dataset,
     out_dir: str | Path,
