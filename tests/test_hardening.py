@@ -440,3 +440,49 @@ def test_a_looping_symbolic_link_is_called_that(tmp_path, capsys):
     (tmp_path / "b.jpg").symlink_to(tmp_path / "a.jpg")
     assert main(["predict", str(tmp_path / "a.jpg"), "--model", str(tmp_path)]) == 2
     assert "symbolic link that leads nowhere" in capsys.readouterr().err
+
+
+def noisy_photo_jpeg() -> bytes:
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((128, 128, 3)) * 60 + np.linspace(0, 190, 128)[None, :, None]).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def overwrite_entropy_data(data: bytes) -> bytes:
+    """Bytes a third of the way into the entropy-coded stream overwritten: PIL decodes the result
+    without a word (libjpeg fills what it lost with grey and only warns)."""
+    damaged = bytearray(data)
+    start_of_scan = damaged.index(b"\xff\xda")
+    start = start_of_scan + 2 + int.from_bytes(damaged[start_of_scan + 2 : start_of_scan + 4], "big")
+    middle = start + (len(damaged) - start) // 3
+    damaged[middle : middle + 300] = b"\x55" * 300
+    return bytes(damaged)
+
+
+def test_a_jpeg_with_damaged_entropy_data_is_a_reject_everywhere_not_a_photo(tmp_path, capsys):
+    from taxoclip.data.images import BadImage, check_image
+
+    whole = noisy_photo_jpeg()
+    damaged = overwrite_entropy_data(whole)
+    Image.open(io.BytesIO(damaged)).load()  # what PIL alone says: nothing wrong
+    for check in (check_image, decode_image):
+        with pytest.raises(BadImage, match="damaged JPEG data"):
+            check(damaged)
+    # harmless warnings lose no pixel and keep the photo: bytes before the end marker, as cameras write
+    assert check_image(whole[:-2] + b"\x00\x00\x00\xff\xd9") == "jpg"
+    # shards: a counted reject, the rest written
+    from conftest import write_classes_csv
+
+    folder = tmp_path / "photos"
+    for class_id in ("1", "2"):
+        (folder / "train" / class_id).mkdir(parents=True)
+        (folder / "train" / class_id / "whole.jpg").write_bytes(whole)
+    (folder / "train" / "1" / "damaged.jpg").write_bytes(damaged)
+    write_classes_csv(folder / "classes.csv")
+    assert main(["shards", str(folder), "-o", str(tmp_path / "shards"), "-q"]) == 0
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert manifest["totals"] == manifest["totals"] | {"input": 3, "written": 2, "rejected": 1}
+    rejects = json.dumps(manifest) + "".join(p.read_text() for p in (tmp_path / "shards").glob("*reject*"))
+    assert "damaged.jpg" in rejects and "damaged JPEG data" in rejects

@@ -34,10 +34,9 @@ def check_image(data: bytes) -> str:
                 if key is None:
                     raise BadImage(f"unsupported image format {image.format}")
                 if image.format == "JPEG":
-                    # DCT scaling decodes the whole entropy-coded stream, so truncation is still
-                    # caught, at a fraction of the cost of a full-size decode.
-                    image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-                image.load()
+                    check_jpeg_stream(data)  # every byte of the stream, with libjpeg's warnings counted
+                else:
+                    image.load()
                 return key
     except BadImage:
         raise
@@ -47,6 +46,28 @@ def check_image(data: bytes) -> str:
         raise BadImage("too many pixels (possible decompression bomb)") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise BadImage(f"corrupt or truncated image ({error})") from None
+
+
+# libjpeg's warnings that lose no pixel: bytes between markers (common in cameras' files), an
+# unknown JFIF version. Every other warning ("premature end of data segment", "bad Huffman code")
+# means a region of the photo was filled in with grey, which PIL decodes without a word.
+HARMLESS_JPEG_WARNINGS = ("extraneous bytes", "JFIF")
+
+
+def check_jpeg_stream(data: bytes) -> None:
+    """Decode a JPEG's whole entropy-coded stream at reduced scale (DCT scaling still reads every
+    byte) with libjpeg-turbo's warnings raised (simplejpeg's strict mode): damaged or truncated
+    data is a `BadImage`, never a photo scored as if it were whole."""
+    import simplejpeg
+
+    try:
+        colorspace = simplejpeg.decode_jpeg_header(data)[2]
+        target = {"Gray": "GRAY", "CMYK": "CMYK", "YCCK": "CMYK"}.get(colorspace, "RGB")
+        simplejpeg.decode_jpeg(data, colorspace=target, min_factor=8, strict=True)
+    except ValueError as error:
+        message = str(error)
+        if not any(harmless in message for harmless in HARMLESS_JPEG_WARNINGS):
+            raise BadImage(f"damaged JPEG data ({message})") from None
 
 
 EXIF_ORIENTATION = 0x0112
@@ -81,15 +102,19 @@ def resize_shorter_side(data: bytes, size: int, quality: int = 90) -> bytes:
 
 def decode_image(data: bytes) -> Image.Image:
     """Open image bytes lazily (so a JPEG can still be decoded at reduced scale); raises on bad
-    data, and refuses decompression bombs here, so every path that decodes refuses them."""
+    data, and refuses decompression bombs and damaged JPEG streams here, so every path that decodes
+    refuses them."""
     if not data:
         raise BadImage("empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadImage("too many pixels (possible decompression bomb)") from None
+    if image.format == "JPEG":
+        check_jpeg_stream(data)
+    return image
 
 
 def read_photo(path: str | os.PathLike) -> bytes:
