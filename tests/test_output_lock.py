@@ -60,3 +60,9 @@ def test_a_file_output_is_locked_too_and_the_library_takes_the_same_lock(image_f
         first.wait()
     with output_lock(tmp_path / "model"), output_lock(tmp_path / "model"):  # re-entrant within one process
         pass
+
+
+def test_a_refused_run_leaves_no_folder_behind(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["train", "finetune", "--features", str(tmp_path / "nowhere"), "-o", str(out), "-q"]) == 2
+    assert not out.exists()

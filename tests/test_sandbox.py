@@ -27,6 +27,8 @@ def snapshot(root: Path, skip: Path) -> dict[str, tuple[int, int]]:
     for path in root.rglob("*"):
         if path == skip or skip in path.parents or (not path.is_file() and not path.is_symlink()):
             continue
+        if path.name == ".verified.json":  # the checksum memo kept beside shards that were read (by design)
+            continue
         stat = path.lstat()
         files[str(path.relative_to(root))] = (stat.st_size, stat.st_mtime_ns)
     return files
@@ -108,6 +110,86 @@ def foreign_kind(box: Path, assets) -> Path:
     return copy
 
 
+def rewrite_shard(box: Path, assets, name: str, change) -> Path:
+    """A copy of the shards whose first train shard is ``change(bytes)``, with the manifest updated
+    to match (size and checksum), as a crafted or carelessly repaired folder would be."""
+    import hashlib
+
+    copy = box / name
+    shutil.copytree(assets["SHARDS"], copy)
+    (copy / ".verified.json").unlink(missing_ok=True)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    entry = next(s for s in manifest["shards"] if s["name"].startswith("train-"))
+    shard = copy / entry["name"]
+    shard.write_bytes(change(shard.read_bytes()))
+    entry["bytes"], entry["sha256"] = shard.stat().st_size, hashlib.sha256(shard.read_bytes()).hexdigest()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def cut_with_manifest(box: Path, assets) -> Path:
+    return rewrite_shard(box, assets, "cut-matching", lambda data: data[: len(data) // 2 + 700])
+
+
+def dotted_members(box: Path, assets) -> Path:
+    import io
+    import tarfile
+
+    def add_members(data: bytes) -> bytes:
+        out = io.BytesIO()
+        with tarfile.open(fileobj=io.BytesIO(data)) as source, tarfile.open(fileobj=out, mode="w") as target:
+            for member in source:
+                target.addfile(member, source.extractfile(member))
+            for name in (".hidden.json", "../escape.jpg", "./x.cls"):
+                info = tarfile.TarInfo(name)
+                info.size = 2
+                target.addfile(info, io.BytesIO(b"{}"))
+        return out.getvalue()
+
+    return rewrite_shard(box, assets, "dotted", add_members)
+
+
+def half_written_cache(box: Path, assets) -> Path:
+    """OUT itself: a features output folder whose meta.json was cut short (a full disk, a kill)."""
+    out = box / "out"
+    shutil.copytree(assets["FEATURES"], out)
+    (out / "meta.json").write_text((out / "meta.json").read_text()[:40])
+    return out
+
+
+def pickled_optimiser(box: Path, assets) -> Path:
+    import pickle
+
+    copy = box / "out"  # the run's own output: resuming it reads the checkpoint
+    shutil.copytree(assets["MODEL"], copy)
+    (copy / "checkpoint" / "optimizer.pt").write_bytes(pickle.dumps({"state": {}, "param_groups": print}))
+    return copy
+
+
+def pickled_checkpoint_weights(box: Path, assets) -> Path:
+    import pickle
+
+    copy = box / "out"
+    shutil.copytree(assets["MODEL"], copy)
+    (copy / "checkpoint" / "model.safetensors").write_bytes(pickle.dumps({"weight": [1.0]}))
+    return copy
+
+
+def kind_as_list(box: Path, assets) -> Path:
+    copy = box / "kind-list"
+    shutil.copytree(assets["MODEL"], copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(config | {"kind": ["finetune"]}))
+    return copy
+
+
+def config_as_list(box: Path, assets) -> Path:
+    copy = box / "config-list"
+    shutil.copytree(assets["MODEL"], copy)
+    (copy / "config.json").write_text(json.dumps([json.loads((copy / "config.json").read_text())]))
+    return copy
+
+
 def ragged_csv(box: Path, assets) -> Path:
     return garbage(
         box / "ragged.csv", "class_id,genus,specific_epithet\n1,Rosa,canina\n2,Tulipa\n3,Bellis,perennis,extra\n"
@@ -150,6 +232,13 @@ PREPARE = {
     "EMPTY": empty_folder,
     "BADONNX": onnx_garbage,
     "MISSING": no_photos,
+    "CUTMATCH": cut_with_manifest,
+    "DOTTED": dotted_members,
+    "HALFMETA": half_written_cache,
+    "PICKLEDOPT": pickled_optimiser,
+    "PICKLEDWEIGHTS": pickled_checkpoint_weights,
+    "KINDLIST": kind_as_list,
+    "CONFIGLIST": config_as_list,
 }
 
 CASES = [
@@ -239,6 +328,25 @@ CASES = [
     (["export", "onnx", "--model", "EMPTY", "-o", "OUT/m.onnx"], "config.json"),
     (["export", "onnx", "--model", "MODEL", "-o", "AFILE/m.onnx"], "notes.txt"),
     (["serve", "--model", "FOREIGN"], "hologram"),
+    # crafted or damaged files
+    (["features", "CUTMATCH", "-o", "OUT", "--tower", "timm:test_efficientnet", "--random-weights"], "train-000000"),
+    (["questions", "CUTMATCH", "-o", "OUT/qa.jsonl"], "train-000000"),
+    (["shards", "verify", "CUTMATCH"], "unreadable tar", 1),
+    (["features", "DOTTED", "-o", "OUT", "--tower", "timm:test_efficientnet", "--random-weights"], "more samples than"),
+    (["questions", "DOTTED", "-o", "OUT/qa.jsonl"], "malformed", 0),
+    (["shards", "verify", "DOTTED"], "incomplete", 1),
+    # a cache whose meta.json was cut short is computed again, saying so (never trusted, never a traceback)
+    (
+        ["features", "PHOTOS", "-o", "HALFMETA", "--tower", "timm:test_efficientnet", "--random-weights"],
+        "damaged",
+        0,
+    ),
+    (["eval", "--model", "MODEL", "--data", "NANCACHE", "-o", "OUT"], "features.npy"),
+    (["train", "finetune", "--features", "FEATURES", "-o", "PICKLEDOPT", "--epochs", "1"], "never loads"),
+    (["train", "finetune", "--features", "FEATURES", "-o", "PICKLEDWEIGHTS", "--epochs", "1"], "model.safetensors"),
+    (["eval", "--model", "KINDLIST", "--data", "FEATURES", "-o", "OUT"], "'kind'"),
+    (["predict", "PHOTOS", "--model", "CONFIGLIST"], "config.json"),
+    (["serve", "--model", "KINDLIST"], "config.json"),
 ]
 
 
@@ -270,6 +378,6 @@ def test_bad_input_is_a_message_and_nothing_outside_the_output_changes(
     err = printed.err + printed.out
     assert code == expected, err
     assert named in err, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "weights_only" not in err  # never torch's advice to load a pickle
     assert [snapshot(root, out) for root in watched] == before  # nothing outside the output changed
     assert not (tmp_path.parent / "elsewhere").exists() and not (box.parent.parent / "elsewhere").exists()

@@ -54,6 +54,16 @@ class SpyArray:
         return np.asarray(self.array, dtype)
 
 
+class SpyCache:
+    """A feature cache whose reads go through a `SpyArray` (what `RowSource.of_cache` reads)."""
+
+    def __init__(self, features):
+        self.features = features if isinstance(features, SpyArray) else SpyArray(features)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(self.features[rows], np.float32)
+
+
 @pytest.fixture
 def cache(tmp_path):
     return write_synthetic_cache(
@@ -143,7 +153,7 @@ def test_streamed_baselines_read_batches_and_score_in_chunks(tmp_path):
     )
     spy = SpyArray(cache.features)
     train = np.flatnonzero(cache.split_mask("train"))
-    source = baselines.RowSource.of_cache(spy, train, cache.labels[train])
+    source = baselines.RowSource.of_cache(SpyCache(spy), train, cache.labels[train])
     budget = baselines.BaselineBudget(max_steps=40, lr=1e-2)
     probe = baselines.fit_probe(source, 2000, budget)
     ncm = baselines.fit_nearest_class_mean(source, 2000)
@@ -162,7 +172,7 @@ def test_streamed_probe_equals_the_array_probe_and_learns(cache):
     x, y = np.asarray(cache.features[train], np.float32), cache.labels[train]
     vx, vy = np.asarray(cache.features[valid], np.float32), cache.labels[valid]
     dense = baselines.probe(x, y, vx, 40)
-    streamed = baselines.fit_probe(baselines.RowSource.of_cache(cache.features, train, y), 40).dense(vx)
+    streamed = baselines.fit_probe(baselines.RowSource.of_cache(cache, train, y), 40).dense(vx)
     assert torch.allclose(dense, streamed, atol=1e-4)
     assert (dense.argmax(1).numpy() == vy).mean() > 0.5
 
@@ -174,8 +184,8 @@ def test_report_baselines_never_read_the_train_split_whole(cache, tmp_path, monk
     seen = {}
     original = report.baselines.RowSource.of_cache
 
-    def spied(features, rows, labels):
-        spy = seen.setdefault("spy", SpyArray(features))
+    def spied(train_cache, rows, labels):
+        spy = seen.setdefault("spy", SpyCache(train_cache.features))
         return original(spy, rows, labels)
 
     monkeypatch.setattr(report.baselines.RowSource, "of_cache", staticmethod(spied))
@@ -192,7 +202,7 @@ def test_report_baselines_never_read_the_train_split_whole(cache, tmp_path, monk
         config, cache, cache, Plain(), rows, cache.labels[rows].astype(np.int64), cache.classes, [], 0.0
     )
     assert {r["method"] for r in comparison} == {"logistic-regression probe", "nearest class mean"}
-    assert 0 < seen["spy"].largest <= 500  # batches of 256, passes of 500: never the 3,000 train rows
+    assert 0 < seen["spy"].features.largest <= 500  # batches of 256, passes of 500: never the 3,000 train rows
 
 
 def test_seen_unseen_accuracy_in_chunks_equals_one_pass():

@@ -6,7 +6,8 @@ its process dies however it dies; a run killed while holding it never blocks the
 it (process id, command line, start time) is written beside it for the refusal to name.
 
 A folder output is locked by ``OUT/.taxoclip.lock``; a file output by ``.NAME.lock`` in its folder.
-The (empty, hidden) lock file stays when the run ends: deleting it would let a run that opened it
+A folder the lock made for a run that then wrote nothing (it was refused) is removed again; otherwise
+the (empty, hidden) lock file stays when the run ends: deleting it would let a run that opened it
 just before lock a file no longer on disk while a third locks a new one. Within one process the
 lock is re-entrant: the command line takes it, and the library functions it calls (which take it
 too, for library users) pass through.
@@ -14,6 +15,7 @@ too, for library users) pass through.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -56,6 +58,7 @@ def output_lock(output: str | Path, *, folder: bool = True) -> Iterator[None]:
         finally:
             _held[path] -= 1
         return
+    created = not path.parent.exists()  # a refused or failed run leaves no folder it made behind
     path.parent.mkdir(parents=True, exist_ok=True)
     owner = path.with_name(path.name + ".owner")
     lock = FileLock(path, timeout=0)
@@ -73,7 +76,13 @@ def output_lock(output: str | Path, *, folder: bool = True) -> Iterator[None]:
     finally:
         del _held[path]
         owner.unlink(missing_ok=True)  # while still held: the next holder writes its own
+        left_empty = created and {p.name for p in path.parent.iterdir()} == {path.name}
+        if left_empty:
+            path.unlink(missing_ok=True)
         lock.release()
+        if left_empty:
+            with contextlib.suppress(OSError):  # someone else's file arrived meanwhile: keep the folder
+                path.parent.rmdir()
 
 
 def describe(owner: Path) -> str:

@@ -364,6 +364,11 @@ def cmd_questions(args: argparse.Namespace) -> int:
     types = tuple(t.strip() for t in args.types.split(",") if t.strip()) if args.types else QUESTION_TYPES
     counts = write_questions(args.source, args.output, seed=args.seed, types=types, **options)
     print(f"{counts['questions']} questions about {counts['photos']} photos -> {args.output}")
+    if counts["malformed"]:
+        print(
+            f"skipped {counts['malformed']} malformed shard samples (no key, class or split); "
+            "'taxoclip shards verify' lists them"
+        )
     print("by type: " + ", ".join(f"{k} {v}" for k, v in counts["by_type"].items()))
     print("by split: " + ", ".join(f"{k} {v}" for k, v in counts["by_split"].items()))
     if counts["yes_no"]:

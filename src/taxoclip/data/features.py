@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 from taxoclip.data.device_decode import choose_decode, device_decodable, pixels_on_device
 from taxoclip.data.images import IMAGE_KEYS, BadImage, decode_image, read_photo
-from taxoclip.data.shards import MANIFEST, check_shard_files, iter_tar_samples, read_manifest
+from taxoclip.data.shards import MANIFEST, check_shard_files, iter_tar_samples, read_manifest, sample_problem
 from taxoclip.errors import TaxoclipError
 from taxoclip.models.towers import ImageTower, Preprocess, create_image_tower
 from taxoclip.output_lock import locks_output
@@ -142,6 +143,12 @@ class UnitImages(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         mine = self.units if info is None else self.units[info.id :: info.num_workers]
+        try:
+            yield from self.items(mine)
+        except TaxoclipError as error:  # a worker's exception would reach the user as a traceback
+            yield {"unit": "", "key": "", "pixels": None, "fatal": str(error)}
+
+    def items(self, mine: list[Unit]) -> Iterator[dict]:
         for unit in mine:
             for key, data, label, split in unit_items(unit):
                 if self.keep is not None and not self.keep(key):
@@ -162,9 +169,14 @@ class UnitImages(IterableDataset):
                 yield item
 
 
-def unit_items(unit: Unit) -> Iterator[tuple[str, bytes, int, str]]:
+def unit_items(unit: Unit) -> Iterator[tuple[str, bytes | BadImage, int, str]]:
     if unit.shard:
         for sample in iter_tar_samples(Path(unit.shard)):
+            problem = sample_problem(sample)
+            if problem:  # a counted reject under the shard's name, never a KeyError
+                key = sample.get("__key__", b"").decode(errors="replace") or "(no key)"
+                yield f"{Path(unit.shard).name}/{key}", BadImage(f"malformed shard sample: {problem}"), -1, ""
+                continue
             image_key = next((k for k in IMAGE_KEYS if k in sample), None)
             meta = json.loads(sample["json"])
             yield (
@@ -188,11 +200,13 @@ def collate(items: list[dict]) -> dict:
     """One uint8 tensor for the batch's pixels, plus the items' metadata without pixels: each
     tensor that crosses from a worker costs a shared-memory handle, so only one per batch.
     Photos left for the device decoder ("encoded") still hold their JPEG bytes."""
+    fatal = [i["fatal"] for i in items if "fatal" in i]
+    items = [i for i in items if "fatal" not in i]
     encoded = [i for i in items if "jpeg" in i]
     bad = [i for i in items if i["pixels"] is None and "jpeg" not in i]
     good = [i for i in items if i["pixels"] is not None]
     pixels = torch.stack([i.pop("pixels") for i in good]) if good else None
-    return {"pixels": pixels, "good": good, "bad": bad, "encoded": encoded}
+    return {"pixels": pixels, "good": good, "bad": bad, "encoded": encoded, "fatal": fatal}
 
 
 def batch_on_device(
@@ -278,7 +292,22 @@ class FeatureCache:
         chunk = chunk or STREAM_CHUNK
         for start in range(0, len(rows), chunk):
             part = np.sort(rows[start : start + chunk])
-            yield part, np.asarray(self.features[part], dtype=np.float32)
+            yield part, self.read(part)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """The embeddings of ``rows`` as float32, refused when any is NaN or infinite (a damaged
+        cache): the check costs nothing beside the read, so every pass makes it."""
+        features = np.asarray(self.features[rows], dtype=np.float32)
+        finite = np.isfinite(features).all(axis=1)
+        if not finite.all():
+            bad = np.asarray(rows).reshape(-1)[~finite]
+            keys = ", ".join(self.keys[int(row)] for row in bad[:5])
+            raise TaxoclipError(
+                f"{self.path / 'features.npy'}: rows hold NaN or infinite values (samples {keys}"
+                f"{' ...' if len(bad) > 5 else ''}); the cache is damaged: delete the folder and run "
+                "'taxoclip features'"
+            )
+        return features
 
     def mean(self, rows: np.ndarray, chunk: int | None = None) -> np.ndarray:
         """The mean embedding of ``rows``, accumulated in float64 chunk by chunk."""
@@ -293,6 +322,16 @@ class FeatureCache:
 
     def row_of(self) -> dict[str, int]:
         return {key: row for row, key in enumerate(self.keys)}
+
+
+def recorded_cache_key(meta_path: Path) -> str | None:
+    """The cache key a meta.json records; None when it is cut short, damaged or not ours (a run
+    killed while writing it, a full disk): such a cache is computed again, never trusted."""
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta.get("cache_key") if isinstance(meta, dict) else None
 
 
 def load_features(path: str | Path) -> FeatureCache:
@@ -356,11 +395,13 @@ def extract_features(
     runtime = setup(device)
     existing = out / "meta.json"
     if existing.exists():
-        meta = json.loads(existing.read_text())
-        if meta.get("cache_key") == key:
+        found = recorded_cache_key(existing)
+        if found == key:
             return load_features(out)
         if runtime.is_main:
-            if progress:
+            if found is None:  # said even when quiet: something was wrong with the folder
+                print(f"note: {existing} is damaged: computing the features again", file=sys.stderr)
+            elif progress:
                 print(f"{out}: cached features are for other inputs or another tower; computing them again")
             for name in ("meta.json", "features.npy", "labels.npy", "splits.npy", "keys.json"):
                 (out / name).unlink(missing_ok=True)
@@ -419,13 +460,13 @@ def image_loader(
     workers: int | None = None,
     keep: Callable[[str], bool] | None = None,
     decode: str = "workers",
-) -> DataLoader:
+) -> Iterator[dict]:
     """Batches of decoded, preprocessed photos of ``units`` ({"pixels", "good", "bad",
     "encoded"}), decoded in worker processes (``decode="device"``: JPEGs left to
     `batch_on_device`): the one loader behind extraction and the trainers' image-in-loop paths.
     ``keep(key)`` (picklable) picks which photos are decoded at all."""
     workers = default_workers(device) if workers is None else workers
-    return DataLoader(
+    loader = DataLoader(
         UnitImages(units, preprocess, keep, decode),
         batch_size=batch_size,
         num_workers=workers,
@@ -433,6 +474,10 @@ def image_loader(
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
     )
+    for batch in loader:
+        if batch["fatal"]:  # a shard that cannot be read on: its message, raised here in the main process
+            raise TaxoclipError(batch["fatal"][0])
+        yield batch
 
 
 @torch.no_grad()
@@ -472,7 +517,12 @@ def run_units(
         touched = {i["unit"] for i in good + bad}
         for name in touched:
             buffer = buffers[name]
-            buffer["seen"] = len(buffer["keys"]) + len(buffer["rejects"])
+            if buffer:
+                buffer["seen"] = len(buffer["keys"]) + len(buffer["rejects"])
+            if not buffer or buffer["seen"] > expected[name]:
+                raise TaxoclipError(
+                    f"{name}: holds more samples than its manifest lists; run 'taxoclip shards verify' on the shards"
+                )
             if buffer["seen"] == expected[name]:
                 save_part(parts, name, buffer, key, tower.width)
                 buffers[name] = {}
@@ -640,7 +690,7 @@ def write_synthetic_cache(
     identity = {"synthetic": seed, "rows": rows, "valid": valid_rows, "noise": noise, "classes": classes.ids}
     data_id = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
     key = hashlib.sha256(json.dumps({"tower": tower, "data": data_id}, sort_keys=True).encode()).hexdigest()[:16]
-    if (out / "meta.json").exists() and json.loads((out / "meta.json").read_text()).get("cache_key") == key:
+    if (out / "meta.json").exists() and recorded_cache_key(out / "meta.json") == key:
         return load_features(out)
     writer = CacheWriter(out, rows + valid_rows, width)
     bar = tqdm(total=rows + valid_rows, unit="row", desc="synthetic cache", disable=not progress)

@@ -232,6 +232,7 @@ class Photos:
     labels: np.ndarray
     split_codes: np.ndarray
     split_names: list[str]
+    malformed: int = 0  # shard samples skipped as unusable (see `sample_problem`)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -265,13 +266,17 @@ def photos_of(path: str | Path, **source_options) -> tuple[ClassTable, Photos]:
         photos = Photos(cache.keys.array, cache.labels.astype(np.int64), cache.split_codes, list(cache.split_names))
         return cache.classes, photos
     from taxoclip.data.features import CacheKeys, plan_data
-    from taxoclip.data.shards import iter_tar_samples
+    from taxoclip.data.shards import iter_tar_samples, sample_problem
 
     plan = plan_data(path, **source_options)
     keys, labels, splits = [], [], []
+    malformed = 0
     for unit in plan.units:
         if unit.shard:
             for sample in iter_tar_samples(Path(unit.shard), only=("json", "cls")):  # no image bytes
+                if sample_problem(sample, needs_image=False) or not 0 <= int(sample["cls"]) < len(plan.classes):
+                    malformed += 1  # counted and said, never a KeyError
+                    continue
                 keys.append(sample["__key__"].decode())
                 labels.append(int(sample["cls"]))
                 splits.append(json.loads(sample["json"])["split"])
@@ -287,6 +292,7 @@ def photos_of(path: str | Path, **source_options) -> tuple[ClassTable, Photos]:
         np.array(labels, np.int64),
         np.array([code[s] for s in splits], np.uint8),
         names,
+        malformed,
     )
     return ClassTable.from_json(plan.classes), photos
 
@@ -302,6 +308,7 @@ def write_questions(
     maker = QuestionMaker(classes, seed, types)
     position = photos.order(seed)
     counts = {"photos": len(photos), "questions": 0, "by_type": Counter(), "by_split": Counter(), "yes_no": Counter()}
+    counts["malformed"] = photos.malformed
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(out.name + ".tmp")

@@ -467,23 +467,48 @@ def manifest_classes(manifest: dict) -> ClassTable:
 
 def iter_tar_samples(path: Path, only: tuple[str, ...] | None = None) -> Iterator[dict[str, bytes]]:
     """Samples of one shard as {"__key__": key, ext: bytes}, grouped by key in file order; with
-    ``only``, just those extensions are read (the others, e.g. the images, are skipped unread)."""
+    ``only``, just those extensions are read (the others, e.g. the images, are skipped unread).
+    A tar that cannot be read to its end (cut short, damaged) is a `TaxoclipError` naming it."""
     current: dict[str, bytes] = {}
-    with tarfile.open(path, "r") as archive:
-        for member in archive:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            if current and current["__key__"] != key.encode():
-                yield current
-                current = {}
-            current["__key__"] = key.encode()
-            if only is not None and ext not in only:
-                continue
-            handle = archive.extractfile(member)
-            current[ext] = handle.read() if handle else b""
+    try:
+        with tarfile.open(path, "r") as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                if current and current["__key__"] != key.encode():
+                    yield current
+                    current = {}
+                current["__key__"] = key.encode()
+                if only is not None and ext not in only:
+                    continue
+                handle = archive.extractfile(member)
+                current[ext] = handle.read() if handle else b""
+    except (tarfile.TarError, EOFError) as error:
+        raise TaxoclipError(
+            f"{path}: unreadable tar ({error}); run 'taxoclip shards verify {Path(path).parent}' and rebuild the shards"
+        ) from None
     if current:
         yield current
+
+
+def sample_problem(sample: dict[str, bytes], needs_image: bool = True) -> str | None:
+    """What makes a shard sample unusable, whoever reads it (None when it is whole): our writer
+    gives every sample one image, its caption, its metadata as a JSON object with a split, and a
+    class index; a crafted member (``.hidden.json``, ``../x.jpg``) groups under no key and lacks them."""
+    image_keys = [k for k in IMAGE_KEYS if k in sample]
+    missing = [k for k in ("json", "cls") if k not in sample]
+    if not sample.get("__key__") or missing or (needs_image and len(image_keys) != 1):
+        key = sample.get("__key__", b"").decode(errors="replace")
+        return f"incomplete (key {key!r}, image parts {image_keys}, missing {missing})"
+    try:
+        int(sample["cls"])
+        meta = json.loads(sample["json"])
+    except (ValueError, UnicodeDecodeError):
+        return "unreadable cls or json"
+    if not isinstance(meta, dict) or not isinstance(meta.get("split"), str):
+        return "its json names no split"
+    return None
 
 
 @dataclass
@@ -525,8 +550,8 @@ def verify_shards(shard_dir: str | Path, *, decode: bool = False, progress: bool
                     report.problems.append(f"{shard['name']}: sample {key} appears more than once")
                 seen.add(key)
                 counts[json.loads(sample["json"])["class"]["id"]] += 1
-        except (tarfile.TarError, OSError) as error:
-            report.problems.append(f"{shard['name']}: unreadable tar ({error})")
+        except (TaxoclipError, OSError) as error:
+            report.problems.append(f"{shard['name']}: unreadable tar, cut short or damaged ({type(error).__name__})")
             continue
         report.samples += sum(counts.values())
         if dict(counts) != shard["class_counts"]:
@@ -543,14 +568,11 @@ def verify_shards(shard_dir: str | Path, *, decode: bool = False, progress: bool
 
 def check_sample(sample: dict[str, bytes], n_classes: int, decode: bool) -> str | None:
     image_keys = [k for k in IMAGE_KEYS if k in sample]
-    missing = [k for k in ("txt", "json", "cls") if k not in sample]
-    if len(image_keys) != 1 or missing:
-        return f"incomplete (image parts {image_keys}, missing {missing})"
-    try:
-        class_index = int(sample["cls"])
-        meta = json.loads(sample["json"])
-    except (ValueError, json.JSONDecodeError):
-        return "unreadable cls or json"
+    problem = sample_problem(sample)
+    if problem or "txt" not in sample:
+        return problem or f"incomplete (image parts {image_keys}, missing ['txt'])"
+    class_index = int(sample["cls"])
+    meta = json.loads(sample["json"])
     if not 0 <= class_index < n_classes or meta.get("class_index") != class_index:
         return f"class index {class_index} out of range or inconsistent"
     if decode:

@@ -61,14 +61,15 @@ class RowSource:
         return cls(lambda positions: np.asarray(features[positions], np.float32), np.asarray(labels, np.int64))
 
     @classmethod
-    def of_cache(cls, features: np.ndarray, rows: np.ndarray, labels: np.ndarray) -> RowSource:
-        """``rows`` of a memory-mapped (N, d) array (read in row order), with their ``labels``."""
+    def of_cache(cls, cache, rows: np.ndarray, labels: np.ndarray) -> RowSource:
+        """``rows`` of a feature cache (read in row order through ``cache.read``, which refuses
+        damaged rows), with their ``labels``."""
         rows = np.asarray(rows)
 
         def read(positions: np.ndarray) -> np.ndarray:
             order = np.argsort(rows[positions], kind="stable")  # row order: sequential reads of the map
-            out = np.empty((len(positions), features.shape[1]), np.float32)
-            out[order] = features[rows[positions][order]]
+            out = np.empty((len(positions), cache.features.shape[1]), np.float32)
+            out[order] = cache.read(rows[positions][order])
             return out
 
         return cls(read, np.asarray(labels, np.int64))

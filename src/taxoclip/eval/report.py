@@ -88,7 +88,7 @@ def run_evaluation(config: EvalConfig) -> dict:
     scoring_started = time.perf_counter()
     for start in range(0, len(rows), config.chunk):
         chunk = rows[start : start + config.chunk]
-        logits = classifier.logits_from_features(np.asarray(cache.features[chunk], np.float32))
+        logits = classifier.logits_from_features(cache.read(chunk))
         evaluation.add(logits.softmax(-1), torch.from_numpy(labels[start : start + config.chunk]))
     scoring_seconds = time.perf_counter() - scoring_started
     metrics = evaluation.result()
@@ -207,7 +207,7 @@ def run_baselines(config, train_cache, cache, classifier, rows, labels, classes,
     whose size the report states)."""
     train_rows = np.flatnonzero(train_cache.split_mask("train"))
     train_y_all = train_cache.labels[train_rows].astype(np.int64)
-    source_all = baselines.RowSource.of_cache(train_cache.features, train_rows, train_y_all)
+    source_all = baselines.RowSource.of_cache(train_cache, train_rows, train_y_all)
     test_positions = baseline_test_positions(len(rows), config.baseline_rows)
     test_rows, test_labels = rows[test_positions], labels[test_positions]
     budget = baselines.BaselineBudget(max_steps=config.baseline_steps)
@@ -217,7 +217,7 @@ def run_baselines(config, train_cache, cache, classifier, rows, labels, classes,
     def score(scorer: baselines.Scorer, prepare=None) -> dict:
         evaluation = Evaluation(classes)
         for start in range(0, len(test_rows), config.chunk):
-            x = np.asarray(cache.features[test_rows[start : start + config.chunk]], np.float32)
+            x = cache.read(test_rows[start : start + config.chunk])
             x = prepare(x) if prepare is not None else x
             evaluation.add(scorer.probabilities(x), torch.from_numpy(test_labels[start : start + config.chunk]))
         return evaluation.result()

@@ -163,7 +163,7 @@ def fit_probe(cache, rows: list[int]) -> tuple[np.ndarray, dict[int, int]]:
     from taxoclip.eval import baselines
 
     train_rows = np.flatnonzero(cache.split_mask("train"))
-    source = baselines.RowSource.of_cache(cache.features, train_rows, cache.labels[train_rows].astype(np.int64))
+    source = baselines.RowSource.of_cache(cache, train_rows, cache.labels[train_rows].astype(np.int64))
     scorer = baselines.fit_probe(source, len(cache.classes))
     unique = sorted(set(rows))
     probabilities = scorer.dense(np.asarray(cache.features[unique], np.float32)).numpy()

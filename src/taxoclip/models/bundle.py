@@ -36,11 +36,32 @@ def read_config(path: Path) -> dict:
         )
     try:
         config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise TaxoclipError(f"{config_path}: not valid JSON ({error}); the model directory is damaged") from None
+    check_config_types(config_path, config)
     if config.get("version", BUNDLE_VERSION) > BUNDLE_VERSION:
         raise TaxoclipError(f"{path}: written by a newer taxoclip (format {config['version']}); upgrade taxoclip")
     return config
+
+
+# The fields every kind shares, and their JSON types; a kind's loader checks its own on use.
+CONFIG_TYPES = {"version": int, "kind": str, "image_tower": dict, "training": dict, "lit": dict}
+
+
+def check_config_types(config_path: Path, config) -> None:
+    """A config.json that is an object whose shared fields have their types (a hand-edited or
+    crafted file with ``"kind": ["lit"]`` is named, not a traceback)."""
+    if not isinstance(config, dict):
+        raise TaxoclipError(
+            f"{config_path}: a JSON {type(config).__name__} where a model's settings (an object) belong; "
+            "the model directory is damaged"
+        )
+    for name, kind in CONFIG_TYPES.items():
+        if name in config and not (isinstance(config[name], kind) and not isinstance(config[name], bool)):
+            raise TaxoclipError(
+                f"{config_path}: {name!r} is {json.dumps(config[name])[:60]}, not a JSON "
+                f"{ {int: 'integer', str: 'string', dict: 'object'}[kind] }; the model directory is damaged"
+            )
 
 
 def save_weights(path: Path, module: torch.nn.Module) -> None:

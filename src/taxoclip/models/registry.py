@@ -66,8 +66,10 @@ def load_classifier(
     except TaxoclipError:
         raise
     except Exception as error:  # a missing, truncated or foreign file where the kind expects its own
+        from taxoclip.tensor_files import short
+
         raise TaxoclipError(
-            f"{path}: the {kind} model directory is damaged ({type(error).__name__}: {error}); "
+            f"{path}: the {kind} model directory is damaged ({type(error).__name__}: {short(error)}); "
             "copy the whole directory again or retrain"
         ) from None
     for option, value, method, lacking in (

@@ -211,8 +211,10 @@ def efficientnet_lite(name: str, pretrained: bool) -> ImageTower:
     model = timm.create_model(architecture, pretrained=False)
     if pretrained:
         weights = lite_weights_file(name, package)
+        from taxoclip.tensor_files import load_plain_tensors
+
         # The file is a plain state dict; weights_only never runs code from it.
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = load_plain_tensors(weights, f"reinstall {package}")
         model.load_state_dict(map_by_order(state, model.state_dict(), weights))
     model.reset_classifier(0)  # pooled 1280-d pre-logit features
     # TF-ported EfficientNet-Lite expects (x - 127) / 128 on 0-255 pixels.

@@ -202,26 +202,42 @@ def read_seen_photos(path: Path) -> set[str]:
 
 def load_vqa_model(path) -> tuple[VQAModel, dict]:
     """(VQAModel, its config) from a model directory of kind ``vqa``."""
-    from safetensors.torch import load_file
-
     from taxoclip.models.bundle import read_config
-    from taxoclip.models.language import load_language_model
+    from taxoclip.tensor_files import short
 
     path = Path(path)
     config = read_config(path)
     if config.get("kind") != "vqa":
         raise TaxoclipError(f"{path}: a {config.get('kind')} model, not a question-answering one (train vqa)")
+    try:
+        return open_vqa_directory(path, config), config
+    except TaxoclipError:
+        raise
+    except Exception as error:  # a missing, truncated, foreign or hand-edited file where ours belongs
+        raise TaxoclipError(
+            f"{path}: the vqa model directory is damaged ({type(error).__name__}: {short(error)}); "
+            "copy the whole directory again or retrain"
+        ) from None
+
+
+def open_vqa_directory(path: Path, config: dict) -> VQAModel:
+    from taxoclip.models.language import load_language_model
+    from taxoclip.tensor_files import load_tensors, load_weights_into
+
+    fix = "copy the whole directory again or retrain"
     lm, tokenizer = load_language_model(config["language_model"])
     shape = config["projector"]
-    projector = Projector(shape["width"], shape["hidden"], shape["tokens"])
-    projector.load_state_dict(load_file(str(path / "projector.safetensors")))
+    projector = Projector(int(shape["width"]), int(shape["hidden"]), int(shape["tokens"]))
+    weights = path / "projector.safetensors"
+    load_weights_into(projector, load_tensors(weights, fix), weights, fix)
     adapters = None
     if config.get("lora"):
         lora = config["lora"]
-        adapters = attach_lora(lm, lora["rank"], lora["alpha"], tuple(lora["targets"]))
-        adapters.load_state_dict(load_file(str(path / "adapters.safetensors")))
+        adapters = attach_lora(lm, int(lora["rank"]), float(lora["alpha"]), tuple(lora["targets"]))
+        weights = path / "adapters.safetensors"
+        load_weights_into(adapters, load_tensors(weights, fix), weights, fix)
     lm.eval()
-    return VQAModel(lm, tokenizer, projector.eval(), adapters), config
+    return VQAModel(lm, tokenizer, projector.eval(), adapters)
 
 
 MAX_QUESTION_CHARS = 300

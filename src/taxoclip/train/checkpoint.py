@@ -8,7 +8,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from taxoclip.errors import TaxoclipError
+from taxoclip.tensor_files import load_plain_tensors, load_tensors, load_weights_into, short
 
 
 def save_checkpoint(
@@ -40,25 +43,33 @@ def read_state(folder: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        from taxoclip.errors import TaxoclipError
-
-        raise TaxoclipError(f"{path}: damaged; delete {folder} to start the run again") from None
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        state = None
+    if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
+        raise TaxoclipError(f"{path}: damaged; delete {folder} to start the run again")
+    return state
 
 
 def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
-    state_path = folder / "state.json"
-    if not state_path.exists():
+    """Resume a model and optimiser; any file that is damaged, replaced or another run's is named,
+    with what to do (torch.load runs with weights_only: a pickle is refused, never run)."""
+    state = read_state(folder)
+    if state is None:
         return None
-    state = json.loads(state_path.read_text())
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    # A file we wrote ourselves; weights_only keeps torch.load from running any code regardless.
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    fix = f"delete {folder} to start the run again"
+    weights = folder / "model.safetensors"
+    load_weights_into(model, load_tensors(weights, fix), weights, fix)
+    optimiser = folder / "optimizer.pt"
+    state_dict = load_plain_tensors(optimiser, fix)
+    try:
+        optimizer.load_state_dict(state_dict)
+    except (ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise TaxoclipError(f"{optimiser}: another run's optimiser state ({short(error)}); {fix}") from None
     return state
 
 
 def load_extra(folder: Path, name: str) -> dict[str, torch.Tensor] | None:
     """A named tensor set saved with the checkpoint (None when absent)."""
     path = folder / f"{name}.safetensors"
-    return load_file(str(path)) if path.exists() else None
+    return load_tensors(path, f"delete {folder} to start the run again") if path.exists() else None

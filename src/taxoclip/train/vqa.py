@@ -68,9 +68,8 @@ class VQATrainer(Trainer):
 
     def start_from(self, projector: Projector, folder: Path) -> set[str]:
         """Load a stage-1 directory's projector (LLaVA's stage 2 starts there); the photos it saw."""
-        from safetensors.torch import load_file
-
         from taxoclip.models.bundle import read_config
+        from taxoclip.tensor_files import load_tensors, load_weights_into
 
         if not (folder / "config.json").is_file():
             raise TaxoclipError(
@@ -84,11 +83,12 @@ class VQATrainer(Trainer):
                 f"--init-from {folder}: not a vqa model with this projector's shape {mine} "
                 f"(it has {shape or 'none'}); use the same features, language model and --image-tokens"
             )
-        if earlier["image_tower"].get("id") != self.cache.meta["tower"]["id"]:
+        if earlier.get("image_tower", {}).get("id") != self.cache.meta["tower"]["id"]:
             raise TaxoclipError(
                 f"--init-from {folder}: trained on another image tower's embeddings than {self.config.features}"
             )
-        projector.load_state_dict(load_file(str(folder / "projector.safetensors")))
+        weights, fix = folder / "projector.safetensors", "give --init-from a whole stage-1 model directory"
+        load_weights_into(projector, load_tensors(weights, fix), weights, fix)
         return read_seen_photos(folder)
 
     def param_groups(self) -> list[dict]:
