@@ -356,3 +356,15 @@ def test_crop_and_flip_keeps_the_size_and_is_reproducible():
     again = crop_and_flip(pixels, torch.Generator().manual_seed(1))
     assert once.shape == pixels.shape and once.dtype == torch.uint8
     assert torch.equal(once, again) and not torch.equal(once, pixels)
+
+
+def test_a_vocabulary_of_other_species_is_refused_when_it_cannot_tell_these_apart(colour_features, tmp_path, capsys):
+    """A vocabulary made from other species keeps only their families for these classes: three
+    classes to a label set, a model that cannot tell them apart. Refused, both class tables named."""
+    labels = ["family:Family0", "family:Family1", "genus:Quercus"]
+    oaks = Vocabulary("taxonomy", "paper", labels, [9, 9, 9], ["q1", "q2"], [[0, 2], [1, 2]])
+    oaks.save(tmp_path / "oaks.json")
+    arguments = ["train", "catlip", "--features", str(colour_features), "--epochs", "1", "-q"]
+    assert main([*arguments, "-o", str(tmp_path / "m"), "--vocabulary", str(tmp_path / "oaks.json")]) == 2
+    said = capsys.readouterr().err
+    assert "made from other classes (2: q1, q2)" in said and "cannot be told apart" in said and "family:Family" in said

@@ -486,3 +486,27 @@ def test_a_jpeg_with_damaged_entropy_data_is_a_reject_everywhere_not_a_photo(tmp
     assert manifest["totals"] == manifest["totals"] | {"input": 3, "written": 2, "rejected": 1}
     rejects = json.dumps(manifest) + "".join(p.read_text() for p in (tmp_path / "shards").glob("*reject*"))
     assert "damaged.jpg" in rejects and "damaged JPEG data" in rejects
+
+
+def test_a_model_refuses_a_tower_with_other_weights_than_it_was_trained_on(colour_features, tmp_path, capsys):
+    """Another version of the tower (same name and width, other weights) would feed the head
+    features it never saw: a fine-tuned head named a sweet pea for a primrose at 100%."""
+    import shutil
+
+    from taxoclip.train.finetune import FinetuneConfig, train_finetune
+
+    model = tmp_path / "model"
+    train_finetune(FinetuneConfig(output=str(model), features=str(colour_features), epochs=1, progress=False))
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(jpeg(two_colour_photo()))
+    assert main(["predict", str(photo), "--model", str(model)]) == 0  # its own tower: fine
+    capsys.readouterr()
+    other = tmp_path / "other-version"
+    shutil.copytree(model, other)
+    config = json.loads((other / "config.json").read_text())
+    recorded = config["image_tower"]["id"]
+    config["image_tower"]["id"] = "0123456789abcdef"  # trained on weights this tower no longer has
+    (other / "config.json").write_text(json.dumps(config))
+    assert main(["predict", str(photo), "--model", str(other)]) == 2
+    said = capsys.readouterr().err
+    assert "0123456789abcdef" in said and recorded in said and "another version of the tower" in said

@@ -24,13 +24,27 @@ def write(path, count: int, splits=("train", "valid")) -> list[dict]:
     return records
 
 
+class Cache:
+    """What `QuestionFile` asks of a feature cache: its rows by key, labels, classes, photo set."""
+
+    def __init__(self, photos: int, photo_set: str = "data:test"):
+        from taxoclip import ClassTable
+
+        self.path, self.photo_set = "the-cache", photo_set
+        self.labels = np.zeros(photos, np.int64)
+        self.classes = ClassTable.from_records([{"id": "1", "species": "S"}], origin="test")
+        self.rows = {f"photo-{p:07d}": p for p in range(photos)}
+
+    def row_of(self) -> dict[str, int]:
+        return self.rows
+
+
 def test_records_come_back_from_disk_as_written(tmp_path):
     from taxoclip.data.question_file import QuestionFile
 
     path = tmp_path / "qa.jsonl"
     records = write(path, 300)
-    row_of = {f"photo-{p:07d}": p for p in range(25)}  # photos 25..29 are not in the cache
-    questions = QuestionFile(path, row_of)
+    questions = QuestionFile(path, Cache(25))  # photos 25..29 are not in the cache
     assert len(questions) == 250 and questions.missing == 50  # nothing lost: kept + counted missing
     train = questions.in_split("train")
     assert len(train) + len(questions.in_split("train", keep=False)) == 250
@@ -52,7 +66,7 @@ def test_sample_streams_to_the_sorted_answer(tmp_path):
 
     path = tmp_path / "qa.jsonl"
     write(path, 600)
-    questions = QuestionFile(path, {f"photo-{p:07d}": p for p in range(60)})
+    questions = QuestionFile(path, Cache(60))
     every = list(questions.iterate(np.arange(len(questions))))
     expected: dict[str, list[dict]] = {}
     for record in sorted(every, key=lambda r: stable(3, "eval", r["key"], r["question"])):
@@ -70,10 +84,33 @@ def test_indexing_holds_no_records(tmp_path):
 
     path = tmp_path / "qa.jsonl"
     write(path, 60_000)
-    row_of = {f"photo-{p:07d}": p for p in range(6_000)}
+    cache = Cache(6_000)
     tracemalloc.start()
-    questions = QuestionFile(path, row_of)
+    questions = QuestionFile(path, cache)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert len(questions) == 60_000
     assert peak < 4 * 2**20, f"indexing peaked at {peak / 2**20:.1f} MB"
+
+
+def test_questions_about_other_photos_are_refused_with_both_named(tmp_path):
+    """Keys such as photo-0000001 exist in every cache: the source record and each question's class
+    tie a file to the photos it was made from."""
+    import pytest
+
+    from taxoclip.data.question_file import QuestionFile
+    from taxoclip.data.questions import source_file
+    from taxoclip.errors import TaxoclipError
+
+    path = tmp_path / "qa.jsonl"
+    records = write(path, 40)
+    source_file(path).write_text(json.dumps({"photo_set": "shards:other", "source": "/elsewhere/shards"}))
+    with pytest.raises(TaxoclipError, match=r"made from /elsewhere/shards \(shards:other\).*the-cache embeds"):
+        QuestionFile(path, Cache(4))
+    source_file(path).write_text(json.dumps({"photo_set": "data:test", "source": "here"}))
+    assert len(QuestionFile(path, Cache(4))) == 40  # the same photos: kept
+    for record in records:
+        record["class_id"] = "7" if record["key"] == "photo-0000002" else "1"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(TaxoclipError, match="10 questions name another class.*photo-0000002 is class 7"):
+        QuestionFile(path, Cache(4))

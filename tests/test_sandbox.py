@@ -190,6 +190,13 @@ def config_as_list(box: Path, assets) -> Path:
     return copy
 
 
+def questions_of_other_photos(box: Path, assets) -> Path:
+    """Questions made from the shards: their keys (train-0000000 ...) exist in the feature cache too,
+    which embeds other photos."""
+    assert main(["questions", str(assets["SHARDS"]), "-o", str(box / "qa.jsonl")]) == 0
+    return box / "qa.jsonl"
+
+
 def ragged_csv(box: Path, assets) -> Path:
     return garbage(
         box / "ragged.csv", "class_id,genus,specific_epithet\n1,Rosa,canina\n2,Tulipa\n3,Bellis,perennis,extra\n"
@@ -239,6 +246,7 @@ PREPARE = {
     "PICKLEDWEIGHTS": pickled_checkpoint_weights,
     "KINDLIST": kind_as_list,
     "CONFIGLIST": config_as_list,
+    "OTHERQA": questions_of_other_photos,
 }
 
 CASES = [
@@ -328,6 +336,9 @@ CASES = [
     (["export", "onnx", "--model", "EMPTY", "-o", "OUT/m.onnx"], "config.json"),
     (["export", "onnx", "--model", "MODEL", "-o", "AFILE/m.onnx"], "notes.txt"),
     (["serve", "--model", "FOREIGN"], "hologram"),
+    # a file that names another's rows: refused with both named
+    (["train", "vqa", "--features", "FEATURES", "--questions", "OTHERQA", "-o", "OUT"], "embeds other photos"),
+    (["eval", "--model", "MODEL", "--data", "FEATURES", "--questions", "OTHERQA", "-o", "OUT"], "vqa"),
     # crafted or damaged files
     (["features", "CUTMATCH", "-o", "OUT", "--tower", "timm:test_efficientnet", "--random-weights"], "train-000000"),
     (["questions", "CUTMATCH", "-o", "OUT/qa.jsonl"], "train-000000"),

@@ -594,6 +594,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if model_kind(args.model) == "vqa":
         return cmd_eval_vqa(args)
+    if args.questions:  # never silently ignored
+        raise TaxoclipError(f"--questions is for question-answering (vqa) models; {args.model} identifies species")
     config = EvalConfig(
         model=args.model,
         data=args.data,

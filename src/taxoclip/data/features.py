@@ -67,6 +67,15 @@ class DataPlan:
     rejects: list[dict] = field(default_factory=list)
 
 
+def photo_set_id(description: dict, data_id: str) -> str:
+    """Which photos, by identity, whatever subset of them a file covers: shards by their manifest's
+    plan (so a cache of one split and questions about all splits still match), any other source by
+    its content digest. A file that names another file's rows records this."""
+    if description.get("kind") == "shards" and description.get("plan_id"):
+        return f"shards:{description['plan_id']}"
+    return f"data:{data_id}"
+
+
 def plan_from_shards(shard_dir: Path, split: str | None) -> DataPlan:
     manifest = read_manifest(shard_dir)
     shards = [s for s in manifest["shards"] if split is None or s["split"] == split]
@@ -319,6 +328,12 @@ class FeatureCache:
     @property
     def classes(self) -> ClassTable:
         return ClassTable.from_json(self.meta["classes"])
+
+    @property
+    def photo_set(self) -> str:
+        """The identity of the photos this cache embedded (see `photo_set_id`)."""
+        data = self.meta.get("data", {})
+        return photo_set_id(data, str(data.get("data_id", "")))
 
     def row_of(self) -> dict[str, int]:
         return {key: row for row, key in enumerate(self.keys)}

@@ -20,17 +20,25 @@ REQUIRED = ("key", "question", "answer")
 
 
 class QuestionFile:
-    """The questions of ``path`` whose photos are rows of a feature cache (``row_of``: key -> row).
+    """The questions of ``path`` whose photos are rows of the feature cache ``cache``.
 
     ``offsets``, ``rows`` and ``split_codes`` (into ``split_names``) hold one entry per kept
-    question; ``records(positions)`` reads those questions' lines back, each with its ``row``."""
+    question; ``records(positions)`` reads those questions' lines back, each with its ``row``.
 
-    def __init__(self, path: str | Path, row_of: dict[str, int]):
+    The file must be about the cache's photos: the photo set its source record names (written
+    beside it by 'taxoclip questions') must be the cache's, and every question's class must be the
+    cache's label for its photo; either mismatch is refused with both named. Questions about photos
+    the cache does not hold (a cache of one split) are counted in ``missing``."""
+
+    def __init__(self, path: str | Path, cache):
         self.path = Path(path)
         if not self.path.is_file():
             raise TaxoclipError(
                 f"{self.path}: no such questions file; make one with 'taxoclip questions FEATURES -o {self.path}'"
             )
+        self.check_source(cache)
+        row_of, labels, class_ids = cache.row_of(), cache.labels, cache.classes.ids
+        wrong_class, first_wrong = 0, ""
         # typed arrays, 17 bytes a question (a list of Python ints would take ~100)
         offsets, rows, splits = array("q"), array("q"), array("b")
         self.split_names: list[str] = []
@@ -48,6 +56,12 @@ class QuestionFile:
                 row = row_of.get(record["key"])
                 if row is None:
                     self.missing += 1
+                elif not same_class(record, int(labels[row]), class_ids):
+                    wrong_class += 1
+                    first_wrong = first_wrong or (
+                        f"line {line_number}: photo {record['key']} is class {record.get('class_id')} in the questions, "
+                        f"{class_ids[int(labels[row])]} in the cache"
+                    )
                 else:
                     split = str(record.get("split"))
                     if split not in code_of:
@@ -57,6 +71,11 @@ class QuestionFile:
                     rows.append(row)
                     splits.append(code_of[split])
                 offset += len(line)
+        if wrong_class:
+            raise TaxoclipError(
+                f"{self.path}: {wrong_class} questions name another class than {cache.path} holds for their photo "
+                f"({first_wrong}): they were made from other photos; make them with 'taxoclip questions {cache.path}'"
+            )
         if not offsets:
             raise TaxoclipError(
                 f"{self.path}: none of its {self.missing} questions names a photo of the feature cache; "
@@ -65,6 +84,25 @@ class QuestionFile:
         self.offsets = np.frombuffer(offsets, dtype=np.int64)
         self.rows = np.frombuffer(rows, dtype=np.int64)
         self.split_codes = np.frombuffer(splits, dtype=np.int8)
+
+    def check_source(self, cache) -> None:
+        """Refuse a file whose source record names other photos than the cache's (keys such as
+        train-0000000 exist in every cache: only this says which photos they are)."""
+        from taxoclip.data.questions import source_file
+
+        record_path = source_file(self.path)
+        try:
+            source = json.loads(record_path.read_text())
+        except FileNotFoundError:
+            return  # a file from before source records: the class check below still guards it
+        except (OSError, ValueError):
+            raise TaxoclipError(f"{record_path}: damaged; make the questions again with 'taxoclip questions'") from None
+        theirs = source.get("photo_set") if isinstance(source, dict) else None
+        if theirs and theirs != cache.photo_set:
+            raise TaxoclipError(
+                f"{self.path} was made from {source.get('source')} ({theirs}), but {cache.path} embeds other photos "
+                f"({cache.photo_set}); make the questions from the cache's photos: 'taxoclip questions {cache.path}'"
+            )
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -95,6 +133,12 @@ class QuestionFile:
         if count is None:
             return sorted(stream, key=key)
         return heapq.nsmallest(count, stream, key=key)
+
+
+def same_class(record: dict, label: int, class_ids: list[str]) -> bool:
+    """Whether a question's class (index and id, where it records them) is the cache's label."""
+    index, class_id = record.get("class_index"), record.get("class_id")
+    return (index is None or index == label) and (class_id is None or str(class_id) == class_ids[label])
 
 
 def parse(line: bytes) -> dict | None:

@@ -233,6 +233,7 @@ class Photos:
     split_codes: np.ndarray
     split_names: list[str]
     malformed: int = 0  # shard samples skipped as unusable (see `sample_problem`)
+    photo_set: str = ""  # which photos the keys name (`photo_set_id`): a questions file records it
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -263,9 +264,15 @@ def photos_of(path: str | Path, **source_options) -> tuple[ClassTable, Photos]:
         from taxoclip.data.features import load_features
 
         cache = load_features(path)
-        photos = Photos(cache.keys.array, cache.labels.astype(np.int64), cache.split_codes, list(cache.split_names))
+        photos = Photos(
+            cache.keys.array,
+            cache.labels.astype(np.int64),
+            cache.split_codes,
+            list(cache.split_names),
+            photo_set=cache.photo_set,
+        )
         return cache.classes, photos
-    from taxoclip.data.features import CacheKeys, plan_data
+    from taxoclip.data.features import CacheKeys, photo_set_id, plan_data
     from taxoclip.data.shards import iter_tar_samples, sample_problem
 
     plan = plan_data(path, **source_options)
@@ -293,6 +300,7 @@ def photos_of(path: str | Path, **source_options) -> tuple[ClassTable, Photos]:
         np.array([code[s] for s in splits], np.uint8),
         names,
         malformed,
+        photo_set_id(plan.description, plan.data_id),
     )
     return ClassTable.from_json(plan.classes), photos
 
@@ -322,4 +330,14 @@ def write_questions(
                 if record["type"] == "yes_no":
                     counts["yes_no"][record["answer"]] += 1
     temporary.replace(out)
+    # The identity of the photos its keys name, beside it: keys such as train-0000000 exist in
+    # every cache, so only this ties the file to the one it was made from.
+    source = {"photo_set": photos.photo_set, "source": str(path), "classes": len(classes), "photos": len(photos)}
+    source_file(out).write_text(json.dumps(source, indent=1))
     return {k: dict(v) if isinstance(v, Counter) else v for k, v in counts.items()}
+
+
+def source_file(questions: str | Path) -> Path:
+    """Where a questions file's source record lives: ``qa.jsonl`` -> ``qa.jsonl.source.json``."""
+    questions = Path(questions)
+    return questions.with_name(questions.name + ".source.json")

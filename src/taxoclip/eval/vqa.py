@@ -201,7 +201,7 @@ def run_vqa_evaluation(config: VQAEvalConfig) -> dict:
             f"was trained on {model_config['image_tower']['name']} ({model_config['image_tower']['id']}) embeddings; "
             "use the cache it was trained on (or one made with the same tower)"
         )
-    questions = QuestionFile(config.questions, cache.row_of())  # indexed; records read when sampled
+    questions = QuestionFile(config.questions, cache)  # indexed; records read when sampled
     asked = questions.in_split(config.split)
     if not len(asked):
         have = ", ".join(sorted(questions.split_names))

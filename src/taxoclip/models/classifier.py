@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from taxoclip.errors import TaxoclipError
 from taxoclip.taxonomy import ClassTable
 
 
@@ -46,9 +47,23 @@ class Classifier:
         if self._tower is None:
             from taxoclip.models.towers import create_image_tower
 
-            tower = create_image_tower(self.image_tower_name, pretrained=self.image_pretrained)
-            self._tower = self.customise_image_tower(tower).for_inference(torch.device("cpu"))
+            tower = self.customise_image_tower(
+                create_image_tower(self.image_tower_name, pretrained=self.image_pretrained)
+            )
+            self.check_tower_identity(tower)
+            self._tower = tower.for_inference(torch.device("cpu"))
         return self._tower
+
+    def check_tower_identity(self, tower) -> None:
+        """The tower built here must be the one the model's weights were trained on: another version
+        of it (same name and width, other weights) would feed the head features it never saw and
+        name a wrong species with confidence."""
+        if self.image_tower_id and tower.id != self.image_tower_id:
+            raise TaxoclipError(
+                f"{self.name}: trained on {self.image_tower_name} with weights {self.image_tower_id}, but "
+                f"{self.image_tower_name} here has weights {tower.id} (another version of the tower, or another "
+                "tower under its name); install the version it was trained with, or retrain it on this one"
+            )
 
     @property
     def held_out(self) -> list[int]:

@@ -287,6 +287,11 @@ class Asker:
         self.model, self.config = load_vqa_model(model_dir)
         record = self.config["image_tower"]
         self.tower = create_image_tower(record["name"], pretrained=record.get("pretrained", True))
+        if record.get("id") and self.tower.id != record["id"]:  # its projector reads this tower's features only
+            raise TaxoclipError(
+                f"{model_dir}: trained on {record['name']} with weights {record['id']}, but {record['name']} here has "
+                f"weights {self.tower.id}; install the version it was trained with, or retrain it on this one"
+            )
 
     @torch.no_grad()
     def ask(self, image, question: str, choices: list[str] | None = None) -> dict:

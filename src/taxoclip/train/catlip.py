@@ -82,8 +82,11 @@ class CatLIPTrainer(Trainer):
         """The given vocabulary (checked against the classes) or one built from the training
         photos, with each class's labels in it."""
         config, classes, images = self.config, self.classes, self.images_per_class
+        made_for = None  # the classes a given vocabulary was made from, when they are not these
         if config.vocabulary:
             given = Vocabulary.load(config.vocabulary)
+            if list(given.class_ids) != list(classes.ids):
+                made_for = given.class_ids
             per_class = class_labels(classes, captions, given.extractor, given.style)
             given.class_ids, given.class_labels = classes.ids, given.labels_of(classes, per_class)
             vocabulary = given
@@ -105,7 +108,36 @@ class CatLIPTrainer(Trainer):
                 f"{len(trained)} training classes carry no label of the vocabulary ({ids}): their photos would "
                 "teach nothing. Lower --min-count, or use a vocabulary made from these classes"
             )
+        self.check_distinguishable(vocabulary, made_for)
         return vocabulary
+
+    def check_distinguishable(self, vocabulary: Vocabulary, made_for: list[str] | None) -> None:
+        """Training classes whose label sets are identical cannot be told apart by a label model.
+        With a vocabulary made from other classes that is a model at chance: refused, both named;
+        with the cache's own vocabulary (--min-count cut the labels that differed), said."""
+        classes, trained = self.classes, np.flatnonzero(self.images_per_class)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for c in trained:
+            groups.setdefault(tuple(sorted(vocabulary.class_labels[c])), []).append(int(c))
+        alike = [group for group in groups.values() if len(group) > 1]
+        if not alike:
+            return
+        count = sum(len(group) for group in alike)
+        largest = max(alike, key=len)
+        example = ", ".join(classes.ids[c] for c in largest[:4]) + (" ..." if len(largest) > 4 else "")
+        labels = ", ".join(vocabulary.labels[i] for i in vocabulary.class_labels[largest[0]]) or "none"
+        detail = (
+            f"{count} of {len(trained)} training classes share their whole label set with another (the largest "
+            f"group, {len(largest)} classes: {example}, labels {labels}) and cannot be told apart"
+        )
+        if made_for is not None:
+            shown = ", ".join(map(str, made_for[:4])) + (" ..." if len(made_for) > 4 else "")
+            raise TaxoclipError(
+                f"--vocabulary {self.config.vocabulary} was made from other classes ({len(made_for)}: {shown}) than "
+                f"{self.config.features or self.config.shards} holds ({len(classes)}): {detail}. Make the vocabulary "
+                "from these classes ('taxoclip labels' on the same data), or leave out --vocabulary"
+            )
+        self.runtime.print(f"note: {detail}; lower --min-count to keep the labels that tell them apart")
 
     def param_groups(self) -> list[dict]:
         config = self.config

@@ -41,7 +41,12 @@ class VQATrainer(Trainer):
         self.config, self.runtime = config, runtime
         self.cache = load_features(config.features)
         # Indexed, not read: at iNat2021's size the file holds ~27M questions.
-        self.questions = QuestionFile(config.questions, self.cache.row_of())
+        self.questions = QuestionFile(config.questions, self.cache)
+        if self.questions.missing:
+            runtime.print(
+                f"note: {self.questions.missing} of the questions are about photos {config.features} does not hold "
+                f"(left out; {len(self.questions)} kept)"
+            )
         self.train_positions = self.questions.in_split("train")
         if not len(self.train_positions):
             raise TaxoclipError(f"{config.questions}: no question about a training photo")
