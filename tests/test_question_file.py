@@ -112,5 +112,5 @@ def test_questions_about_other_photos_are_refused_with_both_named(tmp_path):
     for record in records:
         record["class_id"] = "7" if record["key"] == "photo-0000002" else "1"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    with pytest.raises(TaxoclipError, match="10 questions name another class.*photo-0000002 is class 7"):
+    with pytest.raises(TaxoclipError, match=r"10 questions name another class.*photo-0000002 is class 7"):
         QuestionFile(path, Cache(4))

@@ -59,8 +59,8 @@ class QuestionFile:
                 elif not same_class(record, int(labels[row]), class_ids):
                     wrong_class += 1
                     first_wrong = first_wrong or (
-                        f"line {line_number}: photo {record['key']} is class {record.get('class_id')} in the questions, "
-                        f"{class_ids[int(labels[row])]} in the cache"
+                        f"line {line_number}: photo {record['key']} is class {record.get('class_id')} in the "
+                        f"questions, {class_ids[int(labels[row])]} in the cache"
                     )
                 else:
                     split = str(record.get("split"))
