@@ -5,6 +5,7 @@ SmolLM2's tokenizer, so the test takes seconds)."""
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -121,17 +122,21 @@ def test_stage_one_trains_only_the_projector_and_ask_answers(stage_one, colour_s
 def test_a_questions_file_is_checked_line_by_line(tmp_path):
     from taxoclip.data.question_file import QuestionFile as read_questions
     from taxoclip.errors import TaxoclipError
+    from test_question_file import Cache
+
+    two_photos = Cache(0)
+    two_photos.labels, two_photos.rows = np.zeros(2, np.int64), {"a": 0, "b": 1}
 
     path = tmp_path / "qa.jsonl"
     path.write_text('{"key": "a", "question": "Q?", "answer": "yes"}\n{"key": "b", "question": "Q?"}\n')
     with pytest.raises(TaxoclipError, match="line 2: not a question record"):
-        read_questions(path, {"a": 0, "b": 1})
+        read_questions(path, two_photos)
     path.write_text('{"key": "z", "question": "Q?", "answer": "yes"}\n')
     with pytest.raises(TaxoclipError, match="none of its 1 questions names a photo"):
-        read_questions(path, {"a": 0})
+        read_questions(path, two_photos)
     path.write_text('{"key": "a", "question": "Q?", "answer": "yes"}\nnot json\n')
     with pytest.raises(TaxoclipError, match="line 2"):
-        read_questions(path, {"a": 0})
+        read_questions(path, two_photos)
 
 
 def test_closed_answers_are_ranked_in_one_batch_exactly_as_one_by_one(stage_one):

@@ -312,7 +312,7 @@ class FeatureCache:
             bad = np.asarray(rows).reshape(-1)[~finite]
             keys = ", ".join(self.keys[int(row)] for row in bad[:5])
             raise TaxoclipError(
-                f"{self.path / 'features.npy'}: rows hold NaN or infinite values (samples {keys}"
+                f"{self.path / 'features.npy'}: {len(bad)} rows hold NaN or infinite values (samples {keys}"
                 f"{' ...' if len(bad) > 5 else ''}); the cache is damaged: delete the folder and run "
                 "'taxoclip features'"
             )
