@@ -22,12 +22,13 @@ import torch
 
 from common import benchmark, interleaved_step_seconds
 from taxoclip.data.captions import build_captions
-from taxoclip.data.features import FeatureCache, extract_features
+from taxoclip.data.features import FeatureCache
 from taxoclip.data.paths import find_dataset
 from taxoclip.data.shards import ShardOptions, write_shards
 from taxoclip.data.sources import load_source
 from taxoclip.eval import baselines
 from taxoclip.models.catlip import transfer_init
+from taxoclip.models.extraction import extract_features
 from taxoclip.models.registry import load_classifier
 from taxoclip.train.catlip import CatLIPConfig, train_catlip
 from taxoclip.train.lit import TrainConfig, train_lit

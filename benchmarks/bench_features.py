@@ -12,11 +12,11 @@ import torch
 
 from common import benchmark
 from taxoclip.data.captions import build_captions
-from taxoclip.data.features import extract_features
 from taxoclip.data.images import decode_image
 from taxoclip.data.paths import find_dataset
 from taxoclip.data.shards import ShardOptions, iter_tar_samples, write_shards
 from taxoclip.data.sources import load_source
+from taxoclip.models.extraction import extract_features
 from taxoclip.models.towers import create_image_tower
 
 BATCH = 64

@@ -17,7 +17,7 @@ import torch
 
 from bench_catlip import CACHE, flowers_cache
 from common import benchmark, interleaved_step_seconds
-from taxoclip.data.features import extract_features
+from taxoclip.models.extraction import extract_features
 from taxoclip.models.finetune import FinetuneHead
 from taxoclip.models.split import split_tower
 from taxoclip.models.towers import create_image_tower

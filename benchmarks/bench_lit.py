@@ -16,10 +16,10 @@ import torch
 
 from common import benchmark
 from taxoclip.data.captions import build_captions
-from taxoclip.data.features import extract_features
 from taxoclip.data.paths import find_dataset
 from taxoclip.data.shards import ShardOptions, write_shards
 from taxoclip.data.sources import load_source
+from taxoclip.models.extraction import extract_features
 from taxoclip.models.towers import create_image_tower
 from taxoclip.train.lit import TrainConfig, train_lit
 from taxoclip.train.log import load_history

@@ -157,7 +157,7 @@ def colour_shards(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def colour_features(colour_shards, tmp_path_factory) -> Path:
-    from taxoclip.data.features import extract_features
+    from taxoclip.models.extraction import extract_features
 
     out = tmp_path_factory.mktemp("colour_features")
     extract_features(colour_shards, "timm:test_efficientnet", out, pretrained=False, workers=0, progress=False)

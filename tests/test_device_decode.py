@@ -12,10 +12,11 @@ from PIL import Image
 
 from conftest import write_classes_csv
 from taxoclip.data.device_decode import choose_decode, device_decodable, pixels_on_device
-from taxoclip.data.features import extract_features
 from taxoclip.data.images import EXIF_ORIENTATION, decode_image
+from taxoclip.data.preprocess import Preprocess
 from taxoclip.errors import TaxoclipError
-from taxoclip.models.towers import Preprocess, create_image_tower
+from taxoclip.models.extraction import extract_features
+from taxoclip.models.towers import create_image_tower
 
 CPU = torch.device("cpu")
 TOWER = "timm:test_efficientnet"

@@ -220,8 +220,8 @@ def test_eval_of_an_open_clip_model_embeds_the_shards_itself(colour_shards, tmp_
 
 def test_eval_refuses_features_of_another_tower(trained_model, tmp_path, colour_shards):
     from taxoclip import TaxoclipError
-    from taxoclip.data.features import extract_features
     from taxoclip.eval.report import EvalConfig, run_evaluation
+    from taxoclip.models.extraction import extract_features
 
     model, _ = trained_model
     other = extract_features(

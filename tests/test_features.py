@@ -5,13 +5,14 @@ import subprocess
 import numpy as np
 import pytest
 
-import taxoclip.data.features as features_module
+import taxoclip.models.extraction as extraction_module
 from conftest import torchrun
 from taxoclip.data.captions import build_captions
-from taxoclip.data.features import extract_features, load_features
+from taxoclip.data.features import load_features
 from taxoclip.data.images import decode_image
 from taxoclip.data.shards import ShardOptions, iter_tar_samples, write_shards
 from taxoclip.data.sources import load_source
+from taxoclip.models.extraction import extract_features
 from taxoclip.models.towers import create_image_tower
 
 TOWER = "timm:test_efficientnet"
@@ -77,7 +78,7 @@ def test_second_run_is_served_from_cache_and_changed_input_is_not(shards, tmp_pa
 def test_interrupted_run_resumes_and_matches_a_clean_run(shards, tmp_path, tower, monkeypatch):
     clean = extract(shards, tmp_path / "clean", tower)
     saved = []
-    original = features_module.save_part
+    original = extraction_module.save_part
 
     def save_then_stop(parts, name, *args):
         original(parts, name, *args)
@@ -85,13 +86,13 @@ def test_interrupted_run_resumes_and_matches_a_clean_run(shards, tmp_path, tower
         if len(saved) == 2:
             raise KeyboardInterrupt  # as if killed after two finished units
 
-    monkeypatch.setattr(features_module, "save_part", save_then_stop)
+    monkeypatch.setattr(extraction_module, "save_part", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         extract(shards, tmp_path / "f", tower)
     assert not (tmp_path / "f" / "meta.json").exists()
 
     saved.clear()
-    monkeypatch.setattr(features_module, "save_part", lambda *a: (saved.append(a[1]), original(*a)))
+    monkeypatch.setattr(extraction_module, "save_part", lambda *a: (saved.append(a[1]), original(*a)))
     resumed = extract(shards, tmp_path / "f", tower)
     assert len(saved) == len(list(shards.glob("*.tar"))) - 2  # only the unfinished units ran
     assert resumed.keys == clean.keys

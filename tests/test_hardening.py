@@ -12,7 +12,7 @@ from PIL import Image
 from taxoclip import ClassTable
 from taxoclip.apps.cli import main
 from taxoclip.data.images import as_rgb, decode_image
-from taxoclip.models.towers import Preprocess
+from taxoclip.data.preprocess import Preprocess
 
 PRE = Preprocess(size=32, crop_pct=1.0)
 
@@ -236,7 +236,7 @@ def test_a_replaced_features_folder_is_another_run_not_a_resume(
 
     from conftest import tiny_train_config
     from taxoclip import TaxoclipError
-    from taxoclip.data.features import extract_features
+    from taxoclip.models.extraction import extract_features
     from taxoclip.train.lit import train_lit
 
     features = copy_cache(colour_features, tmp_path / "f")

@@ -210,7 +210,7 @@ def test_a_model_trained_on_a_random_weight_tower_predicts_from_photos(
     model = taxoclip.load(tmp_path / "m")
     assert model.image_pretrained is False
     samples = [s for tar in sorted(colour_shards.glob("valid-*.tar")) for s in iter_tar_samples(tar)][:6]
-    predictions = model.predict([decode_image(s["jpg"]) for s in samples])
+    predictions = taxoclip.predict(model, [decode_image(s["jpg"]) for s in samples])
     cache = load_features(colour_features)
     rows = [cache.row_of()[s["__key__"].decode()] for s in samples]
     from_cache = model.probabilities_from_features(np.asarray(cache.features[rows], np.float32)).argmax(-1)

@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 
 from conftest import free_port
 from taxoclip.data.captions import build_captions
-from taxoclip.data.features import extract_features, load_features
+from taxoclip.data.features import load_features
 from taxoclip.data.shards import ShardOptions, write_shards
 from taxoclip.data.sources import load_source
+from taxoclip.models.extraction import extract_features
 from taxoclip.train.log import load_history
 
 TOWER = "timm:test_efficientnet"

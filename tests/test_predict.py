@@ -8,8 +8,8 @@ from PIL import Image
 import taxoclip
 from taxoclip import ClassTable, TaxoclipError
 from taxoclip.apps.cli import main
+from taxoclip.data.preprocess import Preprocess
 from taxoclip.inference.predict import Predictor, collect_photos, honest_answer_table
-from taxoclip.models.towers import Preprocess
 
 TABLE = ClassTable.from_records(
     [
@@ -77,7 +77,7 @@ def test_predict_cli_and_python_api_on_real_photos(quick_demo, flowers, capsys):
     model = taxoclip.load(model_dir)
     daisy_class = model.classes.ids[0]
     photos = sorted((flowers / "valid" / daisy_class).glob("*.jpg"))[:3]
-    predictions = model.predict([str(p) for p in photos], rank="family")
+    predictions = taxoclip.predict(model, [str(p) for p in photos], rank="family")
     assert all(p.top[0]["id"] == daisy_class for p in predictions)
     assert main(["predict", *map(str, photos), "--model", str(model_dir), "--format", "json", "-q"]) == 0
     printed = json.loads(capsys.readouterr().out)

@@ -68,7 +68,7 @@ def test_predicting_with_a_lit_model_never_builds_its_text_tower(
 
     monkeypatch.setattr(towers, "create_text_tower", refuse)
     model = taxoclip.load(tmp_path / "m")
-    predictions = model.predict([decode_image(s["jpg"]) for s in valid_photos(colour_shards, 3)])
+    predictions = taxoclip.predict(model, [decode_image(s["jpg"]) for s in valid_photos(colour_shards, 3)])
     assert len(predictions) == 3 and predictions[0].top
     with pytest.raises(AssertionError, match="text tower was built"):
         model.use_style("scientific")  # another caption style does need it

@@ -12,7 +12,7 @@ import torch
 import taxoclip.data.features as features_module
 from taxoclip.data.features import load_features, write_synthetic_cache
 from taxoclip.eval import baselines
-from taxoclip.eval.zeroshot import SeenUnseenAccuracy, accuracy
+from taxoclip.models.accuracy import SeenUnseenAccuracy, accuracy
 from taxoclip.taxonomy import ClassTable
 
 WIDTH = 32

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from taxoclip import ClassTable
+from taxoclip.data.preprocess import Preprocess
 from taxoclip.inference.predict import Predictor
-from taxoclip.models.towers import Preprocess
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402

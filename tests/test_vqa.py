@@ -80,7 +80,8 @@ def test_stage_one_trains_only_the_projector_and_ask_answers(stage_one, colour_s
     tmp_path, questions = folder, folder / "qa.jsonl"
     assert 0 <= final["exact_match"] <= 1 and final["train_loss"] == final["train_loss"]  # finite
     # Closed questions are answered among their candidates (checked on the saved model below).
-    from taxoclip.train.vqa import answer_record, candidates_of
+    from taxoclip.data.questions import candidates_of
+    from taxoclip.models.vqa import answer_record
 
     assert candidates_of({"type": "yes_no"}) == ["yes", "no"] and candidates_of({"type": "rank"}) is None
     rows = [json.loads(line) for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]

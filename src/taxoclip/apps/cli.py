@@ -183,7 +183,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from taxoclip.data.features import extract_features
+    from taxoclip.models.extraction import extract_features
 
     cache = extract_features(
         args.data,

@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 
 from taxoclip.data.captions import build_captions, write_caption_config, write_captions_csv
-from taxoclip.data.features import extract_features
 from taxoclip.data.paths import find_dataset
 from taxoclip.data.shards import ShardOptions, verify_shards, write_shards
 from taxoclip.data.sources import load_source
+from taxoclip.models.extraction import extract_features
 from taxoclip.taxonomy import Dataset
 from taxoclip.train.lit import TrainConfig, train_lit
 

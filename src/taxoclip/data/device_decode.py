@@ -23,8 +23,8 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from taxoclip.data.images import DECODES
+from taxoclip.data.preprocess import Preprocess
 from taxoclip.errors import TaxoclipError
-from taxoclip.models.towers import Preprocess
 
 DEVICE_MODES = ("RGB", "L")  # JPEG colour modes the device decoder turns into RGB as PIL does
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -341,3 +342,16 @@ def source_file(questions: str | Path) -> Path:
     """Where a questions file's source record lives: ``qa.jsonl`` -> ``qa.jsonl.source.json``."""
     questions = Path(questions)
     return questions.with_name(questions.name + ".source.json")
+
+
+def normalise_answer(text: str) -> str:
+    """Lower case, no punctuation or articles, single spaces: what exact match compares."""
+    text = re.sub(r"[^\w\s-]", " ", text.lower())
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def candidates_of(record: dict) -> list[str] | None:
+    """The answers a closed question allows (None for an open one)."""
+    if record.get("type") == "yes_no":
+        return ["yes", "no"]
+    return record.get("choices") or None

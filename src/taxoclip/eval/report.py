@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from taxoclip.data.features import FeatureCache, extract_features, load_features
+from taxoclip.data.features import FeatureCache, load_features
 from taxoclip.errors import TaxoclipError
 from taxoclip.eval import baselines
 from taxoclip.eval.config import EvalConfig
 from taxoclip.eval.metrics import ROLLUP_RANKS, Evaluation, RankCodes
 from taxoclip.models.classifier import Classifier, EmbeddingClassifier
+from taxoclip.models.extraction import extract_features
 from taxoclip.models.registry import OPEN_CLIP_PREFIX, load_classifier
 from taxoclip.taxonomy import ClassTable
 

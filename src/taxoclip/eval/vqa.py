@@ -33,10 +33,9 @@ import torch
 
 from taxoclip.data.features import load_features
 from taxoclip.data.question_file import QuestionFile
-from taxoclip.data.questions import choice_names, species_name, stable
+from taxoclip.data.questions import candidates_of, choice_names, normalise_answer, species_name, stable
 from taxoclip.errors import TaxoclipError
-from taxoclip.models.vqa import load_vqa_model, read_seen_photos
-from taxoclip.train.vqa import answer_record, candidates_of, normalise
+from taxoclip.models.vqa import answer_record, load_vqa_model, read_seen_photos
 
 ANSWERERS = ("model", "question only", "shuffled images", "majority", "linear probe")
 GREEDY_BATCH = 8  # open questions decoded together (left-padded; the same answers as one by one)
@@ -104,13 +103,15 @@ class Majority:
     def __init__(self, training: Iterable[dict]):
         self.counts: dict[tuple, Counter] = {}
         for record in training:
-            self.counts.setdefault((record["type"], record.get("rank")), Counter())[normalise(record["answer"])] += 1
+            self.counts.setdefault((record["type"], record.get("rank")), Counter())[
+                normalise_answer(record["answer"])
+            ] += 1
 
     def __call__(self, record: dict) -> str:
         counts = self.counts.get((record["type"], record.get("rank")), Counter())
         candidates = candidates_of(record)
         if candidates:
-            return max(candidates, key=lambda c: counts[normalise(c)])
+            return max(candidates, key=lambda c: counts[normalise_answer(c)])
         return counts.most_common(1)[0][0] if counts else ""
 
 
@@ -120,7 +121,7 @@ class ProbeAnswers:
 
     def __init__(self, classes, probabilities: np.ndarray, row_position: dict[int, int]):
         self.rows, self.probabilities, self.position = list(classes.rows), probabilities, row_position
-        self.choice_names = np.array([normalise(name) for name in choice_names(self.rows)])
+        self.choice_names = np.array([normalise_answer(name) for name in choice_names(self.rows)])
         # per rank: its distinct values and each class's among them, so a question's probability
         # per value is one bincount, not a pass over the classes per value
         self.values: dict[str, tuple[list[str], np.ndarray]] = {}
@@ -150,10 +151,12 @@ class ProbeAnswers:
         if kind == "yes_no":
             if "value" not in record:
                 return None
-            asked = normalise(record["value"])
-            return "yes" if sum(m for v, m in self.mass(p, rank).items() if normalise(v) == asked) > 0.5 else "no"
+            asked = normalise_answer(record["value"])
+            return (
+                "yes" if sum(m for v, m in self.mass(p, rank).items() if normalise_answer(v) == asked) > 0.5 else "no"
+            )
         if kind == "multiple_choice":
-            return max(record["choices"], key=lambda c: float(p[self.choice_names == normalise(c)].sum()))
+            return max(record["choices"], key=lambda c: float(p[self.choice_names == normalise_answer(c)].sum()))
         return None
 
 
@@ -176,7 +179,7 @@ def score(records: list[dict], answers: dict[str, list]) -> dict:
 
     def rate(selected: list[int], given: list) -> float | None:
         pairs = [(given[i], records[i]["answer"]) for i in selected if given[i] is not None]
-        return float(np.mean([normalise(a) == normalise(b) for a, b in pairs])) if pairs else None
+        return float(np.mean([normalise_answer(a) == normalise_answer(b) for a, b in pairs])) if pairs else None
 
     groups: dict[str, list[int]] = {"all": list(range(len(records)))}
     for i, record in enumerate(records):

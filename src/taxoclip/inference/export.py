@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from taxoclip.data.preprocess import Preprocess
 from taxoclip.errors import TaxoclipError
 from taxoclip.models.classifier import Classifier
-from taxoclip.models.towers import Preprocess
 from taxoclip.taxonomy import ClassTable
 
 

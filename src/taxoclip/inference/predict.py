@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from taxoclip.data.images import BadImage, check_image, decode_image, read_photo
+from taxoclip.data.preprocess import Preprocess
 from taxoclip.errors import TaxoclipError
 from taxoclip.eval.metrics import ROLLUP_RANKS, RankCodes, rollup
-from taxoclip.models.towers import Preprocess
 from taxoclip.taxonomy import ClassTable, Rank
 
 # Measured on flowers valid (LiT with the defaults: efficientnet-lite0 + minilm-l6, image projection,
@@ -268,3 +268,16 @@ def honest_answer_table(
             }
         )
     return rows
+
+
+def predict(
+    classifier, images, *, top_k: int = 5, rank: str | None = None, subset=None, threshold: float | None = None
+):
+    """Predictions for PIL images or photo paths with any `Classifier`: top-k species with
+    lineage, the answer at ``rank``, restricted to ``subset`` taxa, and the deepest confident rank."""
+    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+    predictor = torch_predictor(classifier, subset=subset, threshold=threshold)
+    images = list(images)
+    if images and isinstance(images[0], str | Path):
+        return predictor.predict_paths(images, top_k=top_k, rank=rank)
+    return predictor.predict_images(images, top_k=top_k, rank=rank)

@@ -84,18 +84,6 @@ class Classifier:
         pixels = torch.stack([tower.preprocess.to_uint8(image) for image in images])
         return self.probabilities_from_features(tower.embed(pixels))
 
-    def predict(self, images, *, top_k: int = 5, rank: str | None = None, subset=None, threshold: float | None = None):
-        """Predictions for PIL images or photo paths: top-k species with lineage, the answer at
-        ``rank``, restricted to ``subset`` taxa, and the deepest confident rank."""
-        from taxoclip.inference.predict import DEFAULT_THRESHOLD, torch_predictor
-
-        threshold = DEFAULT_THRESHOLD if threshold is None else threshold
-        predictor = torch_predictor(self, subset=subset, threshold=threshold)
-        images = list(images)
-        if images and isinstance(images[0], str | Path):
-            return predictor.predict_paths(images, top_k=top_k, rank=rank)
-        return predictor.predict_images(images, top_k=top_k, rank=rank)
-
 
 class DirectoryClassifier(Classifier):
     """A classifier opened from a model directory: its config.json's image tower record, training

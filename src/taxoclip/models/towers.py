@@ -25,15 +25,13 @@ import hashlib
 import importlib
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
-from taxoclip.data.images import as_rgb
+from taxoclip.data.preprocess import Preprocess, normalise_pixels
 from taxoclip.errors import TaxoclipError
 
 OFFLINE_IMAGE_TOWERS = {
@@ -54,49 +52,6 @@ def require(module: str, package: str):
         return importlib.import_module(module)
     except ImportError:
         raise TaxoclipError(f"this needs the package '{package}': pip install {package}") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Image preprocessing
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Resize the shorter side to size / crop_pct, centre-crop ``size``, scale to [0, 1], normalise."""
-
-    size: int = 224
-    crop_pct: float = 0.875
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    interpolation: str = "bicubic"
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return normalise(self.to_uint8(image), self)
-
-    def to_uint8(self, image: Image.Image) -> torch.Tensor:
-        """The resized, cropped image as a uint8 CHW tensor (normalisation happens in batches)."""
-        resize_to = round(self.size / self.crop_pct)
-        if image.format == "JPEG" and min(image.size) >= 2 * resize_to:
-            image.draft("RGB", (resize_to, resize_to))  # DCT-domain downscale: much faster for big photos
-        image = as_rgb(image)  # upright, 8-bit RGB
-        width, height = self.resized(image.width, image.height)
-        resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[self.interpolation]
-        image = image.resize((width, height), resample)
-        left, top = (width - self.size) // 2, (height - self.size) // 2
-        image = image.crop((left, top, left + self.size, top + self.size))
-        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
-
-    def resized(self, width: int, height: int) -> tuple[int, int]:
-        """(width, height) of a photo once its shorter side is size / crop_pct, before the crop."""
-        scale = round(self.size / self.crop_pct) / min(width, height)
-        return max(self.size, round(width * scale)), max(self.size, round(height * scale))
-
-
-def normalise(pixels: torch.Tensor, preprocess: Preprocess) -> torch.Tensor:
-    """uint8 (…, 3, H, W) -> float, normalised as the tower expects."""
-    mean = torch.tensor(preprocess.mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1) * 255
-    std = torch.tensor(preprocess.std, dtype=torch.float32, device=pixels.device).view(3, 1, 1) * 255
-    return (pixels.float() - mean) / std
 
 
 def fingerprint(module: nn.Module) -> str:
@@ -138,7 +93,7 @@ class ImageTower(nn.Module):
 
     def prepare(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 images as ``Preprocess.to_uint8`` makes them -> the tower's normalised input."""
-        return normalise(pixels, self.preprocess).contiguous(memory_format=torch.channels_last)
+        return normalise_pixels(pixels, self.preprocess).contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -19,10 +19,12 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from taxoclip.data.chat import IGNORE, collate, encode, end_of_turn
+from taxoclip.data.questions import candidates_of
 from taxoclip.errors import TaxoclipError
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -319,3 +321,12 @@ def ask(model_dir, photo, question: str, choices: list[str] | None = None) -> di
     except (BadImage, OSError) as error:
         raise TaxoclipError(f"{photo}: {error}") from None
     return {"photo": str(photo)} | Asker(model_dir).ask(image, question, choices)
+
+
+def answer_record(model, features: torch.Tensor | None, record: dict) -> str:
+    """A question record's answer: the most likely candidate when it is closed, else greedy."""
+    candidates = candidates_of(record)
+    if candidates:
+        scores = model.rank(features, record["question"], candidates)
+        return candidates[int(np.argmax(scores))]
+    return model.answer(features, record["question"])

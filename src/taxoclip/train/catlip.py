@@ -18,7 +18,7 @@ from torch import nn
 
 from taxoclip.data.labels import SCORINGS, Vocabulary, build_vocabulary, class_labels
 from taxoclip.errors import TaxoclipError
-from taxoclip.eval.zeroshot import SeenUnseenAccuracy
+from taxoclip.models.accuracy import SeenUnseenAccuracy
 from taxoclip.models.catlip import (
     CALIBRATION_ROWS,
     LabelHead,

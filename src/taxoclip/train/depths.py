@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from taxoclip.data.features import extract_features, load_features
+from taxoclip.data.features import load_features
 from taxoclip.data.labels import label_data
 from taxoclip.data.shards import read_manifest
 from taxoclip.errors import TaxoclipError
+from taxoclip.models.extraction import extract_features
 from taxoclip.runtime import Runtime
 from taxoclip.train.loop import Batch
 from taxoclip.train.photos import ShardBatches, crop_and_flip, embed_split

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from taxoclip.errors import TaxoclipError
-from taxoclip.eval.zeroshot import topk_correct
+from taxoclip.models.accuracy import topk_correct
 from taxoclip.models.catlip import CALIBRATION_ROWS, fit_temperature_chunks
 from taxoclip.models.finetune import FinetuneHead, save_finetune
 from taxoclip.runtime import Runtime

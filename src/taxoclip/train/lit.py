@@ -21,7 +21,7 @@ from torch import nn
 
 from taxoclip.data.features import FeatureCache, load_features
 from taxoclip.errors import TaxoclipError
-from taxoclip.eval.zeroshot import SeenUnseenAccuracy
+from taxoclip.models.accuracy import SeenUnseenAccuracy
 from taxoclip.models.lit import (
     CaptionBank,
     LiTConfig,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from taxoclip.data.features import image_loader, plan_from_shards
-from taxoclip.models.towers import Preprocess
+from taxoclip.data.preprocess import Preprocess
 
 
 class ShardBatches:

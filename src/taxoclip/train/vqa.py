@@ -8,7 +8,6 @@ full report with its controls (`eval/vqa.py`)."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -19,21 +18,15 @@ import torch
 from taxoclip.data.chat import collate, encode
 from taxoclip.data.features import load_features
 from taxoclip.data.question_file import QuestionFile
-from taxoclip.data.questions import stable
+from taxoclip.data.questions import normalise_answer, stable
 from taxoclip.errors import TaxoclipError
 from taxoclip.models.language import load_language_model
-from taxoclip.models.vqa import Projector, VQAModel, attach_lora, read_seen_photos, save_vqa
+from taxoclip.models.vqa import Projector, VQAModel, answer_record, attach_lora, read_seen_photos, save_vqa
 from taxoclip.runtime import Runtime
 from taxoclip.train.loop import Batch, Trainer, run_training
 from taxoclip.train.vqa_config import VQAConfig
 
-__all__ = ["VQAConfig", "VQATrainer", "normalise", "train_vqa"]
-
-
-def normalise(text: str) -> str:
-    """Lower case, no punctuation or articles, single spaces: what exact match compares."""
-    text = re.sub(r"[^\w\s-]", " ", text.lower())
-    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+__all__ = ["VQAConfig", "VQATrainer", "train_vqa"]
 
 
 class VQATrainer(Trainer):
@@ -139,26 +132,10 @@ class VQATrainer(Trainer):
         for record in self.eval_records:
             features = torch.from_numpy(np.asarray(self.cache.features[[record["row"]]], np.float32))
             answer = answer_record(self.module, features.to(self.runtime.device), record)
-            right.setdefault(record["type"], []).append(normalise(answer) == normalise(record["answer"]))
+            right.setdefault(record["type"], []).append(normalise_answer(answer) == normalise_answer(record["answer"]))
         self.module.train()
         every = [x for values in right.values() for x in values]
         return {"exact_match": float(np.mean(every))} | {f"exact_{t}": float(np.mean(v)) for t, v in right.items()}
-
-
-def candidates_of(record: dict) -> list[str] | None:
-    """The answers a closed question allows (None for an open one)."""
-    if record.get("type") == "yes_no":
-        return ["yes", "no"]
-    return record.get("choices") or None
-
-
-def answer_record(model, features: torch.Tensor | None, record: dict) -> str:
-    """A question record's answer: the most likely candidate when it is closed, else greedy."""
-    candidates = candidates_of(record)
-    if candidates:
-        scores = model.rank(features, record["question"], candidates)
-        return candidates[int(np.argmax(scores))]
-    return model.answer(features, record["question"])
 
 
 def train_vqa(config: VQAConfig) -> dict:
