@@ -233,7 +233,8 @@ def test_merging_parts_holds_one_part_record_at_a_time(tmp_path):
     is read, written and dropped in turn; the rows come out in plan order, rejects counted."""
     import tracemalloc
 
-    from taxoclip.data.features import DataPlan, Unit, merge_parts, save_part
+    from taxoclip.data.features import DataPlan, Unit
+    from taxoclip.models.extraction import merge_parts, save_part
 
     parts = tmp_path / "out" / "parts"
     parts.mkdir(parents=True)
