@@ -4,12 +4,16 @@ import subprocess
 import sys
 from dataclasses import asdict
 
-from taxoclip.apps.cli import build_parser, train_config_from
+import pytest
+
+from taxoclip.apps.cli import build_parser
+from taxoclip.apps.train_commands import settings_from
 from taxoclip.data.captions import STYLE_NAMES
 from taxoclip.data.sources import FORMATS
 from taxoclip.eval.config import EvalConfig
 from taxoclip.taxonomy import Rank
-from taxoclip.train.lit_config import TrainConfig
+from taxoclip.train.registry import TRAINERS, settings_class
+from taxoclip.train.settings import LoopSettings, flagged
 
 
 def choices_of(parser, dest):
@@ -24,19 +28,29 @@ def subparser(*names):
     return parser
 
 
-def test_train_defaults_are_the_librarys():
-    args = build_parser().parse_args(["train", "lit", "--features", "f", "-o", "m"])
-    from_cli = asdict(train_config_from(args))
-    library = asdict(TrainConfig(features="f", output="m"))
-    assert from_cli == library
+REQUIRED = {"vqa": {"features": "f", "questions": "q"}}  # the others: features (catlip, finetune: optional)
 
 
-def test_catlip_defaults_are_the_librarys():
-    from taxoclip.apps.cli import catlip_config_from
-    from taxoclip.train.catlip_config import CatLIPConfig
+@pytest.mark.parametrize("name", list(TRAINERS))
+def test_train_defaults_are_the_librarys(name):
+    """Every registered trainer's flags come from its settings: parsing nothing gives the library's
+    defaults, whatever the trainer."""
+    given = REQUIRED.get(name, {"features": "f"})
+    arguments = [a for key, value in given.items() for a in (f"--{key}", value)]
+    args = build_parser().parse_args(["train", name, *arguments, "-o", "m"])
+    settings = settings_class(name)
+    assert asdict(settings_from(args, settings)) == asdict(settings(output="m", **given))
 
-    args = build_parser().parse_args(["train", "catlip", "--features", "f", "-o", "m"])
-    assert asdict(catlip_config_from(args)) == asdict(CatLIPConfig(output="m", features="f"))
+
+@pytest.mark.parametrize("name", list(TRAINERS))
+def test_each_shared_loop_setting_is_declared_once(name):
+    """The loop's settings keep the one declaration's flag and type in every trainer (a trainer may
+    change only the default and the help)."""
+    shared = {f.name: f for f in flagged(LoopSettings)}
+    for f in flagged(settings_class(name)):
+        if f.name in shared:
+            assert f.metadata["flags"] == shared[f.name].metadata["flags"], f.name
+            assert f.metadata["argparse"] == shared[f.name].metadata["argparse"], f.name
 
 
 def test_eval_defaults_and_choices_are_the_librarys():

@@ -208,6 +208,7 @@ def test_a_diverging_loss_stops_training_with_a_message(tmp_path):
     from taxoclip import TaxoclipError
     from taxoclip.runtime import Runtime
     from taxoclip.train.loop import Batch, LoopConfig, Trainer, fit
+    from taxoclip.train.settings import LoopSettings as Settings
 
     class Diverging(Trainer):
         def __init__(self):
@@ -226,7 +227,7 @@ def test_a_diverging_loss_stops_training_with_a_message(tmp_path):
     trainer = Diverging()
     trainer.module.forward = lambda x: (trainer.module.weight * x).sum()  # inf * a weight: inf or nan
     with pytest.raises(TaxoclipError, match=r"loss became -?(inf|nan) at epoch 1, step 1; lower the learning rate"):
-        fit(trainer, LoopConfig(output=tmp_path, epochs=1, progress=False), Runtime())
+        fit(trainer, LoopConfig(Settings(output=str(tmp_path), epochs=1, progress=False)), Runtime())
 
 
 def test_a_replaced_features_folder_is_another_run_not_a_resume(

@@ -37,7 +37,7 @@ from taxoclip.data.captions import CaptionSet
 from taxoclip.data.images import IMAGE_KEYS, BadImage, check_image, read_photo, resize_shorter_side
 from taxoclip.errors import TaxoclipError
 from taxoclip.output_lock import locks_output
-from taxoclip.taxonomy import ClassTable, Dataset
+from taxoclip.taxonomy import Dataset
 
 T = TypeVar("T")
 MANIFEST = "manifest.json"
@@ -454,15 +454,6 @@ def remember_written(folder: Path, shards: list[dict]) -> None:
         stat = (folder / shard["name"]).stat()
         verified[shard["name"]] = [stat.st_size, stat.st_mtime_ns, shard["sha256"]]
     write_verified(folder, verified)
-
-
-def shard_paths(shard_dir: str | Path, split: str | None = None) -> list[Path]:
-    manifest = read_manifest(shard_dir)
-    return [Path(shard_dir) / s["name"] for s in manifest["shards"] if split is None or s["split"] == split]
-
-
-def manifest_classes(manifest: dict) -> ClassTable:
-    return ClassTable.from_json(manifest["classes"])
 
 
 def iter_tar_samples(path: Path, only: tuple[str, ...] | None = None) -> Iterator[dict[str, bytes]]:

@@ -336,7 +336,15 @@ class Scores:
 def train_finetune(config: FinetuneConfig) -> dict:
     """Train on the shared loop and write the model directory (kind ``finetune``); returns the
     last epoch's metrics (the best selection epoch's weights are kept with --patience)."""
-    trainer, history, runtime = run_training(config, FinetuneTrainer, lambda t: t.source.data_id, monitor="select_top1")
+    trainer, history, runtime = run_training(
+        config,
+        FinetuneTrainer,
+        lambda t: t.source.data_id,
+        monitor="select_top1",
+        accumulate=config.accumulate,
+        ema=config.ema,
+        patience=config.patience,
+    )
     if config.patience and history:  # the weights kept are the best selection epoch's: report that epoch
         scored = [r for r in history if "select_top1" in r]
         final = max(scored, key=lambda r: r["select_top1"]) if scored else history[-1]

@@ -71,25 +71,17 @@ class Trainer:
 
 @dataclass
 class LoopConfig:
-    output: str | Path
-    epochs: int
-    warmup_steps: int = 0
-    grad_clip: float | None = 1.0
-    eval_every: int = 1
-    seed: int = 0
-    progress: bool = True
+    """What the loop reads beyond a trainer's settings (a `taxoclip.train.settings.LoopSettings`:
+    output, epochs, warm-up, clipping, evaluation cadence, seed, progress, declared there once): the
+    run's signature, the progress bar's word, and the loop features only some trainers offer."""
+
+    settings: Any
     signature: dict = field(default_factory=dict)  # the settings a resumed run must share
     description: str = "epoch"
     accumulate: int = 1  # batches whose gradients add up to one optimiser step
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: none)
     patience: int = 0  # stop after this many evaluations without a better `monitor` (0: never)
     monitor: str = "select_top1"  # the metric early stopping and the kept best weights follow
-
-    @classmethod
-    def from_settings(cls, settings: Any, **overrides: Any) -> LoopConfig:
-        """The loop's part of a trainer's settings: its fields of the same names."""
-        shared = {f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)}
-        return cls(**(shared | overrides))
 
 
 def run_signature(settings: Any, **data: str) -> dict:
@@ -109,7 +101,7 @@ def run_training(settings: Any, make_trainer, data_of, **loop_options) -> tuple[
     seed_everything(settings.seed)
     trainer = make_trainer(settings, runtime)
     signature = run_signature(settings, data=data_of(trainer))
-    history = fit(trainer, LoopConfig.from_settings(settings, signature=signature, **loop_options), runtime)
+    history = fit(trainer, LoopConfig(settings, signature=signature, **loop_options), runtime)
     return trainer, history, runtime
 
 
@@ -122,22 +114,22 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def fit(trainer: Trainer, config: LoopConfig, runtime: Runtime) -> list[dict]:
-    """Train ``trainer`` for ``config.epochs`` (resuming a checkpoint in the output folder);
+    """Train ``trainer`` for ``config.settings.epochs`` (resuming a checkpoint in the output folder);
     returns the per-epoch history. With ``patience``, stops once ``monitor`` has not improved for
     that many evaluations and leaves the best evaluation's weights in the module; with ``ema``,
     evaluation and the final weights use the weight average."""
-    out = Path(config.output)
+    out = Path(config.settings.output)
     groups = [dict(g, base_lr=g["lr"]) for g in trainer.param_groups() if g["params"]]
     optimizer = torch.optim.AdamW(groups)
     average = WeightAverage(trainer.module, config.ema) if config.ema else None
     history, start_epoch = resume(out / CHECKPOINT, trainer.module, optimizer, config, runtime, average)
     best = load_extra(out / CHECKPOINT, BEST) if config.patience else None
     model = runtime.wrap(trainer.module)
-    for epoch in range(start_epoch, config.epochs):
+    for epoch in range(start_epoch, config.settings.epochs):
         if stopped_early(history):
             break
         row = train_epoch(model, trainer, optimizer, epoch, config, runtime, average)
-        if (epoch + 1) % max(1, config.eval_every) == 0 or epoch + 1 == config.epochs:
+        if (epoch + 1) % max(1, config.settings.eval_every) == 0 or epoch + 1 == config.settings.epochs:
             with average.applied() if average else nullcontext():
                 row.update(trainer.evaluate(epoch))
                 if config.patience and improved(history, row, config.monitor):
@@ -146,7 +138,7 @@ def fit(trainer: Trainer, config: LoopConfig, runtime: Runtime) -> list[dict]:
         if config.patience and evaluations_since_best(history, config.monitor) >= config.patience:
             row["stopped_early"] = True  # recorded, so a resumed run stops here too
         if runtime.is_main:
-            if config.progress:
+            if config.settings.progress:
                 print(format_row(row))
             write_log(out, history)
             state = {"epoch": epoch + 1, "history": history, "config": config.signature}
@@ -204,7 +196,7 @@ def resume(
     load_checkpoint(folder, module, optimizer)
     if average is not None:
         average.load(load_extra(folder, "ema"), state["ema_updates"])
-    if config.progress:
+    if config.settings.progress:
         runtime.print(f"resuming after epoch {state['epoch']} from {folder}")
     return state["history"], state["epoch"]
 
@@ -220,24 +212,26 @@ def train_epoch(
 ) -> dict:
     started = time.perf_counter()
     trainer.module.train()
-    torch.manual_seed(config.seed * 100_003 + epoch)  # dropout masks: reproducible across resumes
-    np.random.seed((config.seed * 100_003 + epoch) % 2**32)  # libraries that draw from numpy (timm's mixup)
+    torch.manual_seed(config.settings.seed * 100_003 + epoch)  # dropout masks: reproducible across resumes
+    np.random.seed((config.settings.seed * 100_003 + epoch) % 2**32)  # libraries that draw from numpy (timm's mixup)
     accumulate = max(1, config.accumulate)
     steps = max(1, trainer.steps_per_epoch() // accumulate)  # optimiser steps; the trainer counts batches
-    total_steps = steps * config.epochs
+    total_steps = steps * config.settings.epochs
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     device = runtime.device
     losses, samples = [], 0
     bar = tqdm(
         total=steps,
-        desc=f"{config.description} {epoch + 1}/{config.epochs}",
+        desc=f"{config.description} {epoch + 1}/{config.settings.epochs}",
         leave=False,
-        disable=not (config.progress and runtime.is_main),
+        disable=not (config.settings.progress and runtime.is_main),
     )
     batches = trainer.batches(epoch)
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * warmup_cosine(epoch * steps + step, config.warmup_steps, total_steps)
+            group["lr"] = group["base_lr"] * warmup_cosine(
+                epoch * steps + step, config.settings.warmup_steps, total_steps
+            )
         optimizer.zero_grad(set_to_none=True)
         used = 0
         for micro, batch in zip(range(accumulate), batches, strict=False):
@@ -258,8 +252,8 @@ def train_epoch(
             used += 1
         if used == 0:  # the batches ran out before the planned steps (a stream shorter than expected)
             break
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+        if config.settings.grad_clip:
+            torch.nn.utils.clip_grad_norm_(parameters, config.settings.grad_clip)
         optimizer.step()
         if average is not None:
             average.update()

@@ -30,23 +30,6 @@ SHORT = {long: short for short, long in ALIASES.items()}  # run folders: warmup-
 BALANCING = ("balance", "class_weighted")
 
 
-def trainer_entry(trainer: str):
-    """(train function) of a trainer by name; imported on use."""
-    if trainer == "lit":
-        from taxoclip.train.lit import train_lit
-
-        return train_lit
-    if trainer == "catlip":
-        from taxoclip.train.catlip import train_catlip
-
-        return train_catlip
-    if trainer == "finetune":
-        from taxoclip.train.finetune import train_finetune
-
-        return train_finetune
-    raise TaxoclipError(f"unknown trainer {trainer!r}; use lit, catlip or finetune")
-
-
 def setting_name(config: Any, param: str) -> str:
     name = ALIASES.get(param.lstrip("-").replace("-", "_"), param.lstrip("-").replace("-", "_"))
     names = [f.name for f in fields(config) if f.name not in ("output", "progress", "device")]
@@ -130,7 +113,9 @@ def run_folder(param: str, value) -> str:
 
 def run_sweep(trainer: str, config: Any, param: str, values: list) -> dict:
     """Train one run per value (each resumable in OUTPUT/PARAM-VALUE) and write the comparison."""
-    train = trainer_entry(trainer)
+    from taxoclip.train.registry import train_function
+
+    train = train_function(trainer)
     check_values(param, values)
     out = Path(config.output)
     rows, histories = [], {}

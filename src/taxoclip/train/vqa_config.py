@@ -2,36 +2,40 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 
 from taxoclip.errors import TaxoclipError
+from taxoclip.flag_types import NON_NEGATIVE, NON_NEGATIVE_NUMBER, POSITIVE, POSITIVE_NUMBER
+from taxoclip.train.settings import LoopSettings, option, redefault
 
 
-@dataclass
-class VQAConfig:
-    features: str  # the feature cache whose keys the questions name
-    questions: str  # JSON lines from 'taxoclip questions'
-    output: str
-    language_model: str = "smollm2-135m"
-    image_tokens: int = 1  # K: image tokens before the question
-    batch_size: int = 32
-    epochs: int = 2
-    lr: float = 1e-3  # the projector's learning rate (stage 1: the language model is frozen)
-    weight_decay: float = 0.0
-    warmup_steps: int = 20
-    grad_clip: float = 1.0
-    eval_questions: int = 100  # valid questions answered (greedy) at each evaluation
+@dataclass(kw_only=True)
+class VQAConfig(LoopSettings):
+    features: str = option(MISSING, "--features", help="feature cache the questions were made from")
+    questions: str = option(MISSING, "--questions", help="JSON lines from 'taxoclip questions'")
+    language_model: str = option("smollm2-135m", "--language-model", help="smollm2-135m (offline) or hf:NAME_OR_PATH")
+    image_tokens: int = option(1, "--image-tokens", help="K: image tokens before the question", type=POSITIVE)
+    batch_size: int = redefault(LoopSettings, "batch_size", 32)
+    epochs: int = redefault(LoopSettings, "epochs", 2)
+    lr: float = redefault(LoopSettings, "lr", 1e-3, help="learning rate of the projector")
+    weight_decay: float = redefault(LoopSettings, "weight_decay", 0.0)
+    eval_questions: int = option(
+        100, "--eval-questions", help="valid questions answered at each evaluation", type=NON_NEGATIVE
+    )
     # stage 2: LoRA adapters on the language model (0: stage 1, the projector alone)
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    lora_lr: float = 2e-4
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"
-    init_from: str | None = None  # a stage-1 model directory whose projector this run starts from
-    seed: int = 0
-    device: str = "auto"
-    eval_every: int = 1
-    max_steps_per_epoch: int | None = None
-    progress: bool = True
+    lora_rank: int = option(
+        0, "--lora-rank", help="stage 2: LoRA rank on the language model (0: stage 1 only)", type=NON_NEGATIVE
+    )
+    lora_alpha: float = option(
+        16.0, "--lora-alpha", help="LoRA scale numerator (alpha / rank scales the update)", type=POSITIVE_NUMBER
+    )
+    lora_lr: float = option(2e-4, "--lora-lr", help="learning rate of the LoRA adapters", type=NON_NEGATIVE_NUMBER)
+    lora_targets: str = option(
+        "q_proj,k_proj,v_proj,o_proj", "--lora-targets", help="the language model's linear layers that get adapters"
+    )
+    init_from: str | None = option(
+        None, "--init-from", help="a stage-1 vqa model directory whose projector stage 2 starts from"
+    )
 
     def check(self) -> None:
         if self.image_tokens < 1 or self.batch_size < 1 or self.epochs < 1:
@@ -44,3 +48,11 @@ class VQAConfig:
     @property
     def targets(self) -> tuple[str, ...]:
         return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+
+
+def summary(final: dict, settings: VQAConfig) -> list[str]:
+    """What `taxoclip train vqa` prints when done."""
+    lines = []
+    if "exact_match" in final:
+        lines.append(f"valid questions answered exactly: {100 * final['exact_match']:.1f}%")
+    return [*lines, f"model in {settings.output} (kind vqa: taxoclip ask PHOTO QUESTION --model {settings.output})"]
