@@ -31,7 +31,7 @@ from taxoclip.models.catlip import transfer_init
 from taxoclip.models.extraction import extract_features
 from taxoclip.models.registry import load_classifier
 from taxoclip.train.catlip import CatLIPConfig, train_catlip
-from taxoclip.train.lit import TrainConfig, train_lit
+from taxoclip.train.lit import LiTSettings, train_lit
 from taxoclip.train.log import load_history
 
 HERE = Path(__file__).resolve().parent
@@ -65,7 +65,7 @@ def bench_catlip(args) -> list[dict]:
         catlip_base = CatLIPConfig(
             features=features, output="", batch_size=BATCH, epochs=3, eval_every=99, progress=False
         )
-        lit_base = TrainConfig(features=features, output="", batch_size=BATCH, epochs=3, eval_every=99, progress=False)
+        lit_base = LiTSettings(features=features, output="", batch_size=BATCH, epochs=3, eval_every=99, progress=False)
         catlip_s, lit_s = [], []
         for round_ in range(ROUNDS):
             catlip_s.append(epoch_seconds(train_catlip, replace(catlip_base, output=str(tmp / f"c{round_}"))))
@@ -182,7 +182,7 @@ def full_depth_speed(features: str, tmp: Path, steps: int = 3, batch: int = 64) 
         max_steps_per_epoch=steps,
         progress=False,
     )
-    lit = TrainConfig(
+    lit = LiTSettings(
         features=features,
         output=str(tmp / "full-lit"),
         unlock_image=True,

@@ -26,7 +26,7 @@ from taxoclip.data.shards import ShardOptions, write_shards
 from taxoclip.data.sources import load_source
 from taxoclip.models.extraction import extract_features
 from taxoclip.models.towers import create_image_tower
-from taxoclip.train.lit import TrainConfig, train_lit
+from taxoclip.train.lit import LiTSettings, train_lit
 from taxoclip.train.log import load_history
 
 CLASSES, TRAIN_PER_CLASS, VALID_PER_CLASS = 102, 240, 8  # ~25,000 photos: start-up costs amortise
@@ -64,7 +64,7 @@ def lowest_cosine(caches: dict) -> float:
     return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
 
 
-def seconds_per_step(config: TrainConfig) -> float:
+def seconds_per_step(config: LiTSettings) -> float:
     train_lit(config)
     return load_history(config.output)[-1]["seconds"] / STEPS
 
@@ -130,11 +130,11 @@ def bench_gpu(args) -> list[dict]:
                 device="cuda",
             )
             if not warmed:  # CUDA, cuBLAS and the text tower's first steps, outside the timings
-                train_lit(TrainConfig(output=str(tmp / "warm-up"), **common))
+                train_lit(LiTSettings(output=str(tmp / "warm-up"), **common))
                 warmed = True
-            cached = seconds_per_step(TrainConfig(output=str(tmp / f"c-{label[:3]}"), **common))
+            cached = seconds_per_step(LiTSettings(output=str(tmp / f"c-{label[:3]}"), **common))
             in_loop = seconds_per_step(
-                TrainConfig(
+                LiTSettings(
                     output=str(tmp / f"l-{label[:3]}"), image_in_loop=True, shards=str(tmp / "shards"), **common
                 )
             )
@@ -143,7 +143,7 @@ def bench_gpu(args) -> list[dict]:
             rows.append({"what": f"{label}: speed-up of the cache", "ratio": in_loop / cached})
         started = time.perf_counter()
         train_lit(
-            TrainConfig(
+            LiTSettings(
                 features=str(tmp / "features-eff"),
                 output=str(tmp / "full"),
                 text_tower=text_tower,

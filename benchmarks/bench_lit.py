@@ -21,14 +21,14 @@ from taxoclip.data.shards import ShardOptions, write_shards
 from taxoclip.data.sources import load_source
 from taxoclip.models.extraction import extract_features
 from taxoclip.models.towers import create_image_tower
-from taxoclip.train.lit import TrainConfig, train_lit
+from taxoclip.train.lit import LiTSettings, train_lit
 from taxoclip.train.log import load_history
 
 BATCH = 512
 STEPS = 4  # steps timed in each mode (a whole in-loop epoch takes minutes here)
 
 
-def seconds_per_step(config: TrainConfig) -> float:
+def seconds_per_step(config: LiTSettings) -> float:
     train_lit(config)
     history = load_history(config.output)
     return history[-1]["seconds"] / STEPS
@@ -50,9 +50,9 @@ def bench_lit(args) -> list[dict]:
         common = dict(
             features=str(tmp / "features"), batch_size=BATCH, epochs=1, progress=False, max_steps_per_epoch=STEPS
         )
-        cached = seconds_per_step(TrainConfig(output=str(tmp / "cached"), **common))
+        cached = seconds_per_step(LiTSettings(output=str(tmp / "cached"), **common))
         in_loop = seconds_per_step(
-            TrainConfig(output=str(tmp / "loop"), image_in_loop=True, shards=str(tmp / "shards"), **common)
+            LiTSettings(output=str(tmp / "loop"), image_in_loop=True, shards=str(tmp / "shards"), **common)
         )
         rows.append(
             {
@@ -88,7 +88,7 @@ def bench_lit(args) -> list[dict]:
         rows.append({"what": "speed-up of the cache, ViT-B/16", "ratio": vit_step / cached})
 
         started = time.perf_counter()
-        train_lit(TrainConfig(features=str(tmp / "features"), output=str(tmp / "full"), progress=False))
+        train_lit(LiTSettings(features=str(tmp / "features"), output=str(tmp / "full"), progress=False))
         training = time.perf_counter() - started
         final = load_history(tmp / "full")[-1]
         rows.append({"what": "feature extraction, train + valid (one pass)", "seconds": extraction})

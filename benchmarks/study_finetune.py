@@ -25,7 +25,7 @@ from bench_catlip import CACHE, HERE, flowers_cache
 from common import benchmark
 from taxoclip.eval import baselines
 from taxoclip.train.finetune import FinetuneConfig, train_finetune
-from taxoclip.train.lit import TrainConfig, train_lit
+from taxoclip.train.lit import LiTSettings, train_lit
 from taxoclip.train.sweep import markdown, run_sweep
 
 OUT = HERE / "results" / "finetune-study"
@@ -99,7 +99,7 @@ def study(args) -> list[dict]:
     sections.append(("Depth (chosen lr and N; 8 epochs)", text))
 
     # Table 1: the same tower and photos, valid split.
-    lit = train_lit(TrainConfig(features=str(cache.path), output=str(OUT / "lit"), progress=False))
+    lit = train_lit(LiTSettings(features=str(cache.path), output=str(OUT / "lit"), progress=False))
     train_x, train_y = cache.split("train")
     valid_x, valid_y = cache.split("valid")
     probe = float((baselines.probe(train_x, train_y, valid_x, len(cache.classes)).argmax(-1).numpy() == valid_y).mean())

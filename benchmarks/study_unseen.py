@@ -25,7 +25,7 @@ from bench_catlip import HERE, flowers_cache
 from common import benchmark
 from taxoclip.models.registry import load_classifier
 from taxoclip.train.catlip import CatLIPConfig, train_catlip
-from taxoclip.train.lit import TrainConfig, train_lit
+from taxoclip.train.lit import LiTSettings, train_lit
 
 OUT = HERE / "results" / "unseen-study"
 SEEDS = (0, 1, 2)
@@ -69,7 +69,7 @@ def among_unseen(logits: torch.Tensor, labels: np.ndarray, held_out: np.ndarray)
 CATLIP_TRAINED: set = set()  # this run's CatLIP folders
 
 
-def train_and_load(change: dict, base: TrainConfig, folder, seed: int):
+def train_and_load(change: dict, base: LiTSettings, folder, seed: int):
     """The setting's model, trained with this holdout seed (CatLIP scored as the setting says)."""
     change = dict(change)
     scoring = change.pop("catlip", None)
@@ -98,7 +98,7 @@ def study(args) -> list[dict]:
     cache = flowers_cache()
     valid_x, valid_y = cache.split("valid")
     train_x, train_y = cache.split("train")
-    base = TrainConfig(features=str(cache.path), output="", holdout=20, eval_every=100, progress=False)
+    base = LiTSettings(features=str(cache.path), output="", holdout=20, eval_every=100, progress=False)
     wanted = [w for w in os.environ.get("TAXOCLIP_UNSEEN_SETTINGS", "").split(",") if w]
     rows = []
     for name, change in SETTINGS.items():

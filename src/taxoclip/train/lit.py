@@ -34,12 +34,12 @@ from taxoclip.models.lit import (
 )
 from taxoclip.models.towers import create_image_tower, create_text_tower
 from taxoclip.runtime import Runtime, gather_with_grad
-from taxoclip.train.lit_config import TrainConfig
+from taxoclip.train.lit_config import LiTSettings
 from taxoclip.train.loop import Batch, Trainer, run_training
 from taxoclip.train.photos import ShardBatches, embed_split
 from taxoclip.train.splits import held_out_classes, split_rows
 
-__all__ = ["LiTTrainer", "TrainConfig", "train_lit"]
+__all__ = ["LiTSettings", "LiTTrainer", "train_lit"]
 
 
 def captions_for(cache: FeatureCache, style: str) -> list[str]:
@@ -103,7 +103,7 @@ class LiTTrainer(Trainer):
     """LiT on the shared loop: the data (cached embeddings, or photos for image-in-loop), the
     model (text tower + projections, ridge-initialised), its batches and its evaluation."""
 
-    def __init__(self, config: TrainConfig, runtime: Runtime):
+    def __init__(self, config: LiTSettings, runtime: Runtime):
         self.config, self.runtime = config, runtime
         self.cache = load_features(config.features)
         self.embedded: tuple[str, torch.Tensor] | None = None  # (weights fingerprint, class embeddings)
@@ -240,7 +240,7 @@ class LiTTrainer(Trainer):
         return {"temperature": float(1 / self.model.scale().detach())}
 
 
-def train_lit(config: TrainConfig) -> dict:
+def train_lit(config: LiTSettings) -> dict:
     """Train on the shared loop, evaluating on valid; save the model directory (rank 0) and
     return the last epoch's metrics."""
     trainer, history, runtime = run_training(config, LiTTrainer, lambda t: t.cache.meta["cache_key"])
