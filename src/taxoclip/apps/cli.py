@@ -17,6 +17,7 @@ from taxoclip.data.labels import SCORINGS
 from taxoclip.errors import TaxoclipError
 from taxoclip.eval.config import EvalConfig
 from taxoclip.flag_types import NON_NEGATIVE, POSITIVE, port_number, probability
+from taxoclip.models.novelty_names import NOVELTY_SCORES
 from taxoclip.output_lock import output_lock
 from taxoclip.taxonomy import Rank
 
@@ -99,6 +100,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         random_weights=args.random_weights,
         baseline_rows=args.baseline_rows or None,
         baseline_steps=args.baseline_steps,
+        open_set=args.open_set,
         progress=not args.quiet,
     )
     report = run_evaluation(config)
@@ -116,6 +118,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(
             f"  seen classes {100 * metrics['seen_top1']:.1f}%; unseen {100 * metrics['unseen_top1']:.1f}% among all "
             f"classes, {100 * metrics['unseen_top1_among_unseen']:.1f}% among the {metrics['unseen_classes']} unseen"
+        )
+    open_set = report.get("open_set")
+    if open_set:
+        chosen = open_set["scores"][open_set["chosen"]]
+        print(
+            f"  open set ({open_set['chosen']}): AUROC {chosen['auroc']:.3f}; {100 * chosen['unknown_flagged']:.1f}% "
+            f"of {open_set['unknown_photos']} photos of held-out species flagged, "
+            f"{100 * chosen['known_rejected']:.1f}% of known photos"
         )
     print(f"report: {args.output}/report.html (and report.md, metrics.json, CSVs, plots)")
     return 0
@@ -152,13 +162,16 @@ def build_predictor(args: argparse.Namespace):
             classes = read_classes(Path(model_dir))
         if runner.n_classes is not None and runner.n_classes != len(classes):
             raise TaxoclipError(f"{args.onnx} scores {runner.n_classes} classes but the class table has {len(classes)}")
-        return Predictor(classes, runner.preprocess, runner, subset=subset, threshold=threshold)
+        rule = runner.open_set_rule() if args.open_set != "off" else None
+        return Predictor(classes, runner.preprocess, runner, subset=subset, threshold=threshold, open_set=rule)
     if args.model is None:
         raise TaxoclipError("give --model (a model directory or open_clip:NAME) or --onnx")
+    from taxoclip.models.novelty import open_set_for
     from taxoclip.models.registry import load_classifier
 
     classifier = load_classifier(args.model, classes=args.classes, style=args.style, scoring=args.scoring)
-    return torch_predictor(classifier, subset=subset, threshold=threshold)
+    novelty = open_set_for(classifier, args.open_set)
+    return torch_predictor(classifier, subset=subset, threshold=threshold, novelty=novelty)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -214,12 +227,13 @@ def print_predictions_csv(results) -> None:
             "scientific_name",
             "probability",
             *LINEAGE_RANKS,
+            "known",
             "error",
         ]
     )
     for result in results:
         if result.error:
-            writer.writerow([result.source, *[""] * 8, *[""] * len(LINEAGE_RANKS), result.error])
+            writer.writerow([result.source, *[""] * 8, *[""] * len(LINEAGE_RANKS), "", result.error])
             continue
         for position, entry in enumerate(result.top, start=1):
             lineage = [entry["lineage"].get(r, "") for r in LINEAGE_RANKS]
@@ -235,6 +249,7 @@ def print_predictions_csv(results) -> None:
                     entry["scientific_name"],
                     entry["probability"],
                     *lineage,
+                    "" if result.known is None else str(result.known).lower(),
                     "",
                 ]
             )
@@ -261,8 +276,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     from taxoclip.inference.export import export_onnx
 
-    path = export_onnx(args.model, args.output, classes=args.classes, style=args.style, scoring=args.scoring)
+    path = export_onnx(
+        args.model, args.output, classes=args.classes, style=args.style, scoring=args.scoring, open_set=args.open_set
+    )
     print(f"ONNX model -> {path} (preprocessing and classes in {path}.json)")
+    return 0
+
+
+def cmd_openset(args: argparse.Namespace) -> int:
+    """Fit (or fit again) a model directory's open-set score from its training cache."""
+    from taxoclip.data.features import load_features
+    from taxoclip.models.novelty import RECORD, fit_novelty
+    from taxoclip.models.registry import load_classifier
+
+    classifier = load_classifier(args.model)
+    features = args.features or (classifier.training or {}).get("features")
+    if not features or not (Path(features) / "meta.json").exists():
+        raise TaxoclipError(
+            f"{args.model}: give --features, the feature cache it trained on ({features or 'not recorded'})"
+        )
+    detector = fit_novelty(classifier, load_features(features), keep=args.keep)
+    detector.save(Path(args.model))
+    record = detector.record
+    print(f"open-set score: {detector.score} ({record['chosen_by']}), threshold {detector.threshold:.4g}")
+    for name, area in record.get("calibration_auroc", {}).items():
+        print(f"  {name:12s} AUROC on the calibration classes {area:.3f}")
+    print(f"kept {100 * record['keep']:.0f}% of {record['calibration_photos']} known calibration photos")
+    print(f"-> {Path(args.model) / RECORD}")
     return 0
 
 
@@ -288,6 +328,17 @@ def add_predictor_arguments(p: argparse.ArgumentParser) -> None:
         "--threshold",
         type=probability,
         help="probability the honest answer's rank must reach (default 0.5, measured on flowers valid)",
+    )
+    add_open_set_argument(p)
+
+
+def add_open_set_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--open-set",
+        default="auto",
+        choices=("auto", "off", *NOVELTY_SCORES),
+        help="say 'not one of the species this model knows' above a novelty score's threshold: auto (the score "
+        "chosen on held-out classes, computed on first use from the training cache), off, or a score",
     )
 
 
@@ -359,6 +410,7 @@ def add_eval_parsers(commands) -> None:
         "--per-type", type=NON_NEGATIVE, default=100, help="vqa models: questions scored per type (0: all; default 100)"
     )
     p.add_argument("--force", action="store_true", help="vqa models: score photos the model trained on anyway")
+    add_open_set_argument(p)
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(handler=cmd_eval)
 
@@ -393,7 +445,14 @@ def add_field_parsers(commands) -> None:
     q.add_argument("--style", help="caption style or 'templates' (default: the model's own)")
     add_scoring_argument(q)
     q.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    add_open_set_argument(q)
     q.set_defaults(handler=cmd_export_onnx)
+
+    p = commands.add_parser("openset", help="fit a model's open-set score (unknown species) from its training cache")
+    p.add_argument("--model", required=True, help="a model directory (taxoclip train)")
+    p.add_argument("--features", help="the feature cache it trained on (default: the one its training recorded)")
+    p.add_argument("--keep", type=probability, default=0.95, help="share of known photos kept (default 0.95)")
+    p.set_defaults(handler=cmd_openset)
 
     p = commands.add_parser("demo", help="the whole path on real flower photos, with a summary")
     p.add_argument("--data", help="flowers102 folder (default: $TAXOCLIP_DATA/flowers102 or ../shared/data/flowers102)")

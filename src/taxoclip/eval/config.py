@@ -22,4 +22,5 @@ class EvalConfig:
     # training steps for each trained baseline, so their cost is bounded at iNat2021's size.
     baseline_rows: int | None = 20000
     baseline_steps: int = 300
+    open_set: str = "auto"  # the novelty score reported on held-out species (off, auto, or a score's name)
     progress: bool = True

@@ -23,6 +23,8 @@ from taxoclip.errors import TaxoclipError
 from taxoclip.eval import baselines
 from taxoclip.eval.config import EvalConfig
 from taxoclip.eval.metrics import ROLLUP_RANKS, Evaluation, RankCodes
+from taxoclip.eval.open_set import markdown as open_set_markdown
+from taxoclip.eval.open_set import open_set_report
 from taxoclip.models.classifier import Classifier, EmbeddingClassifier
 from taxoclip.models.extraction import extract_features
 from taxoclip.models.registry import OPEN_CLIP_PREFIX, load_classifier
@@ -106,6 +108,11 @@ def run_evaluation(config: EvalConfig) -> dict:
             baseline_note += f"; scored on a seeded sample of {scored:,} of the {len(rows):,} photos"
         baseline_note += f"; trained baselines take at most {config.baseline_steps} steps of 256 rows"
 
+    open_set = (
+        open_set_report(classifier, cache, rows, config.open_set, out)
+        if not config.model.startswith(OPEN_CLIP_PREFIX)
+        else None
+    )
     report = {
         "model": config.model,
         "data": str(cache.path),
@@ -123,7 +130,12 @@ def run_evaluation(config: EvalConfig) -> dict:
             "classes": len(classes),
         },
     }
+    if open_set:
+        report["open_set"] = open_set
     write_report(out, report, evaluation, classes, train_counts)
+    if open_set:  # its own section, after the rest
+        with open(out / "report.md", "a") as handle:
+            handle.write("\n" + open_set_markdown(open_set))
     return report
 
 

@@ -25,27 +25,36 @@ from taxoclip.taxonomy import ClassTable
 
 
 class ClassifierGraph(nn.Module):
-    """0-255 pixels -> normalisation -> image tower -> the classifier's head -> probabilities."""
+    """0-255 pixels -> normalisation -> image tower -> the classifier's head -> probabilities (and,
+    with a novelty detector, each photo's novelty score)."""
 
-    def __init__(self, classifier: Classifier):
+    def __init__(self, classifier: Classifier, novelty=None):
         super().__init__()
         tower = classifier.image_tower
         self.tower = tower.model.eval()
         self.head = classifier.head().eval()
+        self.novelty = novelty
         self.register_buffer("mean", torch.tensor(tower.preprocess.mean).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(tower.preprocess.std).view(1, 3, 1, 1) * 255)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.tower((pixels - self.mean) / self.std)).softmax(-1)
+    def forward(self, pixels: torch.Tensor):
+        features = self.tower((pixels - self.mean) / self.std)
+        logits = self.head(features)
+        if self.novelty is None:
+            return logits.softmax(-1)
+        return logits.softmax(-1), self.novelty.novelty(features, logits)
 
 
-def export_onnx(model: str | Path, output: str | Path, *, opset: int = 18, **options) -> Path:
+def export_onnx(model: str | Path, output: str | Path, *, opset: int = 18, open_set: str = "auto", **options) -> Path:
     """Write ``output`` (.onnx) and ``output.json`` (preprocessing, class table, the model it came
-    from). ``model`` is anything `load_classifier` opens (``options`` go to it)."""
+    from, the open-set rule). ``model`` is anything `load_classifier` opens (``options`` go to it);
+    with an open-set score (``open_set``, see `open_set_for`) the graph outputs it too."""
+    from taxoclip.models.novelty import open_set_for
     from taxoclip.models.registry import load_classifier
 
     classifier = load_classifier(model, **options)
-    graph = ClassifierGraph(classifier).eval()
+    novelty = open_set_for(classifier, open_set)
+    graph = ClassifierGraph(classifier, novelty).eval()
     size = classifier.image_tower.preprocess.size
     example = torch.randint(0, 255, (2, 3, size, size)).float()
     output = Path(output)
@@ -57,7 +66,7 @@ def export_onnx(model: str | Path, output: str | Path, *, opset: int = 18, **opt
             (example,),
             str(output),
             input_names=["pixels"],
-            output_names=["probabilities"],
+            output_names=["probabilities", "novelty"] if novelty is not None else ["probabilities"],
             dynamic_shapes={"pixels": {0: torch.export.Dim("batch", min=1, max=4096)}},
             opset_version=opset,
             dynamo=True,
@@ -70,6 +79,12 @@ def export_onnx(model: str | Path, output: str | Path, *, opset: int = 18, **opt
         "class_table": classifier.classes.to_json(),
         "input": "float32 pixels 0-255, (N, 3, H, W), resized and cropped",
     }
+    if novelty is not None:  # the "novelty" output's meaning: above the threshold, no known species
+        sidecar["open_set"] = {
+            "score": novelty.score,
+            "threshold": novelty.threshold,
+            "trained_species": len(novelty.known_classes),
+        }
     Path(str(output) + ".json").write_text(json.dumps(sidecar, indent=1))
     return output
 
@@ -104,6 +119,17 @@ class OnnxClassifier:
         table = self.meta.get("class_table")
         return ClassTable.from_json(table) if table else None
 
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        (probabilities,) = self.session.run(None, {"pixels": pixels.float().numpy().astype(np.float32)})
-        return torch.from_numpy(probabilities)
+    def open_set_rule(self):
+        """The open-set rule the file was exported with (None without a novelty output)."""
+        from taxoclip.inference.predict import OpenSetRule
+
+        rule = self.meta.get("open_set")
+        if not rule or len(self.session.get_outputs()) < 2:
+            return None
+        return OpenSetRule(rule["score"], float(rule["threshold"]), rule.get("trained_species"))
+
+    def __call__(self, pixels: torch.Tensor):
+        outputs = self.session.run(None, {"pixels": pixels.float().numpy().astype(np.float32)})
+        if len(outputs) == 2 and self.open_set_rule() is not None:
+            return torch.from_numpy(outputs[0]), torch.from_numpy(outputs[1])
+        return torch.from_numpy(outputs[0])

@@ -38,6 +38,8 @@ class Prediction:
     top: list[dict] = field(default_factory=list)
     at_rank: dict | None = None
     confident: dict | None = None
+    known: bool | None = None  # with an open-set score: False for a photo of no species the model knows
+    novelty: dict | None = None  # the score, its value and the threshold the answer rests on
     error: str | None = None
 
     def to_json(self) -> dict:
@@ -57,9 +59,12 @@ class Predictor:
         *,
         subset: Sequence[str] | None = None,
         threshold: float = DEFAULT_THRESHOLD,
+        open_set: OpenSetRule | None = None,
     ):
+        """``pixels_to_probabilities`` returns the class probabilities, or (probabilities, novelty
+        scores) when ``open_set`` says which score and threshold make a photo unknown."""
         self.classes, self.preprocess, self.run = classes, preprocess, pixels_to_probabilities
-        self.threshold = threshold
+        self.threshold, self.open_set = threshold, open_set
         self.lineage = {rank.column: RankCodes.of(classes, rank.column) for rank in ROLLUP_RANKS}
         self.allowed = self.subset_mask(subset) if subset else None
 
@@ -78,15 +83,24 @@ class Predictor:
             )
         return torch.tensor(mask)
 
-    def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
-        probabilities = self.run(pixels).float()
+    def probabilities(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(class probabilities, novelty scores or None) for a batch of pixels."""
+        out = self.run(pixels)
+        probabilities, novelty = out if isinstance(out, tuple) else (out, None)
+        probabilities = probabilities.float()
         if self.allowed is not None:
             probabilities = probabilities * self.allowed
             probabilities = probabilities / probabilities.sum(-1, keepdim=True).clamp(min=1e-12)
-        return probabilities
+        return probabilities, novelty
 
     def describe(
-        self, probabilities: torch.Tensor, source: str, *, top_k: int = 5, rank: str | None = None
+        self,
+        probabilities: torch.Tensor,
+        source: str,
+        *,
+        top_k: int = 5,
+        rank: str | None = None,
+        novelty: float | None = None,
     ) -> Prediction:
         """Turn one row of class probabilities into a Prediction."""
         k = min(top_k, len(self.classes))
@@ -106,7 +120,28 @@ class Predictor:
         prediction = Prediction(source, top=top, confident=self.deepest_confident(probabilities))
         if rank:
             prediction.at_rank = self.answer_at(probabilities, rank)
+        if self.open_set is not None and novelty is not None:
+            self.judge_novelty(prediction, probabilities, float(novelty))
         return prediction
+
+    def judge_novelty(self, prediction: Prediction, probabilities: torch.Tensor, novelty: float) -> None:
+        """Above the threshold the photo is of no species the model knows: the answer is then the
+        deepest rank above species whose known members' probability clears the honest threshold
+        ("an unknown member of Asteraceae"), else "unknown"."""
+        rule = self.open_set
+        prediction.known = novelty <= rule.threshold
+        prediction.novelty = {"score": rule.score, "value": round(novelty, 6), "threshold": round(rule.threshold, 6)}
+        if prediction.known:
+            return
+        above = self.deepest_confident(probabilities, above_species=True)
+        trained = rule.trained_species or len(self.classes)
+        unknown = f"not one of the {trained} species this model was trained on"
+        if above["rank"] == "none":
+            prediction.confident = above | {"rank": "none", "text": f"unknown ({unknown})"}
+        else:
+            prediction.confident = above | {
+                "text": f"an unknown member of {above['name']} ({above['rank']}; {unknown})"
+            }
 
     def answer_at(self, probabilities: torch.Tensor, rank: str) -> dict:
         if rank == "species":
@@ -123,10 +158,11 @@ class Predictor:
         best = int(grouped.argmax())
         return {"rank": rank, "name": codes.groups[best], "probability": round(float(grouped[best]), 6)}
 
-    def deepest_confident(self, probabilities: torch.Tensor) -> dict:
-        """The narrowest answer whose probability (summed up the tree) reaches the threshold."""
+    def deepest_confident(self, probabilities: torch.Tensor, above_species: bool = False) -> dict:
+        """The narrowest answer whose probability (summed up the tree) reaches the threshold
+        (``above_species``: a genus or wider, for a photo of a species the model does not know)."""
         best = int(probabilities.argmax())
-        if float(probabilities[best]) >= self.threshold:
+        if not above_species and float(probabilities[best]) >= self.threshold:
             row = self.classes.rows[best]
             level = (
                 "species"
@@ -166,8 +202,11 @@ class Predictor:
         if not images:
             return []
         pixels = torch.stack([self.preprocess.to_uint8(image) for image in images])
-        probabilities = self.probabilities(pixels)
-        return [self.describe(p, s, **options) for p, s in zip(probabilities, sources, strict=True)]
+        probabilities, novelty = self.probabilities(pixels)
+        scores = novelty.tolist() if novelty is not None else [None] * len(images)
+        return [
+            self.describe(p, s, novelty=n, **options) for p, s, n in zip(probabilities, sources, scores, strict=True)
+        ]
 
     def predict_paths(
         self, paths: Sequence[str | Path], *, batch_size: int = 32, progress: bool = False, **options
@@ -203,15 +242,29 @@ class Predictor:
         return results
 
 
-def torch_predictor(model, **options) -> Predictor:
-    """A Predictor over a loaded model (`taxoclip.load`)."""
+@dataclass(frozen=True)
+class OpenSetRule:
+    """Which novelty score makes a photo unknown, above which value."""
+
+    score: str
+    threshold: float
+    trained_species: int | None = None  # how many species its training photos showed
+
+
+def torch_predictor(model, *, novelty=None, **options) -> Predictor:
+    """A Predictor over a loaded model (`taxoclip.load`); with ``novelty`` (a
+    `taxoclip.models.novelty.NoveltyDetector`) each photo is also judged known or not."""
     tower = model.image_tower
 
     @torch.no_grad()
-    def run(pixels: torch.Tensor) -> torch.Tensor:
-        return model.probabilities_from_features(tower.embed(pixels))
+    def run(pixels: torch.Tensor):
+        features = tower.embed(pixels)
+        logits = model.logits_from_features(features)
+        probabilities = logits.softmax(-1)
+        return (probabilities, novelty.novelty(features, logits)) if novelty is not None else probabilities
 
-    return Predictor(model.classes, tower.preprocess, run, **options)
+    rule = OpenSetRule(novelty.score, novelty.threshold, len(novelty.known_classes)) if novelty is not None else None
+    return Predictor(model.classes, tower.preprocess, run, open_set=rule, **options)
 
 
 def collect_photos(inputs: Sequence[str]) -> list[Path]:

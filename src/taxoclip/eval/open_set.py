@@ -1,0 +1,174 @@
+"""`eval`'s open-set section: on a model trained with ``--holdout``, how well each novelty score
+tells photos of the species it never trained on from photos of those it did, on photos never used
+to choose the score or set its threshold (the held-out classes' evaluation half, the known photos
+outside the calibration half; `taxoclip.models.novelty`).
+
+Written as ``open_set.json`` and ``open_set.png`` (each score's histograms of known and unknown
+photos, and its ROC curve), and a section of ``report.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from taxoclip.eval.metrics import RankCodes, rollup
+from taxoclip.models.novelty import SCORES, auroc, calibration_half, open_set_for, scores_of
+
+ANSWER_RANKS = ("genus", "family", "order")
+
+
+def open_set_report(classifier, cache, rows: np.ndarray, mode: str, out: Path) -> dict | None:
+    """The section's numbers (None when the model has no held-out classes or no open-set score)."""
+    if mode == "off" or not classifier.held_out:
+        return None
+    detector = open_set_for(classifier, "auto" if mode == "auto" else mode)
+    if detector is None:
+        return None
+    record = detector.record
+    evaluation_classes = np.array(record.get("evaluation_classes") or classifier.held_out, dtype=np.int64)
+    labels = cache.labels[rows].astype(np.int64)
+    known_mask = np.isin(labels, detector.known_classes.numpy())
+    if record.get("cache_key") == cache.meta.get("cache_key"):  # the same photos: leave out the calibration half
+        known_mask &= ~calibration_half([cache.keys[int(r)] for r in rows], record.get("seed", 0))
+    unknown_mask = np.isin(labels, evaluation_classes)
+    known_rows, unknown_rows = rows[known_mask], rows[unknown_mask]
+    if not len(known_rows) or not len(unknown_rows):
+        return None
+    known_scores = scores_of(detector, classifier, cache, known_rows)
+    unknown_scores = scores_of(detector, classifier, cache, unknown_rows)
+    thresholds = record["thresholds"]
+    per_score = {
+        name: {
+            "auroc": auroc(known_scores[name], unknown_scores[name]),
+            "known_rejected": float((known_scores[name] > thresholds[name]).mean()),
+            "unknown_flagged": float((unknown_scores[name] > thresholds[name]).mean()),
+            "threshold": thresholds[name],
+        }
+        for name in SCORES
+    }
+    chosen = detector.score
+    section = {
+        "chosen": chosen,
+        "chosen_by": record.get("chosen_by"),
+        "keep": record.get("keep"),
+        "known_photos": len(known_rows),
+        "unknown_photos": len(unknown_rows),
+        "unknown_classes": [classifier.classes.ids[int(c)] for c in evaluation_classes],
+        "scores": per_score,
+    }
+    section |= known_accuracy(classifier, cache, known_rows, known_scores[chosen] > thresholds[chosen])
+    section["rank_answers_for_flagged_unknowns"] = rank_answers(
+        classifier, cache, unknown_rows[unknown_scores[chosen] > thresholds[chosen]]
+    )
+    (out / "open_set.json").write_text(json.dumps(section, indent=1))
+    plot_open_set(out / "open_set.png", known_scores, unknown_scores, thresholds, per_score)
+    return section
+
+
+def probabilities_of(classifier, cache, rows: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    parts = [classifier.logits_from_features(x).softmax(-1) for _, x in cache.chunks(np.sort(rows))]
+    return torch.cat(parts) if parts else torch.zeros(0, len(classifier.classes)), cache.labels[np.sort(rows)]
+
+
+def known_accuracy(classifier, cache, rows: np.ndarray, rejected: np.ndarray) -> dict:
+    """Known photos' top-1 with nothing rejected, and among the photos the threshold keeps."""
+    rejected = rejected[np.argsort(rows)]  # probabilities_of reads in row order
+    probabilities, labels = probabilities_of(classifier, cache, rows)
+    right = probabilities.argmax(-1).numpy() == labels
+    kept = ~rejected
+    return {
+        "known_top1": float(right.mean()),
+        "known_top1_kept": float(right[kept].mean()) if kept.any() else None,
+        "known_kept": float(kept.mean()),
+    }
+
+
+def rank_answers(classifier, cache, rows: np.ndarray) -> dict:
+    """For unknown photos the score flagged: how often the most probable genus, family and order
+    (probability summed over the known species) is the photo's own."""
+    if not len(rows):
+        return {}
+    probabilities, labels = probabilities_of(classifier, cache, rows)
+    answers = {}
+    for rank in ANSWER_RANKS:
+        codes = RankCodes.of(classifier.classes, rank)
+        if not codes.known:
+            continue
+        grouped = rollup(probabilities, codes).argmax(-1).numpy()
+        truth = np.array([classifier.classes.rows[int(c)].get(rank, "") for c in labels])
+        named = np.array([codes.groups[int(g)] for g in grouped])
+        answers[rank] = float((named == truth).mean())
+    return answers
+
+
+def plot_open_set(path: Path, known: dict, unknown: dict, thresholds: dict, per_score: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, len(SCORES), figsize=(5 * len(SCORES), 7.5))
+    for column, name in enumerate(SCORES):
+        both = np.concatenate([known[name], unknown[name]])
+        bins = np.linspace(both.min(), np.quantile(both, 0.995) if len(both) > 10 else both.max(), 40)
+        axes[0, column].hist(known[name], bins=bins, alpha=0.6, density=True, label="species it trained on")
+        axes[0, column].hist(unknown[name], bins=bins, alpha=0.6, density=True, label="species it never saw")
+        axes[0, column].axvline(thresholds[name], color="black", linestyle="--", label="threshold")
+        axes[0, column].set(title=f"{name}: AUROC {per_score[name]['auroc']:.3f}", xlabel="novelty score")
+        axes[0, column].legend(fontsize=8)
+        false_alarm, detected = roc_curve(known[name], unknown[name])
+        axes[1, column].plot(false_alarm, detected)
+        axes[1, column].plot([0, 1], [0, 1], color="grey", linewidth=0.5)
+        axes[1, column].set(xlabel="known photos flagged", ylabel="unknown photos flagged", title=f"{name}: ROC")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def roc_curve(known: np.ndarray, unknown: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    cuts = np.unique(np.concatenate([known, unknown]))[::-1]
+    return (
+        np.r_[0, [(known >= c).mean() for c in cuts]],
+        np.r_[0, [(unknown >= c).mean() for c in cuts]],
+    )
+
+
+def markdown(section: dict) -> str:
+    """The report's open-set section."""
+    lines = [
+        "## Species the model never trained on (open set)",
+        "",
+        f"{section['unknown_photos']} photos of {len(section['unknown_classes'])} species held out of training "
+        f"(never used to choose) against {section['known_photos']} photos of trained species. The score used: "
+        f"**{section['chosen']}** ({section['chosen_by']}); threshold keeps {100 * section['keep']:.0f}% of known "
+        "photos on calibration photos.",
+        "",
+        "| score | AUROC | known photos flagged | unknown photos flagged |",
+        "|---|---|---|---|",
+    ]
+    for name, row in section["scores"].items():
+        mark = " (used)" if name == section["chosen"] else ""
+        lines.append(
+            f"| {name}{mark} | {row['auroc']:.3f} | {100 * row['known_rejected']:.1f}% | "
+            f"{100 * row['unknown_flagged']:.1f}% |"
+        )
+    kept = section.get("known_top1_kept")  # None when the threshold kept no known photo
+    lines += [
+        "",
+        f"Known photos' top-1: {100 * section['known_top1']:.1f}% with nothing rejected, "
+        + (
+            f"{100 * kept:.1f}% among the {100 * section['known_kept']:.1f}% kept."
+            if kept is not None
+            else "none kept."
+        ),
+    ]
+    answers = section.get("rank_answers_for_flagged_unknowns") or {}
+    if answers:
+        shown = ", ".join(f"{rank} {100 * value:.1f}%" for rank, value in answers.items())
+        lines.append(f"For flagged unknown photos, the most probable known taxon is their own: {shown}.")
+    lines += ["", "![open set](open_set.png)", ""]
+    return "\n".join(lines)

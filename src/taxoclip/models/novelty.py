@@ -1,0 +1,246 @@
+"""Photos of species a model does not know: a novelty score for every classifier kind, and the
+threshold above which a photo is "not one of the N species this model knows".
+
+Three scores, each higher for a photo less like the training photos:
+
+  max-softmax    1 - the top class probability (the baseline every paper reports)
+  energy         -logsumexp(logits): low total evidence for every class
+  mahalanobis    the squared distance of the photo's image-tower features to the nearest class
+                 mean, under the training photos' shared within-class covariance
+
+The class means and the covariance (kept as a whitening matrix) come from the training cache's
+rows of the classes the model trained on, read in chunks. The threshold is the share ``keep`` of
+known photos' scores (default 95% kept) on *calibration* photos: a seeded half of the valid
+split's known photos. The score itself is chosen by AUROC on *calibration classes*: a seeded half
+of the classes the model was trained without (``--holdout``); the other half, and the other valid
+photos, are left for `eval` to report on, never used to choose. Without held-out classes the
+default score is used and the record says so.
+
+Kept in the model directory as ``novelty.json`` (the choice, threshold, what it rests on) and
+``novelty.safetensors`` (whitened class means, whitening, centre).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from taxoclip.errors import TaxoclipError
+from taxoclip.models.novelty_names import NOVELTY_SCORES
+
+SCORES = NOVELTY_SCORES
+DEFAULT_SCORE = "mahalanobis"  # the best on flowers with held-out species (see the README's table)
+DEFAULT_KEEP = 0.95
+MIN_CALIBRATION = 8  # known photos the threshold is set on, at the least (the record says how many)
+SHRINKAGE = 1e-3  # added to the covariance's eigenvalues (relative to their mean): a stable inverse
+CLASS_CHUNK = 2048  # class means compared per pass: bounded memory at 10,000 classes
+RECORD, WEIGHTS = "novelty.json", "novelty.safetensors"
+
+
+def calibration_half(keys, seed: int = 0) -> np.ndarray:
+    """True for the photos (by key) that calibrate the threshold; the others are left for `eval`.
+    A hash of the key, so every command draws the same half."""
+    return np.array([hashlib.sha256(f"{seed}:{k}".encode()).digest()[0] % 2 == 0 for k in keys], dtype=bool)
+
+
+def calibration_classes(held_out: list[int], seed: int = 0) -> list[int]:
+    """The half of the held-out classes that choose the score (the rest are the evaluation's)."""
+    chosen = sorted(held_out, key=lambda c: hashlib.sha256(f"{seed}:class:{c}".encode()).hexdigest())
+    return sorted(chosen[: len(chosen) // 2])
+
+
+def auroc(known: np.ndarray, unknown: np.ndarray) -> float:
+    """The chance an unknown photo scores higher than a known one (ties count half): the
+    Mann-Whitney statistic from average ranks."""
+    if not len(known) or not len(unknown):
+        return float("nan")
+    scores = np.concatenate([np.asarray(known, np.float64), np.asarray(unknown, np.float64)])
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]
+    n_known, n_unknown = len(known), len(unknown)
+    return float((ranks[n_known:].sum() - n_unknown * (n_unknown + 1) / 2) / (n_known * n_unknown))
+
+
+@dataclass
+class NoveltyDetector:
+    """Scores a batch of (features, logits); ``unknown`` is the chosen score above the threshold."""
+
+    score: str
+    threshold: float
+    centre: torch.Tensor  # (d,)
+    whitening: torch.Tensor  # (d, d): |W (x - m)|^2 is the Mahalanobis distance
+    means: torch.Tensor  # (C, d): the class means, centred and whitened
+    known_classes: torch.Tensor  # (C,) class indices the means belong to
+    record: dict = field(default_factory=dict)
+
+    def scores(self, features: torch.Tensor, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        features, logits = torch.as_tensor(features).float(), torch.as_tensor(logits).float()
+        return {
+            "max-softmax": 1 - logits.softmax(-1).max(-1).values,
+            "energy": -torch.logsumexp(logits, -1),
+            "mahalanobis": self.mahalanobis(features),
+        }
+
+    def mahalanobis(self, features: torch.Tensor) -> torch.Tensor:
+        """The squared distance to the nearest class mean, class chunk by class chunk."""
+        x = (features.float() - self.centre) @ self.whitening.T
+        norms = (x * x).sum(-1)
+        nearest = torch.full((len(x),), float("inf"))
+        for start in range(0, len(self.means), CLASS_CHUNK):
+            means = self.means[start : start + CLASS_CHUNK]
+            distances = norms[:, None] - 2 * x @ means.T + (means * means).sum(-1)[None]
+            nearest = torch.minimum(nearest, distances.min(-1).values)
+        return nearest.clamp(min=0)
+
+    def novelty(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return self.scores(features, logits)[self.score]
+
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {"centre": self.centre, "whitening": self.whitening, "means": self.means}
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()} | {"known_classes": self.known_classes},
+            str(folder / WEIGHTS),
+        )
+        (folder / RECORD).write_text(
+            json.dumps(self.record | {"score": self.score, "threshold": self.threshold}, indent=1)
+        )
+
+    @classmethod
+    def load(cls, folder: Path, score: str | None = None) -> NoveltyDetector:
+        """The detector kept in ``folder``; ``score`` uses another score at its own threshold."""
+        from taxoclip.tensor_files import load_tensors
+
+        record = json.loads((folder / RECORD).read_text())
+        tensors = load_tensors(folder / WEIGHTS, f"delete {folder / RECORD} to compute the open-set score again")
+        score = score or record["score"]
+        if score not in record.get("thresholds", {}):
+            raise TaxoclipError(f"--open-set {score}: {folder / RECORD} has no threshold for it ({', '.join(SCORES)})")
+        return cls(
+            score,
+            float(record["thresholds"][score]),
+            tensors["centre"],
+            tensors["whitening"],
+            tensors["means"],
+            tensors["known_classes"],
+            record,
+        )
+
+
+def class_statistics(cache, rows: np.ndarray, classes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(centre, whitening, whitened class means) from the training ``rows`` of ``classes``, read in
+    chunks: per-class sums and one (d, d) scatter, in float64."""
+    width = cache.features.shape[1]
+    position = {int(c): i for i, c in enumerate(classes)}
+    sums = np.zeros((len(classes), width))
+    counts = np.zeros(len(classes))
+    scatter = np.zeros((width, width))
+    for part, x in cache.chunks(rows):
+        x = x.astype(np.float64)
+        index = np.array([position[int(c)] for c in cache.labels[part]])
+        np.add.at(sums, index, x)
+        counts += np.bincount(index, minlength=len(classes))
+        scatter += x.T @ x
+    means = sums / counts[:, None].clip(min=1)
+    centre = means.mean(0)
+    # within-class covariance: the scatter less each class's mean, pooled over every training photo
+    within = (scatter - (means * counts[:, None]).T @ means) / max(1.0, counts.sum() - len(classes))
+    values, vectors = np.linalg.eigh(within)
+    values = values.clip(min=0) + SHRINKAGE * max(values.mean(), 1e-12)
+    whitening = (vectors / np.sqrt(values)).T  # W with W Sigma W^T = I
+    whitened = (means - centre) @ whitening.T
+    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+    return as_tensor(centre), as_tensor(whitening), as_tensor(whitened)
+
+
+def scores_of(detector: NoveltyDetector, classifier, cache, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Every score for ``rows`` of the cache, chunk by chunk."""
+    out: dict[str, list] = {name: [] for name in SCORES}
+    order = np.sort(rows)
+    for _, x in cache.chunks(order):
+        features = torch.from_numpy(x)
+        for name, value in detector.scores(features, classifier.logits_from_features(features)).items():
+            out[name].append(value.numpy())
+    by_row = {name: np.concatenate(v) if v else np.zeros(0) for name, v in out.items()}
+    back = np.argsort(np.argsort(rows))  # order back to ``rows``' own order
+    return {name: values[back] for name, values in by_row.items()}
+
+
+def fit_novelty(classifier, cache, *, keep: float = DEFAULT_KEEP, seed: int = 0) -> NoveltyDetector:
+    """The detector for ``classifier`` from its training cache (see the module docstring)."""
+    if not 0 < keep < 1:
+        raise TaxoclipError(f"--keep {keep}: the share of known photos kept, between 0 and 1")
+    held_out = [int(c) for c in classifier.held_out]
+    n_classes = len(classifier.classes)
+    known = np.setdiff1d(np.arange(n_classes), held_out)
+    labels = cache.labels
+    train = np.flatnonzero(cache.split_mask("train") & np.isin(labels, known))
+    if not len(train):
+        raise TaxoclipError(f"{cache.path}: no training photo of the model's classes to measure novelty against")
+    centre, whitening, means = class_statistics(cache, train, known)
+    detector = NoveltyDetector(DEFAULT_SCORE, float("inf"), centre, whitening, means, torch.from_numpy(known))
+    valid = np.flatnonzero(cache.split_mask("valid") & np.isin(labels, known)) if "valid" in cache.split_names else []
+    valid = np.asarray(valid, dtype=np.int64)
+    calibrating = valid[calibration_half([cache.keys[int(r)] for r in valid], seed)] if len(valid) else valid
+    if len(calibrating) < MIN_CALIBRATION:
+        raise TaxoclipError(
+            f"{cache.path}: {len(calibrating)} known valid photos to set the open-set threshold on; "
+            f"it needs at least {MIN_CALIBRATION}"
+        )
+    known_scores = scores_of(detector, classifier, cache, calibrating)
+    thresholds = {name: float(np.quantile(values, keep)) for name, values in known_scores.items()}
+    chosen_classes = calibration_classes(held_out, seed)
+    unknown_rows = np.flatnonzero(np.isin(labels, chosen_classes))
+    record = {
+        "keep": keep,
+        "seed": seed,
+        "thresholds": thresholds,
+        "cache": str(cache.path),
+        "cache_key": cache.meta.get("cache_key"),
+        "known_classes": len(known),
+        "calibration_photos": len(calibrating),
+        "calibration_classes": chosen_classes,
+        "evaluation_classes": sorted(set(held_out) - set(chosen_classes)),
+    }
+    if len(unknown_rows):
+        unknown_scores = scores_of(detector, classifier, cache, unknown_rows)
+        areas = {name: auroc(known_scores[name], unknown_scores[name]) for name in SCORES}
+        best = max(SCORES, key=lambda name: areas[name])
+        record |= {"calibration_auroc": areas, "chosen_by": "AUROC on the calibration classes"}
+    else:
+        best = DEFAULT_SCORE
+        record |= {"chosen_by": "default (the model has no held-out classes to choose on)"}
+    detector.score, detector.threshold, detector.record = best, thresholds[best], record
+    return detector
+
+
+def open_set_for(classifier, mode: str = "auto", *, keep: float = DEFAULT_KEEP) -> NoveltyDetector | None:
+    """The detector a command uses: ``off`` none; ``auto`` the kept one, else fitted from the
+    training cache and kept (none, with a note, when there is no cache); a score name that score."""
+    if mode == "off":
+        return None
+    if mode not in ("auto", *SCORES):
+        raise TaxoclipError(f"--open-set {mode}: use off, auto or one of {', '.join(SCORES)}")
+    folder = Path(getattr(classifier, "path", "") or "")
+    if folder.is_dir() and (folder / RECORD).exists():
+        return NoveltyDetector.load(folder, None if mode == "auto" else mode)
+    features = (getattr(classifier, "training", {}) or {}).get("features")
+    if not folder.is_dir() or not features or not (Path(features) / "meta.json").exists():
+        if mode == "auto":
+            return None
+        where = f"its training cache {features} is gone" if features else "it records no training cache"
+        raise TaxoclipError(
+            f"--open-set {mode}: {classifier.name} has no open-set score yet and {where}; "
+            "run 'taxoclip openset --model DIR --features CACHE' with the cache it trained on, or --open-set off"
+        )
+    from taxoclip.data.features import load_features
+
+    detector = fit_novelty(classifier, load_features(features), keep=keep)
+    detector.save(folder)
+    return NoveltyDetector.load(folder, None if mode == "auto" else mode)

@@ -1,0 +1,165 @@
+"""Photos of species the model does not know: the novelty scores, the threshold, and the answer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from taxoclip.models.novelty import NoveltyDetector, auroc, class_statistics
+
+
+class Rows:
+    """The part of a feature cache the statistics read: features, labels, chunks of rows."""
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray):
+        self.features, self.labels = features.astype(np.float32), labels
+
+    def chunks(self, rows: np.ndarray, chunk: int = 64):
+        for start in range(0, len(rows), chunk):
+            part = np.sort(rows[start : start + chunk])
+            yield part, self.features[part]
+
+
+def elongated_clusters(seed: int = 0) -> Rows:
+    """Two classes in 8-d: wide along dimension 1 (spread 20), narrow elsewhere (0.1)."""
+    rng = np.random.default_rng(seed)
+    spread = np.array([0.1, 20, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
+    centres = np.zeros((2, 8))
+    centres[1, 0] = 10
+    labels = np.repeat([0, 1], 400)
+    return Rows(centres[labels] + rng.normal(size=(800, 8)) * spread, labels)
+
+
+def detector_for(rows: Rows, identity: bool = False) -> NoveltyDetector:
+    centre, whitening, means = class_statistics(rows, np.arange(len(rows.labels)), np.array([0, 1]))
+    if identity:  # what the test must catch: Euclidean distance instead of the covariance's
+        whitening = torch.eye(8)
+        means = torch.from_numpy(np.stack([rows.features[rows.labels == c].mean(0) for c in (0, 1)])) - centre
+    training = (torch.from_numpy(rows.features) - centre) @ whitening.T
+    scores = torch.cdist(training, means).min(-1).values ** 2
+    threshold = float(torch.quantile(scores, 0.95))  # 95% of known photos kept
+    return NoveltyDetector("mahalanobis", threshold, centre, whitening, means, torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("identity", [False, True])
+def test_a_far_cluster_is_unknown_and_a_near_one_known_under_the_shared_covariance(identity):
+    rows = elongated_clusters()
+    detector = detector_for(rows, identity)
+    near = torch.zeros(1, 8)
+    near[0, 1] = 30  # 1.5 spreads along the wide axis: an ordinary photo of class 0
+    far = torch.zeros(1, 8)
+    far[0, 2] = 2  # only 2 away, but 20 spreads across the narrow axis: nothing like either class
+    logits = torch.zeros(1, 2)
+    unknown = [bool(detector.novelty(x, logits) > detector.threshold) for x in (near, far)]
+    if identity:
+        assert unknown[1] is False  # Euclidean distance calls the stranger known: the covariance matters
+    else:
+        assert unknown == [False, True]
+
+
+def test_the_scores_rank_unknowns_above_knowns_and_auroc_is_the_mann_whitney_statistic():
+    rows = elongated_clusters()
+    detector = detector_for(rows)
+    rng = np.random.default_rng(1)
+    known = torch.from_numpy(rows.features[rng.choice(800, 100)])
+    strangers = torch.from_numpy(
+        (rng.normal(size=(100, 8)) * 0.1 + np.array([5, 0, 3, 0, 0, 0, 0, 0])).astype(np.float32)
+    )
+    area = auroc(detector.mahalanobis(known).numpy(), detector.mahalanobis(strangers).numpy())
+    assert area > 0.99
+    assert auroc(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == 0.5
+    confident, unsure = torch.tensor([[9.0, 0.0]]), torch.tensor([[0.1, 0.0]])
+    assert detector.scores(known[:1], confident)["max-softmax"] < detector.scores(known[:1], unsure)["max-softmax"]
+    assert detector.scores(known[:1], confident)["energy"] < detector.scores(known[:1], unsure)["energy"]
+
+
+def test_predict_says_unknown_for_a_species_never_trained_on_and_names_its_family(
+    colour_features, colour_shards, tmp_path, capsys
+):
+    """A CatLIP model trained without two of the six colour species, from before open-set scores:
+    its score is computed on first use from its training cache and kept; a photo of a held-out
+    species is 'not one of the species this model knows', a photo of a trained one is known."""
+    import json
+    import shutil
+
+    from taxoclip.apps.cli import main
+    from taxoclip.data.shards import iter_tar_samples
+    from taxoclip.models.novelty import RECORD
+
+    model = tmp_path / "m"
+    arguments = ["train", "catlip", "--features", str(colour_features), "-o", str(model), "--holdout", "2"]
+    assert main([*arguments, "--epochs", "30", "-q"]) == 0
+    assert not (model / RECORD).exists()  # a directory as made before this issue
+    held_out = json.loads((model / "config.json").read_text())["training"]["held_out"]
+    photos = {}
+    for sample in iter_tar_samples(sorted(colour_shards.glob("valid-*.tar"))[0]):
+        photos.setdefault(int(sample["cls"]), sample["jpg"])
+    unknown_class = held_out[0]
+    known_class = next(c for c in photos if c not in held_out)
+    for name, c in (("unknown.jpg", unknown_class), ("known.jpg", known_class)):
+        (tmp_path / name).write_bytes(photos[c])
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "predict",
+                str(tmp_path / "unknown.jpg"),
+                str(tmp_path / "known.jpg"),
+                "--model",
+                str(model),
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
+    results = json.loads(capsys.readouterr().out)
+    assert (model / RECORD).exists()  # computed from the training cache on first use, and kept
+    by_photo = {Path(r["source"]).name: r for r in results}
+    assert by_photo["unknown.jpg"]["known"] is False and by_photo["known.jpg"]["known"] is True
+    answer = by_photo["unknown.jpg"]["confident"]
+    assert "not one of the 4 species this model was trained on" in answer["text"]
+    truth = json.loads((model / "config.json").read_text())  # the held-out species' own lineage
+    from taxoclip.models.bundle import read_classes
+
+    lineage = read_classes(model).rows[unknown_class]
+    assert answer["rank"] in ("genus", "family") and answer["name"] == lineage[answer["rank"]], answer
+    assert truth["kind"] == "catlip"
+    assert by_photo["unknown.jpg"]["novelty"]["value"] > by_photo["unknown.jpg"]["novelty"]["threshold"]
+    # eval reports every score on the held-out species it never used to choose
+    report = tmp_path / "report"
+    assert main(["eval", "--model", str(model), "--data", str(colour_features), "-o", str(report), "-q"]) == 0
+    section = json.loads((report / "open_set.json").read_text())
+    assert set(section["scores"]) == {"max-softmax", "energy", "mahalanobis"} and (report / "open_set.png").exists()
+    assert section["unknown_photos"] == 5 and "open set" in (report / "report.md").read_text()
+    assert "open set (" in capsys.readouterr().out
+    # ONNX carries the score: the same values as PyTorch, the same rule in its sidecar
+    import torch
+
+    from taxoclip.data.images import decode_image
+    from taxoclip.inference.export import OnnxClassifier, export_onnx
+    from taxoclip.inference.predict import torch_predictor
+    from taxoclip.models.novelty import open_set_for
+    from taxoclip.models.registry import load_classifier
+
+    onnx = OnnxClassifier(export_onnx(model, tmp_path / "m.onnx"))
+    classifier = load_classifier(model)
+    pytorch = torch_predictor(classifier, novelty=open_set_for(classifier))
+    pixels = torch.stack([pytorch.preprocess.to_uint8(decode_image(photos[c])) for c in (unknown_class, known_class)])
+    (p_torch, n_torch), (p_onnx, n_onnx) = pytorch.run(pixels), onnx(pixels)
+    assert torch.allclose(p_torch, p_onnx, atol=1e-4) and torch.allclose(n_torch, n_onnx, rtol=1e-3, atol=1e-2)
+    assert onnx.open_set_rule() == pytorch.open_set
+    # the cache gone: a clear message for a score asked for by name; auto goes on without one
+    (model / RECORD).unlink()
+    copy = tmp_path / "moved"
+    shutil.copytree(model, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["training"]["features"] = str(tmp_path / "gone")
+    (copy / "config.json").write_text(json.dumps(config))
+    assert main(["predict", str(tmp_path / "known.jpg"), "--model", str(copy), "--open-set", "energy"]) == 2
+    assert "training cache" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "known.jpg"), "--model", str(copy), "--format", "json"]) == 0
+    assert "known" not in json.loads(capsys.readouterr().out)[0]
