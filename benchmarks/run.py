@@ -29,6 +29,7 @@ def main() -> int:
     import bench_shards  # noqa: F401
     import bench_vqa  # noqa: F401
     import study_finetune  # noqa: F401
+    import study_open_set  # noqa: F401
     import study_unseen  # noqa: F401
     from common import BENCHMARKS, print_table
 

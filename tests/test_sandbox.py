@@ -27,8 +27,8 @@ def snapshot(root: Path, skip: Path) -> dict[str, tuple[int, int]]:
     for path in root.rglob("*"):
         if path == skip or skip in path.parents or (not path.is_file() and not path.is_symlink()):
             continue
-        if path.name == ".verified.json":  # the checksum memo kept beside shards that were read (by design)
-            continue
+        if path.name in (".verified.json", "novelty.json", "novelty.safetensors"):
+            continue  # derived data kept beside what was read, by design: shards' checksums, a model's open-set score
         stat = path.lstat()
         files[str(path.relative_to(root))] = (stat.st_size, stat.st_mtime_ns)
     return files

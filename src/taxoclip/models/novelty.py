@@ -90,27 +90,31 @@ class NoveltyDetector:
         """The squared distance to the nearest class mean, class chunk by class chunk."""
         x = (features.float() - self.centre) @ self.whitening.T
         norms = (x * x).sum(-1)
-        nearest = torch.full((len(x),), float("inf"))
+        nearest = None  # no batch-sized constant: the ONNX export keeps its batch size free
         for start in range(0, len(self.means), CLASS_CHUNK):
             means = self.means[start : start + CLASS_CHUNK]
             distances = norms[:, None] - 2 * x @ means.T + (means * means).sum(-1)[None]
-            nearest = torch.minimum(nearest, distances.min(-1).values)
+            closest = distances.min(-1).values
+            nearest = closest if nearest is None else torch.minimum(nearest, closest)
         return nearest.clamp(min=0)
 
     def novelty(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return self.scores(features, logits)[self.score]
 
     def save(self, folder: Path) -> None:
+        """Into the model directory, each file written whole then renamed (a reader never sees
+        half of one; the record last, so it names weights that are there)."""
+        import os
+
         from safetensors.torch import save_file
 
         tensors = {"centre": self.centre, "whitening": self.whitening, "means": self.means}
-        save_file(
-            {k: v.contiguous() for k, v in tensors.items()} | {"known_classes": self.known_classes},
-            str(folder / WEIGHTS),
-        )
-        (folder / RECORD).write_text(
-            json.dumps(self.record | {"score": self.score, "threshold": self.threshold}, indent=1)
-        )
+        tensors = {k: v.contiguous() for k, v in tensors.items()} | {"known_classes": self.known_classes}
+        save_file(tensors, str(folder / (WEIGHTS + ".tmp")))
+        os.replace(folder / (WEIGHTS + ".tmp"), folder / WEIGHTS)
+        record = self.record | {"score": self.score, "threshold": self.threshold}
+        (folder / (RECORD + ".tmp")).write_text(json.dumps(record, indent=1))
+        os.replace(folder / (RECORD + ".tmp"), folder / RECORD)
 
     @classmethod
     def load(cls, folder: Path, score: str | None = None) -> NoveltyDetector:
