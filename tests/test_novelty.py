@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from taxoclip.models.novelty import NoveltyDetector, auroc, class_statistics
+from taxoclip.models.novelty import SCORES, NoveltyDetector, auroc, class_statistics
 
 
 class Rows:
@@ -34,14 +34,14 @@ def elongated_clusters(seed: int = 0) -> Rows:
 
 
 def detector_for(rows: Rows, identity: bool = False) -> NoveltyDetector:
-    centre, whitening, means = class_statistics(rows, np.arange(len(rows.labels)), np.array([0, 1]))
+    centre, whitening, means, background = class_statistics(rows, np.arange(len(rows.labels)), np.array([0, 1]))
     if identity:  # what the test must catch: Euclidean distance instead of the covariance's
         whitening = torch.eye(8)
         means = torch.from_numpy(np.stack([rows.features[rows.labels == c].mean(0) for c in (0, 1)])) - centre
     training = (torch.from_numpy(rows.features) - centre) @ whitening.T
     scores = torch.cdist(training, means).min(-1).values ** 2
     threshold = float(torch.quantile(scores, 0.95))  # 95% of known photos kept
-    return NoveltyDetector("mahalanobis", threshold, centre, whitening, means, torch.tensor([0, 1]))
+    return NoveltyDetector("mahalanobis", threshold, centre, whitening, means, torch.tensor([0, 1]), background)
 
 
 @pytest.mark.parametrize("identity", [False, True])
@@ -133,7 +133,7 @@ def test_predict_says_unknown_for_a_species_never_trained_on_and_names_its_famil
     report = tmp_path / "report"
     assert main(["eval", "--model", str(model), "--data", str(colour_features), "-o", str(report), "-q"]) == 0
     section = json.loads((report / "open_set.json").read_text())
-    assert set(section["scores"]) == {"max-softmax", "energy", "mahalanobis"} and (report / "open_set.png").exists()
+    assert set(section["scores"]) == set(SCORES) and (report / "open_set.png").exists()
     assert section["unknown_photos"] == 5 and "open set" in (report / "report.md").read_text()
     assert "open set (" in capsys.readouterr().out
     # ONNX carries the score: the same values as PyTorch, the same rule in its sidecar

@@ -6,7 +6,14 @@ Three scores, each higher for a photo less like the training photos:
   max-softmax    1 - the top class probability (the baseline every paper reports)
   energy         -logsumexp(logits): low total evidence for every class
   mahalanobis    the squared distance of the photo's image-tower features to the nearest class
-                 mean, under the training photos' shared within-class covariance
+                 mean under the training photos' shared within-class covariance
+  relative-mahalanobis
+                 that distance less the photo's distance to all training photos under their
+                 overall covariance (Ren et al. 2021): on a locked tower's features, where species
+                 of one family sit close, plain distances scored 0.61 AUROC on flowers' held-out
+                 species, relative ones 0.84
+  combined       max-softmax and relative-mahalanobis, each standardised on the known calibration
+                 photos, added (0.91 on the same species, where max-softmax alone scored 0.89)
 
 The class means and the covariance (kept as a whitening matrix) come from the training cache's
 rows of the classes the model trained on, read in chunks. The threshold is the share ``keep`` of
@@ -34,7 +41,8 @@ from taxoclip.errors import TaxoclipError
 from taxoclip.models.novelty_names import NOVELTY_SCORES
 
 SCORES = NOVELTY_SCORES
-DEFAULT_SCORE = "mahalanobis"  # the best on flowers with held-out species (see the README's table)
+COMBINED = ("max-softmax", "relative-mahalanobis")  # the scores "combined" adds, each standardised
+DEFAULT_SCORE = "combined"  # the best on flowers with held-out species (see the README's table)
 DEFAULT_KEEP = 0.95
 MIN_CALIBRATION = 8  # known photos the threshold is set on, at the least (the record says how many)
 SHRINKAGE = 1e-3  # added to the covariance's eigenvalues (relative to their mean): a stable inverse
@@ -76,15 +84,21 @@ class NoveltyDetector:
     whitening: torch.Tensor  # (d, d): |W (x - m)|^2 is the Mahalanobis distance
     means: torch.Tensor  # (C, d): the class means, centred and whitened
     known_classes: torch.Tensor  # (C,) class indices the means belong to
+    background: torch.Tensor  # (d, d): whitening by all training photos' covariance (about ``centre``)
     record: dict = field(default_factory=dict)
 
     def scores(self, features: torch.Tensor, logits: torch.Tensor) -> dict[str, torch.Tensor]:
         features, logits = torch.as_tensor(features).float(), torch.as_tensor(logits).float()
-        return {
+        scores = {
             "max-softmax": 1 - logits.softmax(-1).max(-1).values,
             "energy": -torch.logsumexp(logits, -1),
             "mahalanobis": self.mahalanobis(features),
         }
+        scores["relative-mahalanobis"] = scores["mahalanobis"] - self.background_distance(features)
+        spread = self.record.get("standardise", {})  # set once the known calibration photos are scored
+        if spread:
+            scores["combined"] = sum((scores[n] - spread[n][0]) / spread[n][1] for n in COMBINED)
+        return scores
 
     def mahalanobis(self, features: torch.Tensor) -> torch.Tensor:
         """The squared distance to the nearest class mean, class chunk by class chunk."""
@@ -98,6 +112,11 @@ class NoveltyDetector:
             nearest = closest if nearest is None else torch.minimum(nearest, closest)
         return nearest.clamp(min=0)
 
+    def background_distance(self, features: torch.Tensor) -> torch.Tensor:
+        """The squared distance to all training photos, under their overall covariance."""
+        z = (features.float() - self.centre) @ self.background.T
+        return (z * z).sum(-1)
+
     def novelty(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         return self.scores(features, logits)[self.score]
 
@@ -108,7 +127,12 @@ class NoveltyDetector:
 
         from safetensors.torch import save_file
 
-        tensors = {"centre": self.centre, "whitening": self.whitening, "means": self.means}
+        tensors = {
+            "centre": self.centre,
+            "whitening": self.whitening,
+            "means": self.means,
+            "background": self.background,
+        }
         tensors = {k: v.contiguous() for k, v in tensors.items()} | {"known_classes": self.known_classes}
         save_file(tensors, str(folder / (WEIGHTS + ".tmp")))
         os.replace(folder / (WEIGHTS + ".tmp"), folder / WEIGHTS)
@@ -133,13 +157,14 @@ class NoveltyDetector:
             tensors["whitening"],
             tensors["means"],
             tensors["known_classes"],
+            tensors["background"],
             record,
         )
 
 
-def class_statistics(cache, rows: np.ndarray, classes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(centre, whitening, whitened class means) from the training ``rows`` of ``classes``, read in
-    chunks: per-class sums and one (d, d) scatter, in float64."""
+def class_statistics(cache, rows: np.ndarray, classes: np.ndarray) -> tuple[torch.Tensor, ...]:
+    """(centre, whitening, whitened class means, background whitening) from the training ``rows``
+    of ``classes``, read in chunks: per-class sums and one (d, d) scatter, in float64."""
     width = cache.features.shape[1]
     position = {int(c): i for i, c in enumerate(classes)}
     sums = np.zeros((len(classes), width))
@@ -155,25 +180,29 @@ def class_statistics(cache, rows: np.ndarray, classes: np.ndarray) -> tuple[torc
     centre = means.mean(0)
     # within-class covariance: the scatter less each class's mean, pooled over every training photo
     within = (scatter - (means * counts[:, None]).T @ means) / max(1.0, counts.sum() - len(classes))
-    values, vectors = np.linalg.eigh(within)
-    values = values.clip(min=0) + SHRINKAGE * max(values.mean(), 1e-12)
-    whitening = (vectors / np.sqrt(values)).T  # W with W Sigma W^T = I
+    whitening = whiten(within)
+    overall = scatter / max(1.0, counts.sum()) - np.outer(centre, centre)  # about the centre of the means
     whitened = (means - centre) @ whitening.T
     as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
-    return as_tensor(centre), as_tensor(whitening), as_tensor(whitened)
+    return as_tensor(centre), as_tensor(whitening), as_tensor(whitened), as_tensor(whiten(overall))
+
+
+def whiten(covariance: np.ndarray) -> np.ndarray:
+    """W with W Sigma W^T = I, its eigenvalues shrunk towards their mean for a stable inverse."""
+    values, vectors = np.linalg.eigh(covariance)
+    values = values.clip(min=0) + SHRINKAGE * max(values.mean(), 1e-12)
+    return (vectors / np.sqrt(values)).T
 
 
 def scores_of(detector: NoveltyDetector, classifier, cache, rows: np.ndarray) -> dict[str, np.ndarray]:
-    """Every score for ``rows`` of the cache, chunk by chunk."""
-    out: dict[str, list] = {name: [] for name in SCORES}
-    order = np.sort(rows)
-    for _, x in cache.chunks(order):
+    """Every score the detector gives for ``rows`` of the cache (in their order), chunk by chunk."""
+    out: dict[str, list] = {}
+    for _, x in cache.chunks(np.sort(rows)):
         features = torch.from_numpy(x)
         for name, value in detector.scores(features, classifier.logits_from_features(features)).items():
-            out[name].append(value.numpy())
-    by_row = {name: np.concatenate(v) if v else np.zeros(0) for name, v in out.items()}
-    back = np.argsort(np.argsort(rows))  # order back to ``rows``' own order
-    return {name: values[back] for name, values in by_row.items()}
+            out.setdefault(name, []).append(value.numpy())
+    back = np.argsort(np.argsort(rows))  # row order back to ``rows``' own order
+    return {name: np.concatenate(parts)[back] for name, parts in out.items()}
 
 
 def fit_novelty(classifier, cache, *, keep: float = DEFAULT_KEEP, seed: int = 0) -> NoveltyDetector:
@@ -187,8 +216,10 @@ def fit_novelty(classifier, cache, *, keep: float = DEFAULT_KEEP, seed: int = 0)
     train = np.flatnonzero(cache.split_mask("train") & np.isin(labels, known))
     if not len(train):
         raise TaxoclipError(f"{cache.path}: no training photo of the model's classes to measure novelty against")
-    centre, whitening, means = class_statistics(cache, train, known)
-    detector = NoveltyDetector(DEFAULT_SCORE, float("inf"), centre, whitening, means, torch.from_numpy(known))
+    centre, whitening, means, background = class_statistics(cache, train, known)
+    detector = NoveltyDetector(
+        DEFAULT_SCORE, float("inf"), centre, whitening, means, torch.from_numpy(known), background
+    )
     valid = np.flatnonzero(cache.split_mask("valid") & np.isin(labels, known)) if "valid" in cache.split_names else []
     valid = np.asarray(valid, dtype=np.int64)
     calibrating = valid[calibration_half([cache.keys[int(r)] for r in valid], seed)] if len(valid) else valid
@@ -198,10 +229,14 @@ def fit_novelty(classifier, cache, *, keep: float = DEFAULT_KEEP, seed: int = 0)
             f"it needs at least {MIN_CALIBRATION}"
         )
     known_scores = scores_of(detector, classifier, cache, calibrating)
+    detector.record = {
+        "standardise": {n: [float(known_scores[n].mean()), float(known_scores[n].std()) or 1.0] for n in COMBINED}
+    }
+    known_scores = scores_of(detector, classifier, cache, calibrating)  # now with the combined score
     thresholds = {name: float(np.quantile(values, keep)) for name, values in known_scores.items()}
     chosen_classes = calibration_classes(held_out, seed)
     unknown_rows = np.flatnonzero(np.isin(labels, chosen_classes))
-    record = {
+    record = detector.record | {
         "keep": keep,
         "seed": seed,
         "thresholds": thresholds,
