@@ -65,7 +65,7 @@ def study_open_set(args) -> list[dict]:
         )
     mean = {
         name: statistics.mean(r["auroc"] for r in rows if r["score"].startswith(name))
-        for name in ("max-softmax", "energy", "mahalanobis")
+        for name in sections[SEEDS[0]]["scores"]
     }
     lines = [
         "# Open set on flowers: 20 species held out, 3 seeds (CatLIP)",

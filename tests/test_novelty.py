@@ -34,14 +34,14 @@ def elongated_clusters(seed: int = 0) -> Rows:
 
 
 def detector_for(rows: Rows, identity: bool = False) -> NoveltyDetector:
-    centre, whitening, means, background = class_statistics(rows, np.arange(len(rows.labels)), np.array([0, 1]))
+    centre, whitening, means, background, middle = class_statistics(rows, np.arange(len(rows.labels)), np.array([0, 1]))
     if identity:  # what the test must catch: Euclidean distance instead of the covariance's
         whitening = torch.eye(8)
         means = torch.from_numpy(np.stack([rows.features[rows.labels == c].mean(0) for c in (0, 1)])) - centre
     training = (torch.from_numpy(rows.features) - centre) @ whitening.T
     scores = torch.cdist(training, means).min(-1).values ** 2
     threshold = float(torch.quantile(scores, 0.95))  # 95% of known photos kept
-    return NoveltyDetector("mahalanobis", threshold, centre, whitening, means, torch.tensor([0, 1]), background)
+    return NoveltyDetector("mahalanobis", threshold, centre, whitening, means, torch.tensor([0, 1]), background, middle)
 
 
 @pytest.mark.parametrize("identity", [False, True])

@@ -84,7 +84,8 @@ class NoveltyDetector:
     whitening: torch.Tensor  # (d, d): |W (x - m)|^2 is the Mahalanobis distance
     means: torch.Tensor  # (C, d): the class means, centred and whitened
     known_classes: torch.Tensor  # (C,) class indices the means belong to
-    background: torch.Tensor  # (d, d): whitening by all training photos' covariance (about ``centre``)
+    background: torch.Tensor  # (d, d): whitening by all training photos' covariance
+    background_centre: torch.Tensor  # (d,): the mean of all training photos
     record: dict = field(default_factory=dict)
 
     def scores(self, features: torch.Tensor, logits: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -114,7 +115,7 @@ class NoveltyDetector:
 
     def background_distance(self, features: torch.Tensor) -> torch.Tensor:
         """The squared distance to all training photos, under their overall covariance."""
-        z = (features.float() - self.centre) @ self.background.T
+        z = (features.float() - self.background_centre) @ self.background.T
         return (z * z).sum(-1)
 
     def novelty(self, features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -132,6 +133,7 @@ class NoveltyDetector:
             "whitening": self.whitening,
             "means": self.means,
             "background": self.background,
+            "background_centre": self.background_centre,
         }
         tensors = {k: v.contiguous() for k, v in tensors.items()} | {"known_classes": self.known_classes}
         save_file(tensors, str(folder / (WEIGHTS + ".tmp")))
@@ -158,13 +160,15 @@ class NoveltyDetector:
             tensors["means"],
             tensors["known_classes"],
             tensors["background"],
+            tensors["background_centre"],
             record,
         )
 
 
 def class_statistics(cache, rows: np.ndarray, classes: np.ndarray) -> tuple[torch.Tensor, ...]:
-    """(centre, whitening, whitened class means, background whitening) from the training ``rows``
-    of ``classes``, read in chunks: per-class sums and one (d, d) scatter, in float64."""
+    """(centre, whitening, whitened class means, background whitening, background centre) from the
+    training ``rows`` of ``classes``, read in chunks: per-class sums and one (d, d) scatter, in
+    float64."""
     width = cache.features.shape[1]
     position = {int(c): i for i, c in enumerate(classes)}
     sums = np.zeros((len(classes), width))
@@ -181,10 +185,17 @@ def class_statistics(cache, rows: np.ndarray, classes: np.ndarray) -> tuple[torc
     # within-class covariance: the scatter less each class's mean, pooled over every training photo
     within = (scatter - (means * counts[:, None]).T @ means) / max(1.0, counts.sum() - len(classes))
     whitening = whiten(within)
-    overall = scatter / max(1.0, counts.sum()) - np.outer(centre, centre)  # about the centre of the means
+    photo_mean = sums.sum(0) / max(1.0, counts.sum())
+    overall = scatter / max(1.0, counts.sum()) - np.outer(photo_mean, photo_mean)
     whitened = (means - centre) @ whitening.T
     as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
-    return as_tensor(centre), as_tensor(whitening), as_tensor(whitened), as_tensor(whiten(overall))
+    return (
+        as_tensor(centre),
+        as_tensor(whitening),
+        as_tensor(whitened),
+        as_tensor(whiten(overall)),
+        as_tensor(photo_mean),
+    )
 
 
 def whiten(covariance: np.ndarray) -> np.ndarray:
@@ -216,9 +227,9 @@ def fit_novelty(classifier, cache, *, keep: float = DEFAULT_KEEP, seed: int = 0)
     train = np.flatnonzero(cache.split_mask("train") & np.isin(labels, known))
     if not len(train):
         raise TaxoclipError(f"{cache.path}: no training photo of the model's classes to measure novelty against")
-    centre, whitening, means, background = class_statistics(cache, train, known)
+    centre, whitening, means, background, background_centre = class_statistics(cache, train, known)
     detector = NoveltyDetector(
-        DEFAULT_SCORE, float("inf"), centre, whitening, means, torch.from_numpy(known), background
+        DEFAULT_SCORE, float("inf"), centre, whitening, means, torch.from_numpy(known), background, background_centre
     )
     valid = np.flatnonzero(cache.split_mask("valid") & np.isin(labels, known)) if "valid" in cache.split_names else []
     valid = np.asarray(valid, dtype=np.int64)
