@@ -171,6 +171,12 @@ def build_predictor(args: argparse.Namespace):
 
     classifier = load_classifier(args.model, classes=args.classes, style=args.style, scoring=args.scoring)
     novelty = open_set_for(classifier, args.open_set)
+    if novelty is None and args.open_set == "auto" and not args.model.startswith("open_clip:"):
+        print(
+            f"note: {args.model} has no open-set score and no training cache to compute one from: every photo "
+            "is named as one of its species ('taxoclip openset --model DIR --features CACHE' adds one)",
+            file=sys.stderr,
+        )
     return torch_predictor(classifier, subset=subset, threshold=threshold, novelty=novelty)
 
 

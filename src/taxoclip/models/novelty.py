@@ -289,8 +289,13 @@ def open_set_for(classifier, mode: str = "auto", *, keep: float = DEFAULT_KEEP) 
             f"--open-set {mode}: {classifier.name} has no open-set score yet and {where}; "
             "run 'taxoclip openset --model DIR --features CACHE' with the cache it trained on, or --open-set off"
         )
+    import sys
+
     from taxoclip.data.features import load_features
 
+    print(
+        f"computing {folder.name}'s open-set score from {features} (once; kept in {folder / RECORD})", file=sys.stderr
+    )
     detector = fit_novelty(classifier, load_features(features), keep=keep)
     detector.save(folder)
     return NoveltyDetector.load(folder, None if mode == "auto" else mode)
