@@ -94,6 +94,10 @@ def test_stage_one_trains_only_the_projector_and_ask_answers(stage_one, colour_s
     assert sum(len(g["params"]) for g in optimiser["param_groups"]) == 4  # the projector's two layers, nothing else
     model_config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert model_config["kind"] == "vqa" and model_config["training"]["saw"]["split"] == "train"
+    from huggingface_hub import ModelCard  # its model card parses, with the run's exact match
+
+    card = ModelCard.load(tmp_path / "m" / "README.md")
+    assert any(r.metric_type == "exact_match" for r in card.data.eval_results) and "language model" in card.text
     # ask, end to end on a photo
     from taxoclip.data.shards import iter_tar_samples
 

@@ -108,11 +108,8 @@ def run_evaluation(config: EvalConfig) -> dict:
             baseline_note += f"; scored on a seeded sample of {scored:,} of the {len(rows):,} photos"
         baseline_note += f"; trained baselines take at most {config.baseline_steps} steps of 256 rows"
 
-    open_set = (
-        open_set_report(classifier, cache, rows, config.open_set, out)
-        if not config.model.startswith(OPEN_CLIP_PREFIX)
-        else None
-    )
+    is_directory = not config.model.startswith(OPEN_CLIP_PREFIX)
+    open_set = open_set_report(classifier, cache, rows, config.open_set, out) if is_directory else None
     report = {
         "model": config.model,
         "data": str(cache.path),
@@ -136,6 +133,10 @@ def run_evaluation(config: EvalConfig) -> dict:
     if open_set:  # its own section, after the rest
         with open(out / "report.md", "a") as handle:
             handle.write("\n" + open_set_markdown(open_set))
+    if is_directory and (Path(config.model) / "config.json").exists():  # its card shows what eval measured
+        from taxoclip.models.model_card import record_evaluation
+
+        record_evaluation(Path(config.model), str(cache.path), config.split, metrics)
     return report
 
 

@@ -2,6 +2,7 @@
 
 config.json    {"version", "kind", ...}: the kind tells the registry which module opens it
 classes.csv    the class table, in index order
+README.md      the model card (Hugging Face format), made again as the directory grows
 
 and each kind adds its own files (LiT: see `taxoclip.models.lit`). `taxoclip.load` and
 `taxoclip.models.registry.load_classifier` open any of them.
@@ -22,9 +23,13 @@ BUNDLE_VERSION = 1
 
 
 def write_config(out: Path, kind: str, fields: dict) -> None:
+    """config.json, and the directory's model card made from it (`models.model_card`)."""
+    from taxoclip.models.model_card import write_model_card
+
     out.mkdir(parents=True, exist_ok=True)
     config = {"version": BUNDLE_VERSION, "kind": kind, **fields}
     (out / "config.json").write_text(json.dumps(config, indent=1))
+    write_model_card(out)
 
 
 def read_config(path: Path) -> dict:

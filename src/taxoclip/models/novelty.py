@@ -141,6 +141,10 @@ class NoveltyDetector:
         record = self.record | {"score": self.score, "threshold": self.threshold}
         (folder / (RECORD + ".tmp")).write_text(json.dumps(record, indent=1))
         os.replace(folder / (RECORD + ".tmp"), folder / RECORD)
+        if (folder / "config.json").exists():  # its card names the open-set rule now
+            from taxoclip.models.model_card import write_model_card
+
+            write_model_card(folder)
 
     @classmethod
     def load(cls, folder: Path, score: str | None = None) -> NoveltyDetector:

@@ -1,0 +1,249 @@
+"""Every model directory's ``README.md``: a model card in the Hugging Face format (a YAML header
+with ``library_name``, ``tags``, ``datasets``, ``base_model`` and the measured ``model-index``
+results; then prose), so the folder is ready for ``huggingface-cli upload``.
+
+It is made from what the directory records, and made again whenever that grows: its config.json
+(kind, towers, training settings, held-out classes), its training log's last row (the run's valid
+numbers), the feature cache it trained on (which data, how many photos), its open-set record
+(`novelty.json`) and what `eval` measured on it (``evaluations.json``, one entry per data and split).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from taxoclip.taxonomy import Rank
+
+CARD, EVALUATIONS = "README.md", "evaluations.json"
+TASK = {"type": "image-classification", "name": "Species identification"}
+# the towers' names on the Hugging Face hub, where they have one
+HUB_NAMES = {
+    "efficientnet-lite0": "timm/tf_efficientnet_lite0.in1k",
+    "efficientnet-lite1": "timm/tf_efficientnet_lite1.in1k",
+    "efficientnet-lite2": "timm/tf_efficientnet_lite2.in1k",
+    "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+KIND_TAGS = {
+    "lit": ["zero-shot-image-classification", "lit", "clip"],
+    "catlip": ["catlip", "multi-label"],
+    "finetune": ["fine-tuned"],
+    "vqa": ["visual-question-answering", "llava"],
+}
+METRIC_NAMES = {"top1": "top-1 accuracy", "top5": "top-5 accuracy", "balanced": "balanced accuracy"}
+
+
+def hub_name(tower: str | None) -> str | None:
+    """A tower's hub id (``timm:NAME`` -> timm/NAME, ``open_clip:hf-hub:ORG/NAME`` -> ORG/NAME)."""
+    if not tower:
+        return None
+    if tower in HUB_NAMES:
+        return HUB_NAMES[tower]
+    for prefix, hub in (("timm:", "timm/"), ("open_clip:hf-hub:", ""), ("hf:", "")):
+        if tower.startswith(prefix):
+            name = tower[len(prefix) :]
+            return hub + name if "/" in hub + name and not Path(name).exists() else None
+    return None
+
+
+def read_json(path: Path, default):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def last_log_row(folder: Path) -> dict:
+    rows = [line for line in read_json_lines(folder / "metrics.jsonl")]
+    return rows[-1] if rows else {}
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def record_evaluation(folder: Path, data: str, split: str, metrics: dict) -> None:
+    """Keep an `eval` result beside the model (one entry per data and split) and remake its card."""
+    evaluations = [e for e in read_json(folder / EVALUATIONS, []) if (e["data"], e["split"]) != (data, split)]
+    evaluations.append({"data": data, "split": split, "metrics": metrics})
+    (folder / EVALUATIONS).write_text(json.dumps(evaluations, indent=1))
+    write_model_card(folder)
+
+
+def write_model_card(folder: str | Path) -> Path:
+    """(Re)write the model card of the model directory ``folder`` from what it records."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    folder = Path(folder)
+    config = read_json(folder / "config.json", {})
+    kind, training = config.get("kind", "model"), config.get("training") or {}
+    cache_meta = read_json(Path(training["features"]) / "meta.json", {}) if training.get("features") else {}
+    data = cache_meta.get("data") or {}
+    dataset = Path(str(data.get("path") or training.get("shards") or "unknown data")).name
+    classes = read_classes_rows(folder)
+    towers = model_towers(config)
+    results, lines = [], []
+    final = last_log_row(folder)
+    for key, title in METRIC_NAMES.items():
+        if isinstance(final.get(key), int | float):
+            results.append(
+                EvalResult(
+                    TASK["type"],
+                    dataset,
+                    f"{dataset} valid",
+                    "accuracy",
+                    round(final[key], 4),
+                    task_name=TASK["name"],
+                    dataset_split="valid",
+                    metric_name=title,
+                )
+            )
+    if isinstance(final.get("exact_match"), int | float):
+        results.append(
+            EvalResult(
+                "visual-question-answering",
+                dataset,
+                f"{dataset} valid questions",
+                "exact_match",
+                round(final["exact_match"], 4),
+                dataset_split="valid",
+                metric_name="exact match",
+            )
+        )
+    evaluations = read_json(folder / EVALUATIONS, [])
+    for entry in evaluations:
+        name = Path(entry["data"]).name
+        for rank, value in (entry["metrics"].get("per_rank") or {}).items():
+            results.append(
+                EvalResult(
+                    TASK["type"],
+                    name,
+                    f"{name} {entry['split']}",
+                    "accuracy",
+                    round(value["rollup"], 4),
+                    task_name=TASK["name"],
+                    dataset_split=entry["split"],
+                    metric_name=f"{rank} accuracy (eval)",
+                )
+            )
+        if "top1" in entry["metrics"]:
+            results.append(
+                EvalResult(
+                    TASK["type"],
+                    name,
+                    f"{name} {entry['split']}",
+                    "accuracy",
+                    round(entry["metrics"]["top1"], 4),
+                    task_name=TASK["name"],
+                    dataset_split=entry["split"],
+                    metric_name="top-1 accuracy (eval)",
+                )
+            )
+    header = ModelCardData(
+        library_name="taxoclip",
+        tags=["taxoclip", "biology", "species-identification", *KIND_TAGS.get(kind, [])],
+        datasets=[dataset],
+        base_model=[hub for hub in (hub_name(t) for t in towers.values()) if hub] or None,
+        model_name=folder.name,
+        eval_results=results or None,
+        license="mit",
+    )
+    lines += body(folder, kind, config, training, classes, towers, final, evaluations, dataset, cache_meta)
+    card = ModelCard(f"---\n{header.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+    (folder / CARD).write_text(str(card))
+    return folder / CARD
+
+
+def read_classes_rows(folder: Path) -> list[dict]:
+    import csv
+
+    try:
+        with open(folder / "classes.csv", newline="") as handle:
+            return list(csv.DictReader(handle))
+    except OSError:
+        return []
+
+
+def model_towers(config: dict) -> dict[str, str]:
+    towers = {"image tower": (config.get("image_tower") or {}).get("name")}
+    lit = config.get("lit") or {}
+    towers["text tower"] = lit.get("text_tower") or (config.get("training") or {}).get("text_tower")
+    towers["language model"] = config.get("language_model")
+    return {role: name for role, name in towers.items() if name}
+
+
+def body(folder, kind, config, training, classes, towers, final, evaluations, dataset, cache_meta) -> list[str]:
+    """The card's prose: what it identifies, how it was trained, what it scored, its limits, how
+    to load it."""
+    ranks = [r.column for r in Rank if any(row.get(r.column) for row in classes)]
+    held_out = training.get("held_out") or []
+    lines = [
+        f"# {folder.name}",
+        "",
+        f"A **{kind}** species identifier made with [taxoclip](https://github.com/) from the photos of `{dataset}`.",
+        "",
+        "## What it identifies",
+        "",
+        f"{len(classes)} classes"
+        + (f" ({len(held_out)} of them held out of training)" if held_out else "")
+        + (f", with names at these ranks: {', '.join(ranks)}." if ranks else "."),
+        f"The class table came with the data (`{dataset}`); it is in `classes.csv` beside this card.",
+        "",
+        "## How it was trained",
+        "",
+        *[f"- {role}: `{name}`" for role, name in towers.items()],
+    ]
+    for key in ("epochs", "batch_size", "lr", "depth", "loss", "holdout", "balance", "lora_rank"):
+        if training.get(key) not in (None, 0, False, ""):
+            lines.append(f"- {key}: {training[key]}")
+    if cache_meta.get("count"):
+        lines.append(f"- photos embedded: {cache_meta['count']:,} ({cache_meta.get('split_counts', {})})")
+    lines.append(f"- processes: {training.get('world_size', 1)}")
+    lines += ["", "## What it scored", ""]
+    shown = [f"{title} {100 * final[key]:.1f}%" for key, title in METRIC_NAMES.items() if key in final]
+    if "exact_match" in final:
+        shown.append(f"exact match {100 * final['exact_match']:.1f}%")
+    lines.append(
+        f"The training run's last evaluation on valid: {', '.join(shown)}." if shown else "No evaluation was recorded."
+    )
+    for entry in evaluations:
+        metrics = entry["metrics"]
+        per_rank = ", ".join(f"{rank} {100 * v['rollup']:.1f}%" for rank, v in (metrics.get("per_rank") or {}).items())
+        lines.append(
+            f"- `taxoclip eval` on {entry['data']} ({entry['split']}): top-1 {100 * metrics.get('top1', 0):.1f}%"
+            + (f"; at each rank: {per_rank}" if per_rank else "")
+        )
+    novelty = read_json(folder / "novelty.json", {})
+    lines += ["", "## Known limits", ""]
+    lines.append(
+        "- It names only the species in its class table. "
+        + (
+            f"Photos of other species are flagged by its open-set score (`{novelty['score']}`, threshold "
+            f"{novelty['threshold']:.4g}, keeping {100 * novelty.get('keep', 0.95):.0f}% of known photos)."
+            if novelty
+            else "No open-set score yet: `taxoclip openset --model DIR` adds one (`predict` computes it on first use)."
+        )
+    )
+    if held_out:
+        lines.append(f"- {len(held_out)} classes had no training photo; it names them only through what they share.")
+    lines.append("- Classes with few training photos are recognised less reliably (see `per_class.csv` where present).")
+    lines += [
+        "",
+        "## How to use it",
+        "",
+        "```bash",
+        f"taxoclip predict photo.jpg --model {folder.name}",
+        "```",
+        "",
+        "```python",
+        "import taxoclip",
+        "",
+        f'model = taxoclip.load("{folder.name}")',
+        'taxoclip.predict(model, ["photo.jpg"], rank="genus")',
+        "```",
+    ]
+    return lines
