@@ -27,8 +27,9 @@ def snapshot(root: Path, skip: Path) -> dict[str, tuple[int, int]]:
     for path in root.rglob("*"):
         if path == skip or skip in path.parents or (not path.is_file() and not path.is_symlink()):
             continue
-        if path.name in (".verified.json", "novelty.json", "novelty.safetensors"):
-            continue  # derived data kept beside what was read, by design: shards' checksums, a model's open-set score
+        if path.name in (".verified.json", "novelty.json", "novelty.safetensors", "README.md", "evaluations.json"):
+            continue  # derived data kept beside what was read, by design: shards' checksums, a model's open-set
+            # score and its model card (made again when the model directory learns something about itself)
         stat = path.lstat()
         files[str(path.relative_to(root))] = (stat.st_size, stat.st_mtime_ns)
     return files
