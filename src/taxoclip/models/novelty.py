@@ -281,11 +281,12 @@ def open_set_for(classifier, mode: str = "auto", *, keep: float = DEFAULT_KEEP) 
         return None
     if mode not in ("auto", *SCORES):
         raise TaxoclipError(f"--open-set {mode}: use off, auto or one of {', '.join(SCORES)}")
-    folder = Path(getattr(classifier, "path", "") or "")
-    if folder.is_dir() and (folder / RECORD).exists():
+    path = getattr(classifier, "path", None)  # a model directory (an open_clip model has none)
+    folder = Path(path) if path and (Path(path) / "config.json").exists() else None
+    if folder is not None and (folder / RECORD).exists():
         return NoveltyDetector.load(folder, None if mode == "auto" else mode)
     features = (getattr(classifier, "training", {}) or {}).get("features")
-    if not folder.is_dir() or not features or not (Path(features) / "meta.json").exists():
+    if folder is None or not features or not (Path(features) / "meta.json").exists():
         if mode == "auto":
             return None
         where = f"its training cache {features} is gone" if features else "it records no training cache"
