@@ -76,7 +76,7 @@ def record_evaluation(folder: Path, data: str, split: str, metrics: dict) -> Non
 
 def write_model_card(folder: str | Path) -> Path:
     """(Re)write the model card of the model directory ``folder`` from what it records."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import ModelCard, ModelCardData
 
     folder = Path(folder)
     config = read_json(folder / "config.json", {})
@@ -86,23 +86,38 @@ def write_model_card(folder: str | Path) -> Path:
     dataset = Path(str(data.get("path") or training.get("shards") or "unknown data")).name
     classes = read_classes_rows(folder)
     towers = model_towers(config)
-    results, lines = [], []
     final = last_log_row(folder)
-    for key, title in METRIC_NAMES.items():
-        if isinstance(final.get(key), int | float):
-            results.append(
-                EvalResult(
-                    TASK["type"],
-                    dataset,
-                    f"{dataset} valid",
-                    "accuracy",
-                    round(final[key], 4),
-                    task_name=TASK["name"],
-                    dataset_split="valid",
-                    metric_name=title,
-                )
-            )
-    if isinstance(final.get("exact_match"), int | float):
+    evaluations = read_json(folder / EVALUATIONS, [])
+    results = measured_results(final, evaluations, dataset)
+    header = ModelCardData(
+        library_name="taxoclip",
+        tags=["taxoclip", "biology", "species-identification", *KIND_TAGS.get(kind, [])],
+        datasets=[dataset],
+        base_model=[hub for hub in (hub_name(t) for t in towers.values()) if hub] or None,
+        model_name=folder.name,
+        eval_results=results or None,
+        license="mit",
+    )
+    lines = body(folder, kind, config, training, classes, towers, final, evaluations, dataset, cache_meta)
+    card = ModelCard(f"---\n{header.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+    (folder / CARD).write_text(str(card))
+    return folder / CARD
+
+
+def measured_results(final: dict, evaluations: list[dict], dataset: str) -> list:
+    """The model-index entries: the training run's last valid numbers, then each eval's."""
+    from huggingface_hub import EvalResult
+
+    def accuracy(data: str, split: str, value: float, name: str) -> EvalResult:
+        return EvalResult(
+            TASK["type"], data, f"{data} {split}", "accuracy", round(value, 4),
+            task_name=TASK["name"], dataset_split=split, metric_name=name,
+        )  # fmt: skip
+
+    results = [
+        accuracy(dataset, "valid", final[k], title) for k, title in METRIC_NAMES.items() if is_number(final.get(k))
+    ]
+    if is_number(final.get("exact_match")):
         results.append(
             EvalResult(
                 "visual-question-answering",
@@ -114,48 +129,17 @@ def write_model_card(folder: str | Path) -> Path:
                 metric_name="exact match",
             )
         )
-    evaluations = read_json(folder / EVALUATIONS, [])
     for entry in evaluations:
-        name = Path(entry["data"]).name
-        for rank, value in (entry["metrics"].get("per_rank") or {}).items():
-            results.append(
-                EvalResult(
-                    TASK["type"],
-                    name,
-                    f"{name} {entry['split']}",
-                    "accuracy",
-                    round(value["rollup"], 4),
-                    task_name=TASK["name"],
-                    dataset_split=entry["split"],
-                    metric_name=f"{rank} accuracy (eval)",
-                )
-            )
-        if "top1" in entry["metrics"]:
-            results.append(
-                EvalResult(
-                    TASK["type"],
-                    name,
-                    f"{name} {entry['split']}",
-                    "accuracy",
-                    round(entry["metrics"]["top1"], 4),
-                    task_name=TASK["name"],
-                    dataset_split=entry["split"],
-                    metric_name="top-1 accuracy (eval)",
-                )
-            )
-    header = ModelCardData(
-        library_name="taxoclip",
-        tags=["taxoclip", "biology", "species-identification", *KIND_TAGS.get(kind, [])],
-        datasets=[dataset],
-        base_model=[hub for hub in (hub_name(t) for t in towers.values()) if hub] or None,
-        model_name=folder.name,
-        eval_results=results or None,
-        license="mit",
-    )
-    lines += body(folder, kind, config, training, classes, towers, final, evaluations, dataset, cache_meta)
-    card = ModelCard(f"---\n{header.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
-    (folder / CARD).write_text(str(card))
-    return folder / CARD
+        data, split, metrics = Path(entry["data"]).name, entry["split"], entry["metrics"]
+        for rank, value in (metrics.get("per_rank") or {}).items():
+            results.append(accuracy(data, split, value["rollup"], f"{rank} accuracy (eval)"))
+        if is_number(metrics.get("top1")):
+            results.append(accuracy(data, split, metrics["top1"], "top-1 accuracy (eval)"))
+    return results
+
+
+def is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def read_classes_rows(folder: Path) -> list[dict]:
