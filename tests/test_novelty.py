@@ -77,7 +77,7 @@ def test_the_scores_rank_unknowns_above_knowns_and_auroc_is_the_mann_whitney_sta
 
 
 def test_predict_says_unknown_for_a_species_never_trained_on_and_names_its_family(
-    colour_features, colour_shards, tmp_path, capsys
+    colour_features, colour_shards, image_folder, tmp_path, capsys
 ):
     """A CatLIP model trained without two of the six colour species, from before open-set scores:
     its score is computed on first use from its training cache and kept; a photo of a held-out
@@ -136,6 +136,12 @@ def test_predict_says_unknown_for_a_species_never_trained_on_and_names_its_famil
     assert set(section["scores"]) == set(SCORES) and (report / "open_set.png").exists()
     assert section["unknown_photos"] == 5 and "open set" in (report / "report.md").read_text()
     assert "open set (" in capsys.readouterr().out
+    # --unknown: photos of other species altogether (another folder), embedded with the model's tower
+    other = tmp_path / "other-report"
+    arguments = ["eval", "--model", str(model), "--data", str(colour_features), "-o", str(other), "-q"]
+    assert main([*arguments, "--unknown", str(image_folder), "--no-baselines"]) == 0
+    section = json.loads((other / "open_set.json").read_text())
+    assert section["unknown_photos"] == 28 and section["unknown_from"].endswith("features")
     # ONNX carries the score: the same values as PyTorch, the same rule in its sidecar
     import torch
 

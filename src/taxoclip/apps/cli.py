@@ -101,6 +101,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         baseline_rows=args.baseline_rows or None,
         baseline_steps=args.baseline_steps,
         open_set=args.open_set,
+        unknown=args.unknown,
         progress=not args.quiet,
     )
     report = run_evaluation(config)
@@ -417,6 +418,9 @@ def add_eval_parsers(commands) -> None:
     )
     p.add_argument("--force", action="store_true", help="vqa models: score photos the model trained on anyway")
     add_open_set_argument(p)
+    p.add_argument(
+        "--unknown", help="photos of species the model does not know (cache, shards or source): scored by the open set"
+    )
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(handler=cmd_eval)
 

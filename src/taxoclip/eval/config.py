@@ -23,4 +23,5 @@ class EvalConfig:
     baseline_rows: int | None = 20000
     baseline_steps: int = 300
     open_set: str = "auto"  # the novelty score reported on held-out species (off, auto, or a score's name)
+    unknown: str | None = None  # photos of species the model does not know (a cache, shards or a source)
     progress: bool = True

@@ -1,7 +1,8 @@
-"""`eval`'s open-set section: on a model trained with ``--holdout``, how well each novelty score
-tells photos of the species it never trained on from photos of those it did, on photos never used
-to choose the score or set its threshold (the held-out classes' evaluation half, the known photos
-outside the calibration half; `taxoclip.models.novelty`).
+"""`eval`'s open-set section: how well each novelty score tells photos of species the model never
+trained on from photos of those it did, on photos never used to choose the score or set its
+threshold: the held-out classes' evaluation half of a model trained with ``--holdout``, or every
+photo of ``eval --unknown`` (other species), against the known photos outside the calibration half
+(`taxoclip.models.novelty`).
 
 Written as ``open_set.json`` and ``open_set.png`` (each score's histograms of known and unknown
 photos, and its ROC curve), and a section of ``report.md``.
@@ -21,9 +22,9 @@ from taxoclip.models.novelty import SCORES, auroc, calibration_half, open_set_fo
 ANSWER_RANKS = ("genus", "family", "order")
 
 
-def open_set_report(classifier, cache, rows: np.ndarray, mode: str, out: Path) -> dict | None:
-    """The section's numbers (None when the model has no held-out classes or no open-set score)."""
-    if mode == "off" or not classifier.held_out:
+def open_set_report(classifier, cache, rows: np.ndarray, mode: str, out: Path, unknown_cache=None) -> dict | None:
+    """The section's numbers (None when there are no unknown photos or no open-set score)."""
+    if mode == "off" or (not classifier.held_out and unknown_cache is None):
         return None
     detector = open_set_for(classifier, "auto" if mode == "auto" else mode)
     if detector is None:
@@ -34,12 +35,17 @@ def open_set_report(classifier, cache, rows: np.ndarray, mode: str, out: Path) -
     known_mask = np.isin(labels, detector.known_classes.numpy())
     if record.get("cache_key") == cache.meta.get("cache_key"):  # the same photos: leave out the calibration half
         known_mask &= ~calibration_half([cache.keys[int(r)] for r in rows], record.get("seed", 0))
-    unknown_mask = np.isin(labels, evaluation_classes)
-    known_rows, unknown_rows = rows[known_mask], rows[unknown_mask]
+    known_rows = rows[known_mask]
+    if unknown_cache is not None:  # every photo of the other species given
+        unknown_from, unknown_rows = unknown_cache, np.arange(len(unknown_cache.labels))
+        unknown_names = sorted(set(unknown_cache.classes.ids))
+    else:
+        unknown_from, unknown_rows = cache, rows[np.isin(labels, evaluation_classes)]
+        unknown_names = [classifier.classes.ids[int(c)] for c in evaluation_classes]
     if not len(known_rows) or not len(unknown_rows):
         return None
     known_scores = scores_of(detector, classifier, cache, known_rows)
-    unknown_scores = scores_of(detector, classifier, cache, unknown_rows)
+    unknown_scores = scores_of(detector, classifier, unknown_from, unknown_rows)
     thresholds = record["thresholds"]
     per_score = {
         name: {
@@ -57,12 +63,13 @@ def open_set_report(classifier, cache, rows: np.ndarray, mode: str, out: Path) -
         "keep": record.get("keep"),
         "known_photos": len(known_rows),
         "unknown_photos": len(unknown_rows),
-        "unknown_classes": [classifier.classes.ids[int(c)] for c in evaluation_classes],
+        "unknown_classes": unknown_names,
+        "unknown_from": str(unknown_from.path),
         "scores": per_score,
     }
     section |= known_accuracy(classifier, cache, known_rows, known_scores[chosen] > thresholds[chosen])
     section["rank_answers_for_flagged_unknowns"] = rank_answers(
-        classifier, cache, unknown_rows[unknown_scores[chosen] > thresholds[chosen]]
+        classifier, unknown_from, unknown_rows[unknown_scores[chosen] > thresholds[chosen]]
     )
     (out / "open_set.json").write_text(json.dumps(section, indent=1))
     plot_open_set(out / "open_set.png", known_scores, unknown_scores, thresholds, per_score)
@@ -89,17 +96,19 @@ def known_accuracy(classifier, cache, rows: np.ndarray, rejected: np.ndarray) ->
 
 def rank_answers(classifier, cache, rows: np.ndarray) -> dict:
     """For unknown photos the score flagged: how often the most probable genus, family and order
-    (probability summed over the known species) is the photo's own."""
+    (probability summed over the known species) is the photo's own (by name, from ``cache``'s own
+    class table: the other species' data need not share the model's)."""
     if not len(rows):
         return {}
     probabilities, labels = probabilities_of(classifier, cache, rows)
+    truth_table = cache.classes
     answers = {}
     for rank in ANSWER_RANKS:
         codes = RankCodes.of(classifier.classes, rank)
         if not codes.known:
             continue
         grouped = rollup(probabilities, codes).argmax(-1).numpy()
-        truth = np.array([classifier.classes.rows[int(c)].get(rank, "") for c in labels])
+        truth = np.array([truth_table.rows[int(c)].get(rank, "") for c in labels])
         named = np.array([codes.groups[int(g)] for g in grouped])
         answers[rank] = float((named == truth).mean())
     return answers
@@ -142,8 +151,9 @@ def markdown(section: dict) -> str:
     lines = [
         "## Species the model never trained on (open set)",
         "",
-        f"{section['unknown_photos']} photos of {len(section['unknown_classes'])} species held out of training "
-        f"(never used to choose) against {section['known_photos']} photos of trained species. The score used: "
+        f"{section['unknown_photos']} photos of {len(section['unknown_classes'])} species the model was not trained "
+        f"on (`{section['unknown_from']}`; never used to choose) against {section['known_photos']} photos of trained "
+        "species. The score used: "
         f"**{section['chosen']}** ({section['chosen_by']}); threshold keeps {100 * section['keep']:.0f}% of known "
         "photos on calibration photos.",
         "",

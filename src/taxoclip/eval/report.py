@@ -13,6 +13,7 @@ import csv
 import html
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +110,12 @@ def run_evaluation(config: EvalConfig) -> dict:
         baseline_note += f"; trained baselines take at most {config.baseline_steps} steps of 256 rows"
 
     is_directory = not config.model.startswith(OPEN_CLIP_PREFIX)
-    open_set = open_set_report(classifier, cache, rows, config.open_set, out) if is_directory else None
+    unknown = None
+    if config.unknown and is_directory:  # other species' photos, embedded by the model's own tower
+        unknown = features_for(
+            replace(config, data=config.unknown, output=str(out / "unknown")), tower_name, pretrained, classifier
+        )
+    open_set = open_set_report(classifier, cache, rows, config.open_set, out, unknown) if is_directory else None
     report = {
         "model": config.model,
         "data": str(cache.path),
