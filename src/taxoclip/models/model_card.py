@@ -96,7 +96,7 @@ def write_model_card(folder: str | Path) -> Path:
         base_model=[hub for hub in (hub_name(t) for t in towers.values()) if hub] or None,
         model_name=folder.name,
         eval_results=results or None,
-        license="mit",
+        license="mit",  # taxoclip's own licence; the towers' weights keep theirs (see base_model)
     )
     lines = body(folder, kind, config, training, classes, towers, final, evaluations, dataset, cache_meta)
     card = ModelCard(f"---\n{header.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
