@@ -10,7 +10,7 @@ around taxonomy-shaped class centres, so each run's top-1 means something. Sizes
   TAXOCLIP_SCALE_STEPS    the fixed step budget of each trainer (default 40)
   TAXOCLIP_SCALE_EPOCH=1  also one whole LiT epoch at 1M rows (hours on 2 cores)
   TAXOCLIP_SCALE_PARTS    which parts to run (default rows,classes,field; also ridge, epoch,
-                          shards, features): a part is a set of rows of the table
+                          shards, features, openset): a part is a set of rows of the table
   TAXOCLIP_SCALE_PHOTOS   generated 64 x 64 JPEGs for the shards part (default 1000000)
   TAXOCLIP_SCALE_FEATURE_PHOTOS  the same for the features part (default 20000,100000: even a tiny
                           random tower's forward is ~200 photos/s on 2 cores, so 1M is hours)
@@ -224,6 +224,7 @@ def run_size(work: Path, classes, rows: int, tower: dict, steps: int, *, heavy: 
             top1=metrics.get("top1"),
         ),
     )
+    add(out, openset_row(finetune, n_classes, rows))
     if heavy:
         report = work / f"eval-{n_classes}-{rows}"
         result = measured([*TAXOCLIP, "eval", "--model", str(lit), "--data", str(cache), "-o", str(report), "-q"])
@@ -285,6 +286,24 @@ def run_size(work: Path, classes, rows: int, tower: dict, steps: int, *, heavy: 
                 ),
             )
     return out
+
+
+def openset_row(model: Path, n_classes: int, rows: int) -> dict:
+    """`taxoclip openset` on a trained model: the unknown-species score fitted from its training
+    cache (class statistics streamed over every training row, calibration photos scored in chunks)."""
+    result = measured([*TAXOCLIP, "openset", "--model", str(model)])
+    record = json.loads((model / "novelty.json").read_text()) if result["rc"] == 0 else {}
+    return row_of("openset (unknown-species score)", n_classes, rows, result, per="s/1k rows", count=rows,
+                  score=record.get("score"))  # fmt: skip
+
+
+def run_openset(work: Path, classes, rows: int, tower: dict, steps: int) -> list[dict]:
+    """The open-set fit alone at one size (a fine-tuned head trained for the step budget first)."""
+    cache, _ = make_cache(work, classes, rows, tower)
+    model = work / f"ft-openset-{len(classes)}-{rows}"
+    budget = ["--epochs", "1", "--steps-per-epoch", str(steps), "-q"]
+    trained = measured([*TAXOCLIP, "train", "finetune", "--features", str(cache), "-o", str(model), *budget])
+    return [openset_row(model, len(classes), rows)] if trained["rc"] == 0 else []
 
 
 def run_field(work: Path, classes, tower: dict, photos: list[Path], steps: int) -> list[dict]:
@@ -569,6 +588,10 @@ def bench_scale(args) -> list[dict]:
         if "rows" in parts:
             for n in sizes("TAXOCLIP_SCALE_ROWS", "100000,1000000"):
                 rows += run_size(work, classes, n, tower, steps, heavy=True)
+                keep(rows)
+        if "openset" in parts:
+            for n in sizes("TAXOCLIP_SCALE_ROWS", "100000,1000000"):
+                rows += run_openset(work, classes, n, tower, steps)
                 keep(rows)
         if "ridge" in parts:
             rows += run_ridge_start(work, classes, min(sizes("TAXOCLIP_SCALE_ROWS", "100000,1000000")), tower)

@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from taxoclip.eval.metrics import RankCodes, rollup
 from taxoclip.models.novelty import SCORES, auroc, calibration_half, open_set_for, scores_of
@@ -76,16 +75,22 @@ def open_set_report(classifier, cache, rows: np.ndarray, mode: str, out: Path, u
     return section
 
 
-def probabilities_of(classifier, cache, rows: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
-    parts = [classifier.logits_from_features(x).softmax(-1) for _, x in cache.chunks(np.sort(rows))]
-    return torch.cat(parts) if parts else torch.zeros(0, len(classifier.classes)), cache.labels[np.sort(rows)]
+SCORE_CHUNK = 4096  # photos per pass: (photos x classes) probabilities stay ~160 MB at 10,000 classes
+
+
+def probability_chunks(classifier, cache, rows: np.ndarray):
+    """(labels, class probabilities) of ``rows`` in row order, a chunk at a time: never one
+    (photos x classes) matrix for the whole split."""
+    for part, x in cache.chunks(np.sort(rows), SCORE_CHUNK):
+        yield cache.labels[part], classifier.logits_from_features(x).softmax(-1)
 
 
 def known_accuracy(classifier, cache, rows: np.ndarray, rejected: np.ndarray) -> dict:
     """Known photos' top-1 with nothing rejected, and among the photos the threshold keeps."""
-    rejected = rejected[np.argsort(rows)]  # probabilities_of reads in row order
-    probabilities, labels = probabilities_of(classifier, cache, rows)
-    right = probabilities.argmax(-1).numpy() == labels
+    rejected = rejected[np.argsort(rows)]  # the chunks come in row order
+    right = np.concatenate(
+        [p.argmax(-1).numpy() == labels for labels, p in probability_chunks(classifier, cache, rows)]
+    )
     kept = ~rejected
     return {
         "known_top1": float(right.mean()),
@@ -100,18 +105,17 @@ def rank_answers(classifier, cache, rows: np.ndarray) -> dict:
     class table: the other species' data need not share the model's)."""
     if not len(rows):
         return {}
-    probabilities, labels = probabilities_of(classifier, cache, rows)
     truth_table = cache.classes
-    answers = {}
-    for rank in ANSWER_RANKS:
-        codes = RankCodes.of(classifier.classes, rank)
-        if not codes.known:
-            continue
-        grouped = rollup(probabilities, codes).argmax(-1).numpy()
-        truth = np.array([truth_table.rows[int(c)].get(rank, "") for c in labels])
-        named = np.array([codes.groups[int(g)] for g in grouped])
-        answers[rank] = float((named == truth).mean())
-    return answers
+    codes = {rank: RankCodes.of(classifier.classes, rank) for rank in ANSWER_RANKS}
+    codes = {rank: c for rank, c in codes.items() if c.known}
+    right = {rank: 0 for rank in codes}
+    for labels, probabilities in probability_chunks(classifier, cache, rows):
+        for rank, rank_codes in codes.items():
+            grouped = rollup(probabilities, rank_codes).argmax(-1).numpy()
+            named = [rank_codes.groups[int(g)] for g in grouped]
+            truth = [truth_table.rows[int(c)].get(rank, "") for c in labels]
+            right[rank] += sum(n == t for n, t in zip(named, truth, strict=True))
+    return {rank: right[rank] / len(rows) for rank in codes}
 
 
 def plot_open_set(path: Path, known: dict, unknown: dict, thresholds: dict, per_score: dict) -> None:
