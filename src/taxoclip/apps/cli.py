@@ -290,6 +290,14 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_open_clip(args: argparse.Namespace) -> int:
+    from taxoclip.inference.open_clip_export import export_open_clip
+
+    out = export_open_clip(args.model, args.output, text_config_from_hub=args.text_config_from_hub)
+    print(f"open_clip model -> {out} (checked against the model; open it with open_clip 'local-dir:{out}')")
+    return 0
+
+
 def cmd_openset(args: argparse.Namespace) -> int:
     """Fit (or fit again) a model directory's open-set score from its training cache."""
     from taxoclip.data.features import load_features
@@ -447,7 +455,7 @@ def add_field_parsers(commands) -> None:
     p.add_argument("--ask", help="a vqa model directory (taxoclip train vqa): adds a question box and /api/ask")
     p.set_defaults(handler=cmd_serve)
 
-    p = commands.add_parser("export", help="export a model: 'export onnx'")
+    p = commands.add_parser("export", help="export a model: 'export onnx' or 'export open_clip'")
     formats = p.add_subparsers(dest="target", metavar="FORMAT", required=True)
     q = formats.add_parser("onnx", help="image tower + classifier head as one ONNX graph (checked with onnxruntime)")
     q.add_argument("--model", required=True, help="a model directory, or open_clip:NAME (with --classes)")
@@ -457,6 +465,18 @@ def add_field_parsers(commands) -> None:
     q.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     add_open_set_argument(q)
     q.set_defaults(handler=cmd_export_onnx)
+    q = formats.add_parser(
+        "open_clip", help="a LiT model as an open_clip model folder (opens in open_clip and pybioclip as local-dir:OUT)"
+    )
+    q.add_argument("--model", required=True, help="a LiT model directory (taxoclip train lit)")
+    q.add_argument("-o", "--output", required=True, help="a new folder to write")
+    q.add_argument(
+        "--text-config-from-hub",
+        action="store_true",
+        help="name the text tower by its hub id (for uploading; opening then reads its config.json from the hub) "
+        "instead of by this folder's path (opens offline while the folder stays where it is)",
+    )
+    q.set_defaults(handler=cmd_export_open_clip)
 
     p = commands.add_parser("openset", help="fit a model's open-set score (unknown species) from its training cache")
     p.add_argument("--model", required=True, help="a model directory (taxoclip train)")
@@ -473,7 +493,11 @@ def add_field_parsers(commands) -> None:
     p.set_defaults(handler=cmd_demo)
 
 
-FOLDER_OUTPUTS = {"shards", "features", "train", "eval", "demo"}  # -o names a folder; elsewhere a file
+FOLDER_OUTPUTS = {"shards", "features", "train", "eval", "demo", "export open_clip"}  # -o: a folder; else a file
+
+
+def writes_folder(args: argparse.Namespace) -> bool:
+    return args.command in FOLDER_OUTPUTS or f"{args.command} {getattr(args, 'target', '')}" in FOLDER_OUTPUTS
 
 
 def check_output(args: argparse.Namespace) -> None:
@@ -482,9 +506,9 @@ def check_output(args: argparse.Namespace) -> None:
     if not output:
         return
     path = Path(output)
-    if args.command in FOLDER_OUTPUTS and path.is_file():
+    if writes_folder(args) and path.is_file():
         raise TaxoclipError(f"-o {output} is a file; this command writes a folder there: give a folder path")
-    if args.command not in FOLDER_OUTPUTS and path.is_dir():
+    if not writes_folder(args) and path.is_dir():
         raise TaxoclipError(f"-o {output} is a folder; this command writes a file: give a file path")
 
 
@@ -513,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_output(args)
         output = getattr(args, "output", None)
-        with output_lock(output, folder=args.command in FOLDER_OUTPUTS) if output else nullcontext():
+        with output_lock(output, folder=writes_folder(args)) if output else nullcontext():
             return handler(args)
     except TaxoclipError as error:
         print(f"taxoclip {args.command}: error: {error}", file=sys.stderr)

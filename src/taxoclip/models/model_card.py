@@ -231,3 +231,62 @@ def body(folder, kind, config, training, classes, towers, final, evaluations, da
         "```",
     ]
     return lines
+
+
+def write_open_clip_card(folder: Path, source: Path, record: dict) -> Path:
+    """The card of an open_clip export (``taxoclip export open_clip``): the source model's card
+    with open_clip as its library and the ways to open it without taxoclip."""
+    from huggingface_hub import ModelCard
+
+    source_card = source / CARD
+    card = ModelCard.load(source_card) if source_card.exists() else ModelCard(str(ModelCard("")))
+    card.data.library_name = "open_clip"
+    card.data.tags = sorted({*(card.data.tags or []), "open_clip", "clip", "zero-shot-image-classification"})
+    crop = record["taxoclip"]["crop_pct"]
+    card.text = (card.text or "").rstrip() + "\n".join(
+        [
+            "",
+            "",
+            "## Open it with open_clip or pybioclip (no taxoclip needed)",
+            "",
+            f"Exported by `taxoclip export open_clip` from `{source.name}`. `classes.txt` lists its "
+            f"{len(read_classes_rows(folder))} classes; `class_embeddings.npy` holds the exact classifier "
+            "taxoclip scores with (its captions are in `captions.json`).",
+            "",
+            "```python",
+            "import numpy as np, open_clip, torch",
+            "from PIL import Image",
+            "",
+            'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:THIS_FOLDER")',
+            "model.eval()  # open_clip returns models in training mode; BatchNorm towers need eval()",
+            'classes = torch.from_numpy(np.load("THIS_FOLDER/class_embeddings.npy"))',
+            'image = model.encode_image(preprocess(Image.open("photo.jpg")).unsqueeze(0), normalize=True)',
+            "probabilities = (model.logit_scale.exp() * image @ classes.T).softmax(-1)",
+            "```",
+            "",
+            "```python",
+            "from bioclip import CustomLabelsClassifier",
+            "",
+            'names = open("THIS_FOLDER/classes.txt").read().splitlines()',
+            'classifier = CustomLabelsClassifier(cls_ary=names, model_str="local-dir:THIS_FOLDER")',
+            "classifier.model.eval()  # pybioclip 2.1 leaves the model in training mode",
+            'classifier.predict(["photo.jpg"], k=5)',
+            "```",
+            "",
+            "```bash",
+            "bioclip predict --cls THIS_FOLDER/classes.txt --model local-dir:THIS_FOLDER photo.jpg",
+            "```",
+            "",
+            "pybioclip (2.1) never puts the model in evaluation mode. Its command line is right for image "
+            "towers without BatchNorm (ViTs); with a BatchNorm tower such as EfficientNet-Lite, each photo is "
+            "normalised by its own batch's statistics and the answers are wrong: use it from Python as above.",
+            "",
+            "open_clip's transform resizes a photo's shorter side to the input size and crops it; taxoclip "
+            f"resizes to size / {crop:g} first. The weights are the same function (checked to 1e-4 on the same "
+            "pixels at export); on photos the probabilities differ by what that crop changes. pybioclip builds "
+            "class embeddings from its own prompt templates around the names in `--cls`, not from this "
+            "model's captions, so its probabilities differ from taxoclip's too.",
+        ]
+    )
+    card.save(folder / CARD)
+    return folder / CARD
