@@ -70,7 +70,6 @@ def open_clip_alone(folder, *inputs) -> dict:
 def tiny_lit(colour_features, tiny_text_tower, tmp_path_factory):
     """A LiT model on random-weight towers of real architectures (timm EfficientNet, a BERT)."""
     from conftest import tiny_train_config
-
     from taxoclip.train.lit import train_lit
 
     out = tmp_path_factory.mktemp("tiny_lit")
@@ -139,9 +138,8 @@ def test_real_towers_on_real_photos_open_in_open_clip_and_pybioclip(quick_demo, 
     gap = np.abs(own_transform - expected).max()
     assert (own_transform.argmax(1) == expected.argmax(1)).all(), f"largest probability gap {gap:.3f}"
 
-    from torch._dynamo import config as dynamo_config
-
     from bioclip import CustomLabelsClassifier
+    from torch._dynamo import config as dynamo_config
 
     names = (out / "classes.txt").read_text().splitlines()
     with dynamo_config.patch(disable=True):  # pybioclip compiles the model: seconds, not minutes
@@ -156,9 +154,9 @@ def test_pybioclips_command_line_runs_an_export(colour_shards, tiny_text_tower, 
     """pybioclip's command line on an export whose image tower has no BatchNorm (a ViT): the answer
     its Python API gives in evaluation mode (its command line never calls eval())."""
     pytest.importorskip("bioclip")
-    from conftest import tiny_train_config
     from torch._dynamo import config as dynamo_config
 
+    from conftest import tiny_train_config
     from taxoclip.inference.open_clip_export import export_open_clip
     from taxoclip.models.extraction import extract_features
     from taxoclip.train.lit import train_lit

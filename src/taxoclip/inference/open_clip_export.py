@@ -78,7 +78,7 @@ def export_open_clip(model: str | Path, output: str | Path, *, text_config_from_
     if classifier.kind != "lit":
         reasons = {
             "catlip": "a CatLIP model classifies with a label layer over the image tower, not by scoring captions",
-            "finetune": "a fine-tuned model classifies with a linear head over the image tower, not by scoring captions",
+            "finetune": "a fine-tuned model classifies with a linear head on the image tower, not by scoring captions",
             "open_clip": "it already is an open_clip model: open it with open_clip by its own name",
         }
         why = reasons.get(classifier.kind, f"a {classifier.kind} model has no open_clip form")
