@@ -138,10 +138,16 @@ def test_real_towers_on_real_photos_open_in_open_clip_and_pybioclip(quick_demo, 
     gap = np.abs(own_transform - expected).max()
     assert (own_transform.argmax(1) == expected.argmax(1)).all(), f"largest probability gap {gap:.3f}"
 
+    import open_clip
+
+    # as pybioclip uses it, in training mode: the text side has no dropout left to make it random
+    clip = open_clip.create_model(f"local-dir:{out}")
+    tokens = open_clip.get_tokenizer(f"local-dir:{out}")(names := (out / "classes.txt").read_text().splitlines())
+    with torch.no_grad():
+        assert clip.training and torch.equal(clip.encode_text(tokens), clip.encode_text(tokens))
     from bioclip import CustomLabelsClassifier
     from torch._dynamo import config as dynamo_config
 
-    names = (out / "classes.txt").read_text().splitlines()
     with dynamo_config.patch(disable=True):  # pybioclip compiles the model: seconds, not minutes
         bioclip = CustomLabelsClassifier(cls_ary=names, model_str=f"local-dir:{out}")
         bioclip.model.eval()  # pybioclip leaves open_clip's model in training mode (BatchNorm)
