@@ -358,6 +358,21 @@ def run_field(work: Path, classes, tower: dict, photos: list[Path], steps: int) 
                 **{"onnx MB": round(folder_bytes(onnx) / 2**20, 1) if onnx.exists() else None},
             ),
         )
+        exported = work / f"open_clip-{len(table)}"
+        shutil.rmtree(exported, ignore_errors=True)
+        result = measured([*TAXOCLIP, "export", "open_clip", "--model", str(model), "-o", str(exported)])
+        add(
+            out,
+            row_of(
+                "export open_clip",
+                len(table),
+                0,
+                result,
+                per="s/photo",
+                count=1,
+                **{"folder MB": round(folder_bytes(exported) / 2**20, 1) if exported.exists() else None},
+            ),
+        )
         add(out, serve_memory(model, len(table), photos))
     return out
 

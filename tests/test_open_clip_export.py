@@ -93,6 +93,20 @@ def test_open_clip_alone_gives_taxoclips_probabilities_on_the_same_pixels(tiny_l
     assert np.abs(np.array(theirs["probabilities"]) - ours.numpy()).max() < 1e-4
     # open_clip's tokenizer and text tower re-make the classifier from the captions
     assert np.abs(np.array(theirs["text"]) - classifier.class_embeddings.numpy()).max() < 1e-4
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "open_clip" and "local-dir:THIS_FOLDER" in card.text
+
+
+def test_the_hub_form_names_the_text_tower_by_its_hub_id_or_refuses(tiny_lit, tmp_path):
+    from taxoclip.inference.open_clip_export import export_open_clip, text_config_name
+
+    assert text_config_name("minilm-l6", tmp_path, True) == "sentence-transformers/all-MiniLM-L6-v2"
+    assert text_config_name("hf:org/encoder", tmp_path, True) == "org/encoder"
+    with pytest.raises(TaxoclipError, match="no Hugging Face hub id"):
+        export_open_clip(tiny_lit, tmp_path / "hub", text_config_from_hub=True)  # its tower is a local folder
+    assert not any((tmp_path / "hub").glob("*.json"))
 
 
 def test_export_refuses_a_label_layer_kind_and_names_onnx(colour_features, tmp_path, capsys):

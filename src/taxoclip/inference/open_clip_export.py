@@ -110,6 +110,7 @@ def write_folder(classifier, timm_name: str, out: Path, text_config_from_hub: bo
     from safetensors.torch import save_file
 
     lit, tower = classifier.lit_config, classifier.image_tower
+    name = text_config_name(lit.text_tower, out, text_config_from_hub)  # refuse before the work
     text = classifier.model.text_tower
     # transformers builds the architecture from this. Dropout off: open_clip returns its models in
     # training mode and pybioclip never calls eval(), so dropout would make every answer random.
@@ -143,7 +144,6 @@ def write_folder(classifier, timm_name: str, out: Path, text_config_from_hub: bo
     clip.load_state_dict(open_clip_state(classifier, clip), strict=True)
     check_same_function(classifier, clip)
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(out / WEIGHTS))
-    name = text_config_name(lit.text_tower, out, text_config_from_hub)
     model_cfg["text_cfg"] |= {"hf_model_name": name, "hf_tokenizer_name": name}
     preprocess_cfg = {
         "size": preprocess.size,
