@@ -26,7 +26,7 @@ from taxoclip.data.features import FeatureCache
 from taxoclip.data.paths import find_dataset
 from taxoclip.data.shards import ShardOptions, write_shards
 from taxoclip.data.sources import load_source
-from taxoclip.eval import baselines
+from taxoclip.models import baselines
 from taxoclip.models.catlip import transfer_init
 from taxoclip.models.extraction import extract_features
 from taxoclip.models.registry import load_classifier

@@ -23,7 +23,7 @@ from dataclasses import replace
 
 from bench_catlip import CACHE, HERE, flowers_cache
 from common import benchmark
-from taxoclip.eval import baselines
+from taxoclip.models import baselines
 from taxoclip.train.finetune import FinetuneConfig, train_finetune
 from taxoclip.train.lit import LiTSettings, train_lit
 from taxoclip.train.sweep import markdown, run_sweep

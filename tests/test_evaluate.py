@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from taxoclip import ClassTable
-from taxoclip.eval.baselines import few_shot_rows, nearest_class_mean, probe
 from taxoclip.eval.metrics import Evaluation, RankCodes, lca_depth, lineage_codes, rollup
+from taxoclip.models.baselines import few_shot_rows, nearest_class_mean, probe
 
 # Two genera of one family, a second family in the same order, and a class in another order.
 TABLE = ClassTable.from_records(

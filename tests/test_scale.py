@@ -11,7 +11,7 @@ import torch
 
 import taxoclip.data.features as features_module
 from taxoclip.data.features import load_features, write_synthetic_cache
-from taxoclip.eval import baselines
+from taxoclip.models import baselines
 from taxoclip.models.accuracy import SeenUnseenAccuracy, accuracy
 from taxoclip.taxonomy import ClassTable
 

@@ -307,3 +307,177 @@ def test_open_questions_answered_in_one_batch_get_the_answers_asked_alone(tiny_l
     assert all(alone) and model.answer_batch(features, questions, max_new_tokens=6) == alone
     blind = [model.answer(None, q, max_new_tokens=6) for q in questions]
     assert all(blind) and model.answer_batch(None, questions, max_new_tokens=6) == blind
+
+
+# --- several questions a pass, grounded answering ---------------------------------------------
+
+
+def tiny_tokenizer(language_model: str):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(language_model.removeprefix("hf:"))
+
+
+def test_a_conversation_supervises_each_turns_answer_and_nothing_else(tiny_language_model):
+    from taxoclip.data.chat import IGNORE, encode, encode_conversation, end_of_turn
+
+    tokenizer = tiny_tokenizer(tiny_language_model)
+    turns = [("Which family is this?", "Rosaceae"), ("Is it a rose?", "no"), ("Name the genus.", "Rosa")]
+    context = "Identifier: Rosa canina (dog rose) 0.91; genus Rosa 0.97"
+    encoded = encode_conversation(tokenizer, turns, context=context)
+    runs, current = [], []
+    for token, label in zip(encoded.input_ids, encoded.labels, strict=True):
+        if label == IGNORE:
+            runs, current = ([*runs, current] if current else runs), []
+        else:
+            assert label == token
+            current.append(token)
+    runs += [current] if current else []
+    end = end_of_turn(tokenizer)
+    assert runs == [tokenizer(answer, add_special_tokens=False)["input_ids"] + [end] for _, answer in turns]
+    # the first turn is token for token the prompt answering sees (context included)
+    prompt = encode(tokenizer, turns[0][0], context=context).input_ids
+    assert encoded.input_ids[: len(prompt)] == prompt and context in tokenizer.decode(prompt)
+
+
+def test_unsure_identifier_gives_the_honest_answer_in_words():
+    from taxoclip import ClassTable
+    from taxoclip.models.grounding import Grounder
+
+    table = ClassTable.from_records(
+        [
+            {"id": "1", "family": "Asteraceae", "genus": "Helianthus", "specific_epithet": "annuus"},
+            {"id": "2", "family": "Asteraceae", "genus": "Helianthus", "specific_epithet": "giganteus"},
+            {"id": "3", "family": "Asteraceae", "genus": "Rudbeckia", "specific_epithet": "hirta"},
+            {"id": "4", "family": "Rosaceae", "genus": "Rosa", "specific_epithet": "canina"},
+        ],
+        origin="test",
+    )
+    grounder = Grounder(table)
+    unsure = grounder.summarise(torch.tensor([[0.30, 0.16, 0.34, 0.20]]))
+    species = {"type": "species", "rank": "species", "answer": "Helianthus annuus"}
+    genus = {"type": "rank", "rank": "genus", "answer": "Helianthus"}
+    assert grounder.target(species, unsure, 0) == "probably Asteraceae; the species is uncertain"
+    assert grounder.target(genus, unsure, 0) == "probably Asteraceae; the genus is uncertain"  # Helianthus 0.46
+    genus_sure = grounder.summarise(torch.tensor([[0.30, 0.25, 0.25, 0.20]]))  # Helianthus 0.55
+    assert grounder.target(species, genus_sure, 0) == "probably Helianthus; the species is uncertain"
+    assert grounder.target(genus, genus_sure, 0) == "Helianthus"
+    sure = grounder.summarise(torch.tensor([[0.90, 0.05, 0.03, 0.02]]))
+    assert grounder.target(species, sure, 0) == "Helianthus annuus"
+    lost = grounder.summarise(torch.tensor([[0.25, 0.2, 0.2, 0.35]]))
+    assert grounder.target(species, lost, 0) == "probably Asteraceae; the species is uncertain"
+    nothing = Grounder(table, threshold=0.99).summarise(torch.tensor([[0.25, 0.2, 0.2, 0.35]]))
+    assert Grounder(table, threshold=0.99).target(genus, nothing, 0) == "not sure; the genus is uncertain"
+    closed = {"type": "yes_no", "rank": "family", "answer": "yes"}
+    assert grounder.target(closed, unsure, 0) == "yes"
+    line = grounder.text(unsure, 0)
+    assert line.startswith("Identifier: Rudbeckia hirta 0.34, Helianthus annuus 0.30; genus Helianthus 0.46")
+
+
+def test_training_lines_come_from_an_identifier_that_never_saw_the_photo(tmp_path):
+    """On embeddings with no signal, an identifier fitted on the very photos it describes is right
+    on all of them (and would teach blind trust); the cross-fitted lines are at chance."""
+    from taxoclip import ClassTable
+    from taxoclip.data.features import write_synthetic_cache
+    from taxoclip.models.baselines import RowSource, fit_probe
+    from taxoclip.models.grounding import Grounder, cross_fitted
+
+    classes = ClassTable.from_records(
+        [{"id": str(i), "genus": f"G{i % 2}", "specific_epithet": f"e{i}", "family": "F"} for i in range(4)],
+        origin="test",
+    )
+    tower = {"name": "synthetic", "id": "noise", "width": 256}
+    cache = write_synthetic_cache(tmp_path / "c", classes, rows=160, tower=tower, noise=1000.0, progress=False)
+    rows = np.flatnonzero(cache.split_mask("train"))
+    labels = cache.labels[rows].astype(np.int64)
+    plain = fit_probe(RowSource.of_cache(cache, rows, labels), 4)
+    seen = plain.probabilities(torch.from_numpy(np.asarray(cache.features[rows], np.float32))).argmax(1).numpy()
+    assert (seen == labels).mean() > 0.9
+    lines = cross_fitted(cache, Grounder(cache.classes), rows, folds=5)
+    assert (lines.species[:, 0] == labels).mean() < 0.45
+
+
+@pytest.fixture(scope="module")
+def identifier(colour_features, tmp_path_factory):
+    """A CatLIP identifier on the colour photos' embeddings (the questions' cache)."""
+    from taxoclip.train.catlip import CatLIPConfig, train_catlip
+
+    out = tmp_path_factory.mktemp("identifier") / "catlip"
+    train_catlip(CatLIPConfig(features=str(colour_features), output=str(out), epochs=4, progress=False))
+    return out
+
+
+def test_grounded_prompts_hold_the_identifiers_line_and_ask_shows_what_it_rested_on(
+    stage_one, identifier, colour_features, colour_shards, tiny_language_model, tmp_path, monkeypatch, capsys
+):
+    import taxoclip.models.vqa as vqa_module
+    import taxoclip.train.vqa as trainer_module
+    from taxoclip.data.shards import iter_tar_samples
+
+    lines, original = [], trainer_module.encode_conversation
+    monkeypatch.setattr(
+        trainer_module,
+        "encode_conversation",
+        lambda tokenizer, turns, system=None, context=None: (
+            lines.append(context) or original(tokenizer, turns, context=context)
+        ),
+    )
+    folder, _ = stage_one
+    settings = vqa_settings(colour_features, folder / "qa.jsonl", tmp_path / "g", tiny_language_model, epochs=1)
+    trainer_module.train_vqa(settings.__class__(**vars(settings) | {"grounding": str(identifier), "batch_size": 8}))
+    assert lines and all(line.startswith("Identifier: ") and "; genus Genus" in line for line in lines)
+    config = json.loads((tmp_path / "g" / "config.json").read_text())
+    assert config["grounding"]["model"] == str(identifier.resolve()) and config["grounding"]["kind"] == "catlip"
+
+    prompts, encode = [], vqa_module.encode
+
+    def recording_prompt(tokenizer, question, answer=None, context=None):
+        prompts.append(context)
+        return encode(tokenizer, question, answer, context=context)
+
+    monkeypatch.setattr(vqa_module, "encode", recording_prompt)
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(next(iter_tar_samples(sorted(colour_shards.glob("valid-*.tar"))[0]))["jpg"])
+    assert (
+        main(
+            ["ask", str(photo), "Which genus does this belong to?", "--model", str(tmp_path / "g"), "--format", "json"]
+        )
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    top = result["identifier"]["top"]
+    assert len(top) == 5 and top[0]["probability"] >= top[1]["probability"] and top[0]["genus"].startswith("Genus")
+    assert prompts and prompts[-1] == result["identifier"]["line"] and top[0]["name"].split(" (")[0] in prompts[-1]
+    assert main(["ask", str(photo), "Which genus?", "--model", str(tmp_path / "g")]) == 0
+    assert "resting on the identifier:" in capsys.readouterr().out
+
+
+def test_grounding_refuses_another_tower_a_vqa_model_and_a_class_it_lacks(
+    stage_one, identifier, colour_features, colour_shards, tiny_language_model, tmp_path, capsys
+):
+    import shutil
+
+    from taxoclip.models.extraction import extract_features
+    from taxoclip.train.catlip import CatLIPConfig, train_catlip
+
+    folder, _ = stage_one
+    base = ["train", "vqa", "--features", str(colour_features), "--questions", str(folder / "qa.jsonl")]
+    base += ["--language-model", tiny_language_model, "--epochs", "1", "-q"]
+    # a question-answering model is no identifier
+    assert main([*base, "-o", str(tmp_path / "a"), "--grounding", str(folder / "m")]) == 2
+    assert "a question-answering model" in capsys.readouterr().err
+    # an identifier of another image tower's embeddings
+    vit = tmp_path / "vit"
+    extract_features(colour_shards, "timm:test_vit", vit, pretrained=False, workers=0, progress=False)
+    train_catlip(CatLIPConfig(features=str(vit), output=str(tmp_path / "vit-id"), epochs=1, progress=False))
+    assert main([*base, "-o", str(tmp_path / "b"), "--grounding", str(tmp_path / "vit-id")]) == 2
+    error = capsys.readouterr().err
+    assert "timm:test_vit" in error and "timm:test_efficientnet" in error
+    # an identifier whose class table lacks a class the questions ask about
+    other = tmp_path / "other-classes"
+    shutil.copytree(identifier, other)
+    table = (other / "classes.csv").read_text().splitlines()
+    table[1] = table[1].replace("1,", "99,", 1) if table[1].startswith("0,1,") else table[1]
+    (other / "classes.csv").write_text("\n".join(table) + "\n")
+    assert main([*base, "-o", str(tmp_path / "c"), "--grounding", str(other)]) == 2
+    assert "does not know class '1'" in capsys.readouterr().err

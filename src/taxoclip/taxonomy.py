@@ -44,6 +44,9 @@ class Rank(IntEnum):
 
 
 RANK_COLUMNS: tuple[str, ...] = tuple(r.column for r in Rank)
+# The probability an answer's rank must reach to be given plainly (predict's honest rank, grounded
+# question answering's "probably ...; the species is uncertain"); measured on flowers valid.
+HONEST_THRESHOLD = 0.5
 # Columns every class table has, in this order, before any extra columns of the source.
 CORE_COLUMNS: tuple[str, ...] = (
     "index",

@@ -42,6 +42,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
         print(result["answer"])
         for entry in result.get("ranked", []):
             print(f"  {entry['log_likelihood']:9.3f}  {entry['answer']}")
+        if "identifier" in result:  # what the answer rested on
+            print("resting on the identifier:")
+            for entry in result["identifier"]["top"]:
+                print(f"  {entry['probability']:6.3f}  {entry['name']}  ({entry.get('family') or '-'})")
     return 0
 
 

@@ -42,15 +42,53 @@ def prompt_text(tokenizer, question: str, system: str = SYSTEM) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def encode(tokenizer, question: str, answer: str | None = None, system: str = SYSTEM) -> Encoded:
+def user_text(question: str, context: str | None = None) -> str:
+    """The user's message: the question, after the identifier's answer when the model is grounded."""
+    return f"{context}\n{question}" if context else question
+
+
+def encode(
+    tokenizer, question: str, answer: str | None = None, system: str = SYSTEM, context: str | None = None
+) -> Encoded:
     """Token ids of the prompt (and, for training, the answer and the end of turn) with labels.
     The prompt and the answer are tokenised apart and joined, so the prompt is exactly what
-    answering will see."""
-    prompt = tokenizer(prompt_text(tokenizer, question, system), add_special_tokens=False)["input_ids"]
+    answering will see. ``context`` (the identifier's answer) opens the user's message."""
     if answer is None:
-        return Encoded(prompt, [IGNORE] * len(prompt))
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [end_of_turn(tokenizer)]
-    return Encoded(prompt + answer_ids, [IGNORE] * len(prompt) + answer_ids)
+        prompt = tokenizer(prompt_text(tokenizer, user_text(question, context), system), add_special_tokens=False)
+        return Encoded(prompt["input_ids"], [IGNORE] * len(prompt["input_ids"]))
+    return encode_conversation(tokenizer, [(question, answer)], system, context)
+
+
+def encode_conversation(
+    tokenizer, turns: list[tuple[str, str]], system: str = SYSTEM, context: str | None = None
+) -> Encoded:
+    """One photo's questions as one conversation (the image once, then user/assistant turns), as
+    LLaVA and nanoVLM train: every answer and its end-of-turn token is supervised, nothing else
+    (the system message, the context and each question are IGNORE). One forward pass then
+    supervises every turn's answer instead of one.
+
+    The template is rendered turn by turn and only the new text is tokenised, so the first turn is
+    token for token the single-question prompt answering sees."""
+    if not turns:
+        raise TaxoclipError("a conversation needs at least one question")
+    end = end_of_turn(tokenizer)
+    end_text = tokenizer.convert_ids_to_tokens(end)
+    messages = [{"role": "system", "content": system}]
+    ids: list[int] = []
+    labels: list[int] = []
+    written = ""  # the template text the ids so far stand for
+    for i, (question, answer) in enumerate(turns):
+        messages.append({"role": "user", "content": user_text(question, context if i == 0 else None)})
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if not rendered.startswith(written):
+            raise TaxoclipError("the language model's chat template re-writes earlier turns; use a ChatML model")
+        new = tokenizer(rendered[len(written) :], add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [end]
+        ids += new + answer_ids
+        labels += [IGNORE] * len(new) + answer_ids
+        messages.append({"role": "assistant", "content": answer})
+        written = rendered + answer + end_text
+    return Encoded(ids, labels)
 
 
 def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

@@ -21,11 +21,11 @@ import torch
 
 from taxoclip.data.features import FeatureCache, load_features
 from taxoclip.errors import TaxoclipError
-from taxoclip.eval import baselines
 from taxoclip.eval.config import EvalConfig
 from taxoclip.eval.metrics import ROLLUP_RANKS, Evaluation, RankCodes
 from taxoclip.eval.open_set import markdown as open_set_markdown
 from taxoclip.eval.open_set import open_set_report
+from taxoclip.models import baselines
 from taxoclip.models.classifier import Classifier, EmbeddingClassifier
 from taxoclip.models.extraction import extract_features
 from taxoclip.models.registry import OPEN_CLIP_PREFIX, load_classifier

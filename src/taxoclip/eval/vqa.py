@@ -163,7 +163,7 @@ class ProbeAnswers:
 def fit_probe(cache, rows: list[int]) -> tuple[np.ndarray, dict[int, int]]:
     """The probe's class probabilities for the cache rows asked about (fitted on its train split,
     streamed from the memory map; only the sampled rows' probabilities are held)."""
-    from taxoclip.eval import baselines
+    from taxoclip.models import baselines
 
     train_rows = np.flatnonzero(cache.split_mask("train"))
     source = baselines.RowSource.of_cache(cache, train_rows, cache.labels[train_rows].astype(np.int64))

@@ -21,14 +21,14 @@ from taxoclip.data.images import BadImage, check_image, decode_image, read_photo
 from taxoclip.data.preprocess import Preprocess
 from taxoclip.errors import TaxoclipError
 from taxoclip.eval.metrics import ROLLUP_RANKS, RankCodes, rollup
-from taxoclip.taxonomy import ClassTable, Rank
+from taxoclip.taxonomy import HONEST_THRESHOLD, ClassTable, Rank
 
 # Measured on flowers valid (LiT with the defaults: efficientnet-lite0 + minilm-l6, image projection,
 # 10 epochs, top-1 96.6%; `honest_answer_table`): the reported answer is right for
 #   threshold 0.3: 97.3% of photos (at species for 98.3%)   0.4: 97.8% (95.7%)
 #   threshold 0.5: 98.0% (92.8%)                              0.6: 98.9% (89.5%)   0.8: 99.4% (78.5%)
 # 0.5 keeps the answer right 98% of the time while still naming the species for 93% of photos.
-DEFAULT_THRESHOLD = 0.5
+DEFAULT_THRESHOLD = HONEST_THRESHOLD
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 

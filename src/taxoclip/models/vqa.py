@@ -102,19 +102,29 @@ class VQAModel(nn.Module):
         return self.lm(inputs_embeds=embeddings, attention_mask=mask, labels=labels).loss
 
     @torch.no_grad()
-    def answer(self, features: torch.Tensor | None, question: str, max_new_tokens: int = 16) -> str:
+    def answer(
+        self, features: torch.Tensor | None, question: str, max_new_tokens: int = 24, context: str | None = None
+    ) -> str:
         """Greedy decoding of the answer to one question (``features``: one image's embedding, or
-        None for the question alone): a batch of one."""
-        return self.answer_batch(features, [question], max_new_tokens)[0]
+        None for the question alone; ``context``: the identifier's line of a grounded model): a
+        batch of one."""
+        return self.answer_batch(features, [question], max_new_tokens, [context])[0]
 
     @torch.no_grad()
-    def answer_batch(self, features: torch.Tensor | None, questions: list[str], max_new_tokens: int = 16) -> list[str]:
+    def answer_batch(
+        self,
+        features: torch.Tensor | None,
+        questions: list[str],
+        max_new_tokens: int = 24,
+        contexts: list[str | None] | None = None,
+    ) -> list[str]:
         """Greedy answers to several questions in one batch (``features``: one row per question,
         or None). Prompts are left-padded, padding masked out, so each answer is the one
         `answer` gives alone (generation numbers positions from the mask)."""
         end = end_of_turn(self.tokenizer)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else end
-        prompts = [encode(self.tokenizer, q).input_ids for q in questions]
+        contexts = contexts or [None] * len(questions)
+        prompts = [encode(self.tokenizer, q, context=c).input_ids for q, c in zip(questions, contexts, strict=True)]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -138,11 +148,14 @@ class VQAModel(nn.Module):
         return answers
 
     @torch.no_grad()
-    def rank(self, features: torch.Tensor | None, question: str, candidates: list[str]) -> list[float]:
+    def rank(
+        self, features: torch.Tensor | None, question: str, candidates: list[str], context: str | None = None
+    ) -> list[float]:
         """Each candidate answer's log-likelihood (its tokens and the end of turn) after the
         question: closed questions are answered by the most likely candidate. The candidates go
         through in one right-padded batch (padding after the answer never changes its scores)."""
-        batch = collate([encode(self.tokenizer, question, c) for c in candidates], self.tokenizer.pad_token_id or 0)
+        encoded = [encode(self.tokenizer, question, c, context=context) for c in candidates]
+        batch = collate(encoded, self.tokenizer.pad_token_id or 0)
         batch = {k: v.to(self.projector.mean.device) for k, v in batch.items()}
         if features is not None:
             features = features.expand(len(candidates), -1)
@@ -186,6 +199,7 @@ def save_vqa(
         "language_model": language_model,
         "projector": {"width": int(projector.mean.shape[0]), "hidden": projector.hidden, "tokens": projector.tokens},
         "lora": lora,
+        "grounding": training.get("grounding"),  # the identifier each prompt shows (None: not grounded)
         "training": training,
     }
     write_config(out, "vqa", fields)
@@ -294,20 +308,51 @@ class Asker:
                 f"{model_dir}: trained on {record['name']} with weights {record['id']}, but {record['name']} here has "
                 f"weights {self.tower.id}; install the version it was trained with, or retrain it on this one"
             )
+        self.identifier, self.grounder = None, None
+        grounding = self.config.get("grounding")
+        if grounding:  # loaded once: every question about a photo rests on its line
+            self.identifier, self.grounder = open_identifier(Path(model_dir), grounding["model"], record)
 
     @torch.no_grad()
     def ask(self, image, question: str, choices: list[str] | None = None) -> dict:
         """The answer about a decoded RGB photo (PIL)."""
         check_question(question, choices)
         features = self.tower.embed(self.tower.preprocess.to_uint8(image).unsqueeze(0))
-        result = {"question": question, "answer": self.model.answer(features, question)}
+        context, rested_on = None, {}
+        if self.identifier is not None:
+            probabilities = self.identifier.probabilities_from_features(features)
+            context = self.grounder.text(self.grounder.summarise(probabilities), 0)
+            rested_on = {"identifier": {"line": context, "top": self.grounder.top(probabilities[0])}}
+        result = {"question": question, "answer": self.model.answer(features, question, context=context)}
+        result |= rested_on
         if choices:
-            scores = self.model.rank(features, question, choices)
+            scores = self.model.rank(features, question, choices, context)
             result["ranked"] = [
                 {"answer": c, "log_likelihood": round(s, 3)}
                 for s, c in sorted(zip(scores, choices, strict=True), reverse=True)
             ]
         return result
+
+
+def open_identifier(model_dir: Path, spec: str, tower_record: dict):
+    """A grounded vqa directory's identifier and its `Grounder`; refused when it is gone or now
+    reads another tower's embeddings than the ones the directory trained on."""
+    from taxoclip.models.grounding import Grounder
+    from taxoclip.models.registry import load_classifier
+
+    try:
+        identifier = load_classifier(spec, classes=model_dir / "classes.csv")
+    except TaxoclipError as error:
+        raise TaxoclipError(
+            f"{model_dir} answers from the identifier {spec}, which cannot be opened ({error}); put it back, or "
+            "train the vqa model again with --grounding"
+        ) from None
+    if identifier.image_tower_id and tower_record.get("id") and identifier.image_tower_id != tower_record["id"]:
+        raise TaxoclipError(
+            f"{model_dir} answers from {spec}, which now reads {identifier.image_tower_id} embeddings, not the "
+            f"{tower_record['id']} ones it was trained with; retrain the vqa model with --grounding {spec}"
+        )
+    return identifier, Grounder(identifier.classes)
 
 
 def ask(model_dir, photo, question: str, choices: list[str] | None = None) -> dict:
@@ -323,10 +368,10 @@ def ask(model_dir, photo, question: str, choices: list[str] | None = None) -> di
     return {"photo": str(photo)} | Asker(model_dir).ask(image, question, choices)
 
 
-def answer_record(model, features: torch.Tensor | None, record: dict) -> str:
+def answer_record(model, features: torch.Tensor | None, record: dict, context: str | None = None) -> str:
     """A question record's answer: the most likely candidate when it is closed, else greedy."""
     candidates = candidates_of(record)
     if candidates:
-        scores = model.rank(features, record["question"], candidates)
+        scores = model.rank(features, record["question"], candidates, context)
         return candidates[int(np.argmax(scores))]
-    return model.answer(features, record["question"])
+    return model.answer(features, record["question"], context=context)

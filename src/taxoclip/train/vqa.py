@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from taxoclip.data.chat import collate, encode
+from taxoclip.data.chat import collate, encode, encode_conversation
 from taxoclip.data.features import load_features
 from taxoclip.data.question_file import QuestionFile
 from taxoclip.data.questions import normalise_answer, stable
@@ -27,6 +27,7 @@ from taxoclip.train.loop import Batch, Trainer, run_training
 from taxoclip.train.vqa_config import VQAConfig
 
 __all__ = ["VQAConfig", "VQATrainer", "train_vqa"]
+CAPTION_PROMPT = "Describe this photo."
 
 
 class VQATrainer(Trainer):
@@ -63,6 +64,44 @@ class VQATrainer(Trainer):
         lm.to(runtime.device)
         self.module = VQAModel(lm, self.tokenizer, projector.to(runtime.device), adapters)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.photo_order = np.argsort(self.questions.rows[self.train_positions], kind="stable")
+        self.photo_starts = np.searchsorted(
+            self.questions.rows[self.train_positions][self.photo_order], self.train_photo_rows
+        )
+        self.grounder = None
+        if config.grounding:
+            self.ground(config)
+
+    def ground(self, config: VQAConfig) -> None:
+        """Each photo's identifier line: cross-fitted for the training photos (from probes that
+        never saw them), the grounding model's own for the photos evaluation asks about."""
+        from taxoclip.models.grounding import cross_fitted, open_grounding, summarise_with
+
+        self.identifier, self.grounder = open_grounding(config.grounding, self.cache)
+        self.runtime.print(
+            f"grounding: {self.identifier.kind} identifier {config.grounding}; cross-fitting {config.grounding_folds} "
+            f"probes for the {len(self.train_photo_rows)} training photos' lines"
+        )
+        self.train_summaries = cross_fitted(
+            self.cache, self.grounder, self.train_photo_rows, config.grounding_folds, config.seed
+        )
+        self.eval_rows = np.unique([r["row"] for r in self.eval_records]).astype(np.int64)
+        self.eval_summaries = summarise_with(self.identifier, self.grounder, self.cache, self.eval_rows)
+
+    def training_line(self, row: int) -> tuple[str | None, int]:
+        """(the identifier's line, the photo's place in the training summaries) for a training row."""
+        if self.grounder is None:
+            return None, -1
+        i = int(np.searchsorted(self.train_photo_rows, row))
+        return self.grounder.text(self.train_summaries, i), i
+
+    def eval_line(self, row: int) -> str | None:
+        if self.grounder is None:
+            return None
+        return self.grounder.text(self.eval_summaries, int(np.searchsorted(self.eval_rows, row)))
+
+    def target(self, record: dict, place: int) -> str:
+        return record["answer"] if self.grounder is None else self.grounder.target(record, self.train_summaries, place)
 
     def start_from(self, projector: Projector, folder: Path) -> set[str]:
         """Load a stage-1 directory's projector (LLaVA's stage 2 starts there); the photos it saw."""
@@ -103,23 +142,68 @@ class VQATrainer(Trainer):
             )
         return groups
 
+    def conversation_mode(self) -> bool:
+        return self.config.stage == "captions" or self.config.turns != 1
+
     def steps_per_epoch(self) -> int:
-        steps = max(1, len(self.train_positions) // self.config.batch_size)
+        units = len(self.train_photo_rows) if self.conversation_mode() else len(self.train_positions)
+        steps = max(1, units // self.config.batch_size)
         return min(steps, self.config.max_steps_per_epoch or steps)
 
     def batches(self, epoch: int) -> Iterator[Batch]:
         """This rank's share of each global batch of training questions, with their photos' embeddings."""
         config, runtime, device = self.config, self.runtime, self.runtime.device
-        order = np.random.default_rng([config.seed, epoch]).permutation(self.train_positions)
+        rng = np.random.default_rng([config.seed, epoch])
+        units = np.arange(len(self.train_photo_rows)) if self.conversation_mode() else self.train_positions
+        order = rng.permutation(units)
         size = min(config.batch_size, len(order))
         for step in range(min(len(order) // size, self.steps_per_epoch())):
             mine = runtime.share(order[step * size : (step + 1) * size])
-            chosen = self.questions.records(mine)  # read from disk, a batch at a time
-            text = collate([encode(self.tokenizer, r["question"], r["answer"]) for r in chosen], self.pad_id)
-            rows = [r["row"] for r in chosen]
+            if config.stage == "captions":
+                rows, encoded = self.caption_examples(mine, epoch)
+            elif self.conversation_mode():
+                rows, encoded = self.conversations(mine, rng)
+            else:
+                chosen = self.questions.records(mine)  # read from disk, a batch at a time
+                rows, encoded = [r["row"] for r in chosen], []
+                for r in chosen:
+                    context, place = self.training_line(r["row"])
+                    encoded.append(encode(self.tokenizer, r["question"], self.target(r, place), context=context))
+            text = collate(encoded, self.pad_id)
             features = torch.from_numpy(np.asarray(self.cache.features[rows], np.float32))
             inputs = {"features": features.to(device)} | {k: v.to(device) for k, v in text.items()}
-            yield Batch(inputs, len(chosen))
+            yield Batch(inputs, len(rows))
+
+    def conversations(self, photos: np.ndarray, rng) -> tuple[list[int], list]:
+        """Each photo's questions (at most --turns, in a fresh order each epoch) as one conversation."""
+        rows, encoded = [], []
+        sorted_positions = self.train_positions[self.photo_order]
+        for photo in photos:
+            start = self.photo_starts[photo]
+            stop = self.photo_starts[photo + 1] if photo + 1 < len(self.photo_starts) else len(sorted_positions)
+            positions = rng.permutation(sorted_positions[start:stop])
+            if self.config.turns:
+                positions = positions[: self.config.turns]
+            records = self.questions.records(positions)
+            row = int(self.train_photo_rows[photo])
+            context, place = self.training_line(row)
+            turns = [(r["question"], self.target(r, place)) for r in records]
+            rows.append(row)
+            encoded.append(encode_conversation(self.tokenizer, turns, context=context))
+        return rows, encoded
+
+    def caption_examples(self, photos: np.ndarray, epoch: int) -> tuple[list[int], list]:
+        """LLaVA's stage 1 on our data: "Describe this photo." answered by the photo's class
+        caption, in a caption style drawn per photo and epoch."""
+        by_class = self.cache.meta["captions"]["by_class"]
+        rows, encoded = [], []
+        for photo in photos:
+            row = int(self.train_photo_rows[photo])
+            styles = sorted(by_class[int(self.cache.labels[row])].items())
+            _, caption = styles[stable(self.config.seed, "caption", row, epoch) % len(styles)]
+            rows.append(row)
+            encoded.append(encode(self.tokenizer, CAPTION_PROMPT, caption))
+        return rows, encoded
 
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict:
@@ -131,7 +215,7 @@ class VQATrainer(Trainer):
         right: dict[str, list[bool]] = {}
         for record in self.eval_records:
             features = torch.from_numpy(np.asarray(self.cache.features[[record["row"]]], np.float32))
-            answer = answer_record(self.module, features.to(self.runtime.device), record)
+            answer = answer_record(self.module, features.to(self.runtime.device), record, self.eval_line(record["row"]))
             right.setdefault(record["type"], []).append(normalise_answer(answer) == normalise_answer(record["answer"]))
         self.module.train()
         every = [x for values in right.values() for x in values]
@@ -149,6 +233,13 @@ def train_vqa(config: VQAConfig) -> dict:
             "world_size": runtime.world_size,
             "saw": {"cache_key": trainer.cache.meta["cache_key"], "split": "train", "photos": len(seen)},
         }
+        if config.grounding:
+            training["grounding"] = {
+                "model": str(Path(config.grounding).resolve()) if Path(config.grounding).exists() else config.grounding,
+                "kind": trainer.identifier.kind,
+                "training_lines": f"cross-fitted softmax probes, {config.grounding_folds} folds",
+                "threshold": trainer.grounder.threshold,
+            }
         lora = (
             {"rank": config.lora_rank, "alpha": config.lora_alpha, "targets": list(config.targets)}
             if config.lora_rank

@@ -15,7 +15,9 @@ class VQAConfig(LoopSettings):
     questions: str = option(MISSING, "--questions", help="JSON lines from 'taxoclip questions'")
     language_model: str = option("smollm2-135m", "--language-model", help="smollm2-135m (offline) or hf:NAME_OR_PATH")
     image_tokens: int = option(1, "--image-tokens", help="K: image tokens before the question", type=POSITIVE)
-    batch_size: int = redefault(LoopSettings, "batch_size", 32)
+    batch_size: int = redefault(
+        LoopSettings, "batch_size", 8, help="photos a step: each one conversation of its questions (see --turns)"
+    )
     epochs: int = redefault(LoopSettings, "epochs", 2)
     lr: float = redefault(LoopSettings, "lr", 1e-3, help="learning rate of the projector")
     weight_decay: float = redefault(LoopSettings, "weight_decay", 0.0)
@@ -33,6 +35,26 @@ class VQAConfig(LoopSettings):
     lora_targets: str = option(
         "q_proj,k_proj,v_proj,o_proj", "--lora-targets", help="the language model's linear layers that get adapters"
     )
+    stage: str = option(
+        "questions",
+        "--stage",
+        help="questions, or captions: LLaVA's stage 1, the projector aligned on each photo's class captions",
+        choices=("questions", "captions"),
+    )
+    turns: int = option(
+        0,
+        "--turns",
+        help="questions of one photo asked in one conversation (0: all of them; 1: one question a sequence)",
+        type=NON_NEGATIVE,
+    )
+    grounding: str | None = option(
+        None,
+        "--grounding",
+        help="an identifier (lit, catlip or finetune directory, or open_clip:NAME) whose answer each prompt shows",
+    )
+    grounding_folds: int = option(
+        5, "--grounding-folds", help="cross-fitting folds for the training photos' identifier lines", type=POSITIVE
+    )
     init_from: str | None = option(
         None, "--init-from", help="a stage-1 vqa model directory whose projector stage 2 starts from"
     )
@@ -42,6 +64,8 @@ class VQAConfig(LoopSettings):
             raise TaxoclipError("--image-tokens, --batch-size and --epochs must be at least 1")
         if self.lora_rank < 0 or self.lora_alpha <= 0:
             raise TaxoclipError("--lora-rank must be 0 (stage 1) or more, --lora-alpha positive")
+        if self.grounding and self.grounding_folds < 2:
+            raise TaxoclipError("--grounding-folds must be at least 2: each fold's line comes from the others' probe")
         if not [t for t in self.lora_targets.split(",") if t.strip()]:
             raise TaxoclipError("--lora-targets names no layer; e.g. q_proj,k_proj,v_proj,o_proj")
 
