@@ -450,6 +450,15 @@ def test_grounded_prompts_hold_the_identifiers_line_and_ask_shows_what_it_rested
     assert prompts and prompts[-1] == result["identifier"]["line"] and top[0]["name"].split(" (")[0] in prompts[-1]
     assert main(["ask", str(photo), "Which genus?", "--model", str(tmp_path / "g")]) == 0
     assert "resting on the identifier:" in capsys.readouterr().out
+    # eval: the grounded model beside the identifier alone, and how often it contradicts a sure one
+    report = ["eval", "--model", str(tmp_path / "g"), "--data", str(colour_features), "-q"]
+    assert main([*report, "--questions", str(folder / "qa.jsonl"), "-o", str(tmp_path / "r"), "--per-type", "4"]) == 0
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["exact_match"]["all"]["identifier alone"] is not None
+    assert (
+        metrics["grounding"]["questions_at_a_confident_rank"] >= 0
+        and "identifier alone" in (tmp_path / "r" / "report.md").read_text()
+    )
 
 
 def test_grounding_refuses_another_tower_a_vqa_model_and_a_class_it_lacks(

@@ -57,7 +57,7 @@ def model_kind(model: str) -> str | None:
 
 
 def cmd_eval_vqa(args: argparse.Namespace) -> int:
-    from taxoclip.eval.vqa import ANSWERERS, VQAEvalConfig, run_vqa_evaluation
+    from taxoclip.eval.vqa import VQAEvalConfig, run_vqa_evaluation
 
     if not args.questions:
         raise TaxoclipError(
@@ -76,10 +76,15 @@ def cmd_eval_vqa(args: argparse.Namespace) -> int:
         )
     )
     print(f"{summary['questions']} questions about {summary['photos']} photos; exact match (%):")
-    print(f"  {'group':28s} " + " ".join(f"{w[:14]:>14s}" for w in ANSWERERS))
+    answerers = [w for w in next(iter(summary["exact_match"].values())) if w != "questions"]
+    print(f"  {'group':28s} " + " ".join(f"{w[:14]:>14s}" for w in answerers))
     for name, row in summary["exact_match"].items():
-        shown = ("—" if row[w] is None else f"{100 * row[w]:.1f}" for w in ANSWERERS)
+        shown = ("—" if row[w] is None else f"{100 * row[w]:.1f}" for w in answerers)
         print(f"  {name:28s} " + " ".join(f"{v:>14s}" for v in shown))
+    if "grounding" in summary:
+        g = summary["grounding"]
+        rate = g["contradicts_confident_identifier"]
+        print(f"  contradicts a confident identifier: {'—' if rate is None else f'{100 * rate:.1f}%'}")
     print(f"report: {args.output}/report.md (and metrics.json, answers.csv)")
     return 0
 

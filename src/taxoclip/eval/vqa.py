@@ -38,6 +38,7 @@ from taxoclip.errors import TaxoclipError
 from taxoclip.models.vqa import answer_record, load_vqa_model, read_seen_photos
 
 ANSWERERS = ("model", "question only", "shuffled images", "majority", "linear probe")
+IDENTIFIER = "identifier alone"  # a grounded model's identifier answering from its own lineage
 GREEDY_BATCH = 8  # open questions decoded together (left-padded; the same answers as one by one)
 
 
@@ -224,19 +225,23 @@ def run_vqa_evaluation(config: VQAEvalConfig) -> dict:
     majority = Majority(questions.iterate(questions.in_split("train")))
     probabilities, position = fit_probe(cache, [r["row"] for r in records])
     probe = ProbeAnswers(cache.classes, probabilities, position)
+    contexts, grounded = grounding_lines(config, model_config, cache, records)
     answers: dict[str, list] = {
         "model": [None] * len(records),
         "question only": [None] * len(records),
         "shuffled images": [None] * len(records),
         "majority": [majority(r) for r in records],
         "linear probe": [probe(r) for r in records],
-    }
+    } | ({IDENTIFIER: grounded["answers"]} if grounded else {})
     blind: dict[tuple, str] = {}  # the question alone: one answer per distinct question
     with tqdm(total=len(records), desc="answering", disable=not config.progress) as bar:
         for i, record in enumerate(records):  # closed questions: the most likely candidate
             if candidates_of(record):
-                answers["model"][i] = answer_record(model, features[i : i + 1], record)
-                answers["shuffled images"][i] = answer_record(model, features[shuffled[i] : shuffled[i] + 1], record)
+                answers["model"][i] = answer_record(model, features[i : i + 1], record, contexts[i])
+                other = shuffled[i]  # another photo: its image and its identifier line
+                answers["shuffled images"][i] = answer_record(
+                    model, features[other : other + 1], record, contexts[other]
+                )
                 key = (record["question"], tuple(candidates_of(record)))
                 blind[key] = blind[key] if key in blind else answer_record(model, None, record)
                 answers["question only"][i] = blind[key]
@@ -246,7 +251,8 @@ def run_vqa_evaluation(config: VQAEvalConfig) -> dict:
             chunk = open_rows[start : start + GREEDY_BATCH]
             questions = [records[i]["question"] for i in chunk]
             for who, rows in (("model", chunk), ("shuffled images", shuffled[chunk].tolist())):
-                for i, answer in zip(chunk, model.answer_batch(features[rows], questions), strict=True):
+                lines = [contexts[r] for r in rows]
+                for i, answer in zip(chunk, model.answer_batch(features[rows], questions, contexts=lines), strict=True):
                     answers[who][i] = answer
             new = sorted({(q, ()) for q in questions} - blind.keys())
             for key, answer in zip(new, model.answer_batch(None, [q for q, _ in new]) if new else [], strict=True):
@@ -271,8 +277,49 @@ def run_vqa_evaluation(config: VQAEvalConfig) -> dict:
         "lora": model_config.get("lora"),
         "exact_match": results,
     }
+    if grounded:
+        summary["grounding"] = grounded["record"] | contradictions(records, answers, grounded["sure"])
     write_report(Path(config.output), summary, records, answers)
     return summary
+
+
+def grounding_lines(config: VQAEvalConfig, model_config: dict, cache, records: list[dict]):
+    """For a grounded model: each question's identifier line, and the identifier's own answers
+    (the control beside it) and whether it is sure at the asked rank; ([None]*n, None) otherwise."""
+    grounding = model_config.get("grounding")
+    if not grounding:
+        return [None] * len(records), None
+    from taxoclip.models.grounding import asked_rank
+    from taxoclip.models.vqa import open_identifier
+
+    identifier, grounder = open_identifier(Path(config.model), grounding["model"], model_config["image_tower"])
+    unique = sorted({r["row"] for r in records})
+    position = {row: i for i, row in enumerate(unique)}
+    probabilities = identifier.probabilities_from_features(np.asarray(cache.features[unique], np.float32))
+    summaries = grounder.summarise(probabilities)
+    alone = ProbeAnswers(identifier.classes, probabilities.numpy(), position)
+    lines = [grounder.text(summaries, position[r["row"]]) for r in records]
+    sure = [
+        asked_rank(r) is not None and grounder.sure_at(summaries, position[r["row"]], asked_rank(r)) for r in records
+    ]
+    record = {"identifier": grounding["model"], "kind": grounding.get("kind"), "threshold": grounder.threshold}
+    return lines, {"answers": [alone(r) for r in records], "sure": sure, "record": record}
+
+
+def contradictions(records: list[dict], answers: dict[str, list], sure: list[bool]) -> dict:
+    """How often the grounded model's answer differs from a confident identifier's (open questions
+    at a rank the identifier is sure of), and how often it hedged."""
+    asked = [i for i, flag in enumerate(sure) if flag]
+    differ = [
+        normalise_answer(answers["model"][i] or "") != normalise_answer(answers[IDENTIFIER][i] or "") for i in asked
+    ]
+    model = [a or "" for a in answers["model"]]
+    hedged = [a.startswith(("probably ", "not sure")) for a in model]
+    return {
+        "questions_at_a_confident_rank": len(asked),
+        "contradicts_confident_identifier": float(np.mean(differ)) if differ else None,
+        "hedged_answers": float(np.mean(hedged)) if hedged else None,
+    }
 
 
 def write_report(out: Path, summary: dict, records: list[dict], answers: dict[str, list]) -> None:
@@ -280,11 +327,10 @@ def write_report(out: Path, summary: dict, records: list[dict], answers: dict[st
     (out / "metrics.json").write_text(json.dumps(summary, indent=1))
     with open(out / "answers.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["key", "type", "rank", "question", "answer", *ANSWERERS])
+        writer.writerow(["key", "type", "rank", "question", "answer", *answers])
         for i, r in enumerate(records):
             writer.writerow(
-                [r["key"], r["type"], r.get("rank", ""), r["question"], r["answer"]]
-                + [answers[w][i] for w in ANSWERERS]
+                [r["key"], r["type"], r.get("rank", ""), r["question"], r["answer"]] + [answers[w][i] for w in answers]
             )
 
     def cell(value) -> str:
@@ -308,11 +354,11 @@ def write_report(out: Path, summary: dict, records: list[dict], answers: dict[st
             else "- No photo asked about trained the model (checked against its list of training photos)."
         ),
         "",
-        "| group | questions | " + " | ".join(ANSWERERS) + " |",
-        "| --- | --- | " + " | ".join("---" for _ in ANSWERERS) + " |",
+        "| group | questions | " + " | ".join(answers) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in answers) + " |",
     ]
     for name, row in summary["exact_match"].items():
-        lines.append(f"| {name} | {row['questions']} | " + " | ".join(cell(row[w]) for w in ANSWERERS) + " |")
+        lines.append(f"| {name} | {row['questions']} | " + " | ".join(cell(row[w]) for w in answers) + " |")
     lines += [
         "",
         "Controls: *question only* is the language model without the image; *shuffled images* answers "
@@ -320,4 +366,14 @@ def write_report(out: Path, summary: dict, records: list[dict], answers: dict[st
         "*linear probe* answers from logistic regression on the same embeddings (— where a question is "
         "not about the class). Every answer is in answers.csv.",
     ]
+    if "grounding" in summary:
+        g = summary["grounding"]
+        lines += [
+            "",
+            f"Grounded in the identifier {g['identifier']} ({g['kind']}); *identifier alone* answers from its own "
+            "class probabilities, as the probe does. At a rank the identifier was sure of "
+            f"({g['questions_at_a_confident_rank']} open questions, threshold {g['threshold']}), the model "
+            f"contradicted it on {cell(g['contradicts_confident_identifier'])}%; "
+            f"{cell(g['hedged_answers'])}% of its answers said it was unsure.",
+        ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
