@@ -4,6 +4,9 @@ from PyPI), side by side in one run:
 - training speed: questions per second for stage 1 (the projector, the language model frozen) with
   K = 1 and K = 4 image tokens, and stage 2 (+ LoRA rank 8 on q, k, v, o) with K = 1; interleaved
   steps, medians;
+- supervised answers per second: one question a sequence (batch of 32 questions) against all of a
+  photo's questions in one conversation (batch of 8 photos, about ten answers each), stage 2, with
+  and without the identifier's line, on real flowers questions; interleaved steps, medians;
 - answering speed: greedy answers per second with K = 1 and K = 4, and closed (yes/no) answers
   ranked by likelihood per second;
 - accuracy: `taxoclip eval`'s report (exact match by type and rank beside the question-only,
@@ -24,7 +27,7 @@ import torch
 
 from bench_catlip import HERE, flowers_cache
 from common import benchmark, interleaved_step_seconds
-from taxoclip.data.chat import collate, encode
+from taxoclip.data.chat import collate, encode, encode_conversation
 from taxoclip.data.questions import write_questions
 from taxoclip.eval.vqa import ANSWERERS, VQAEvalConfig, run_vqa_evaluation
 from taxoclip.models.language import load_language_model
@@ -57,6 +60,7 @@ def bench_vqa(args) -> list[dict]:
     )
     for name, seconds in median.items():
         rows.append({"what": f"training, {name} (batch {BATCH})", "per_second": BATCH / seconds})
+    rows += answers_per_second(cache, tuned_lm, tokenizer, models["stage 2 (LoRA r 8), K = 1"])
     timings: dict[str, list[float]] = {}
     for i in range(6):
         for name in ("stage 1, K = 1", "stage 1, K = 4"):
@@ -74,6 +78,73 @@ def bench_vqa(args) -> list[dict]:
     del models, lm, tuned_lm
     rows += accuracy_rows(cache)
     return rows
+
+
+def photo_questions(cache, photos: int) -> list[list[dict]]:
+    """The questions of the first ``photos`` training photos of the flowers questions file."""
+    import json
+
+    path = HERE / "results" / "vqa-eval" / "qa.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        write_questions(cache.path, path)
+    grouped: dict[str, list[dict]] = {}
+    with open(path) as handle:
+        for line in handle:
+            record = json.loads(line)
+            if record["split"] == "train" and (record["key"] in grouped or len(grouped) < photos):
+                grouped.setdefault(record["key"], []).append(record)
+            elif len(grouped) >= photos and record["key"] not in grouped:
+                break
+    return list(grouped.values())
+
+
+def answers_per_second(cache, lm, tokenizer, model) -> list[dict]:
+    """Supervised answers a second: one question a sequence vs one conversation a photo, side by side."""
+    from taxoclip.models.grounding import Grounder
+
+    photos = photo_questions(cache, BATCH)
+    x, _ = cache.split("train")
+    line = Grounder(cache.classes).text(
+        Grounder(cache.classes).summarise(torch.full((1, len(cache.classes)), 1.0 / len(cache.classes)).softmax(-1)), 0
+    )
+    pad = tokenizer.pad_token_id or 0
+    singles = [r for group in photos for r in group][:BATCH]
+    conversations = photos[:8]
+    runs, answers = {}, {}
+    for grounded in (False, True):
+        context = line if grounded else None
+        tag = ", grounded" if grounded else ""
+        one = collate([encode(tokenizer, r["question"], r["answer"], context=context) for r in singles], pad)
+        many = collate(
+            [
+                encode_conversation(tokenizer, [(r["question"], r["answer"]) for r in g], context=context)
+                for g in conversations
+            ],
+            pad,
+        )
+        f_one = torch.from_numpy(np.asarray(x[: len(singles)], np.float32))
+        f_many = torch.from_numpy(np.asarray(x[: len(conversations)], np.float32))
+        runs[f"one question a sequence{tag}"] = (lambda b=one, f=f_one: model(f, **b), list(model.parameters()))
+        runs[f"one conversation a photo{tag}"] = (lambda b=many, f=f_many: model(f, **b), list(model.parameters()))
+        answers[f"one question a sequence{tag}"] = len(singles)
+        answers[f"one conversation a photo{tag}"] = sum(len(g) for g in conversations)
+    median = interleaved_step_seconds(runs, 3)
+    base = {
+        g: answers[f"one question a sequence{g}"] / median[f"one question a sequence{g}"] for g in ("", ", grounded")
+    }
+    out = []
+    for name, seconds in median.items():
+        per_second = answers[name] / seconds
+        tag = ", grounded" if name.endswith("grounded") else ""
+        out.append(
+            {
+                "what": f"stage 2 training, {name} ({answers[name]} answers a step)",
+                "per_second": per_second,
+                "vs one question a sequence": per_second / base[tag],
+            }
+        )
+    return out
 
 
 def accuracy_rows(cache) -> list[dict]:

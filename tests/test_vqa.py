@@ -450,6 +450,16 @@ def test_grounded_prompts_hold_the_identifiers_line_and_ask_shows_what_it_rested
     assert prompts and prompts[-1] == result["identifier"]["line"] and top[0]["name"].split(" (")[0] in prompts[-1]
     assert main(["ask", str(photo), "Which genus?", "--model", str(tmp_path / "g")]) == 0
     assert "resting on the identifier:" in capsys.readouterr().out
+    # the server's /api/ask and the page show it too
+    from fastapi.testclient import TestClient
+
+    from taxoclip.apps.serve import create_app
+    from taxoclip.inference.predict import Predictor
+
+    predictor = Predictor(Asker(tmp_path / "g").identifier.classes, None, lambda p: torch.ones(len(p), 6) / 6)
+    client = TestClient(create_app(predictor, asker=Asker(tmp_path / "g")))
+    body = client.post("/api/ask", files={"file": ("p.jpg", photo.read_bytes())}, data={"question": "What?"}).json()
+    assert len(body["identifier"]["top"]) == 5 and "Resting on the identifier" in client.get("/").text
     # eval: the grounded model beside the identifier alone, and how often it contradicts a sure one
     report = ["eval", "--model", str(tmp_path / "g"), "--data", str(colour_features), "-q"]
     assert main([*report, "--questions", str(folder / "qa.jsonl"), "-o", str(tmp_path / "r"), "--per-type", "4"]) == 0
