@@ -500,3 +500,24 @@ def test_grounding_refuses_another_tower_a_vqa_model_and_a_class_it_lacks(
     (other / "classes.csv").write_text("\n".join(table) + "\n")
     assert main([*base, "-o", str(tmp_path / "c"), "--grounding", str(other)]) == 2
     assert "does not know class '1'" in capsys.readouterr().err
+
+
+def test_the_caption_stage_answers_describe_this_photo_with_the_photos_class_caption(
+    stage_one, colour_features, tiny_language_model, tmp_path, monkeypatch
+):
+    import taxoclip.train.vqa as trainer_module
+    from taxoclip.data.features import load_features
+
+    seen, original = [], trainer_module.encode
+
+    def recording(tokenizer, question, answer=None, system=None, context=None):
+        seen.append((question, answer))
+        return original(tokenizer, question, answer, context=context)
+
+    monkeypatch.setattr(trainer_module, "encode", recording)
+    folder, _ = stage_one
+    settings = vqa_settings(colour_features, folder / "qa.jsonl", tmp_path / "c", tiny_language_model, epochs=1)
+    trainer_module.train_vqa(settings.__class__(**vars(settings) | {"stage": "captions", "eval_questions": 0}))
+    captions = {c for entry in load_features(colour_features).meta["captions"]["by_class"] for c in entry.values()}
+    assert seen and {q for q, _ in seen} == {trainer_module.CAPTION_PROMPT} and {a for _, a in seen} <= captions
+    assert len({a for _, a in seen}) > 6  # several styles, not one caption a class
