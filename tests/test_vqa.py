@@ -414,18 +414,20 @@ def test_grounded_prompts_hold_the_identifiers_line_and_ask_shows_what_it_rested
     import taxoclip.train.vqa as trainer_module
     from taxoclip.data.shards import iter_tar_samples
 
-    lines, original = [], trainer_module.encode_conversation
-    monkeypatch.setattr(
-        trainer_module,
-        "encode_conversation",
-        lambda tokenizer, turns, system=None, context=None: (
-            lines.append(context) or original(tokenizer, turns, context=context)
-        ),
-    )
+    lines, sizes, original = [], [], trainer_module.encode_conversation
+
+    def recording(tokenizer, turns, system=None, context=None):
+        lines.append(context)
+        sizes.append(len(turns))
+        return original(tokenizer, turns, context=context)
+
+    monkeypatch.setattr(trainer_module, "encode_conversation", recording)
     folder, _ = stage_one
     settings = vqa_settings(colour_features, folder / "qa.jsonl", tmp_path / "g", tiny_language_model, epochs=1)
     trainer_module.train_vqa(settings.__class__(**vars(settings) | {"grounding": str(identifier), "batch_size": 8}))
     assert lines and all(line.startswith("Identifier: ") and "; genus Genus" in line for line in lines)
+    # one conversation a photo, holding all 5 of its questions (genus and family: rank and yes/no; one choice)
+    assert set(sizes) == {5}, sizes
     config = json.loads((tmp_path / "g" / "config.json").read_text())
     assert config["grounding"]["model"] == str(identifier.resolve()) and config["grounding"]["kind"] == "catlip"
 

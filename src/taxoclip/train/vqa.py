@@ -64,10 +64,9 @@ class VQATrainer(Trainer):
         lm.to(runtime.device)
         self.module = VQAModel(lm, self.tokenizer, projector.to(runtime.device), adapters)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.photo_order = np.argsort(self.questions.rows[self.train_positions], kind="stable")
-        self.photo_starts = np.searchsorted(
-            self.questions.rows[self.train_positions][self.photo_order], self.train_photo_rows
-        )
+        # training questions grouped by photo (once: a conversation takes one photo's slice)
+        self.by_photo = self.train_positions[np.argsort(self.questions.rows[self.train_positions], kind="stable")]
+        self.photo_starts = np.searchsorted(self.questions.rows[self.by_photo], self.train_photo_rows)
         self.grounder = None
         if config.grounding:
             self.ground(config)
@@ -177,11 +176,10 @@ class VQATrainer(Trainer):
     def conversations(self, photos: np.ndarray, rng) -> tuple[list[int], list]:
         """Each photo's questions (at most --turns, in a fresh order each epoch) as one conversation."""
         rows, encoded = [], []
-        sorted_positions = self.train_positions[self.photo_order]
         for photo in photos:
             start = self.photo_starts[photo]
-            stop = self.photo_starts[photo + 1] if photo + 1 < len(self.photo_starts) else len(sorted_positions)
-            positions = rng.permutation(sorted_positions[start:stop])
+            stop = self.photo_starts[photo + 1] if photo + 1 < len(self.photo_starts) else len(self.by_photo)
+            positions = rng.permutation(self.by_photo[start:stop])
             if self.config.turns:
                 positions = positions[: self.config.turns]
             records = self.questions.records(positions)
