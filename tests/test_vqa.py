@@ -430,6 +430,7 @@ def test_grounded_prompts_hold_the_identifiers_line_and_ask_shows_what_it_rested
     assert set(sizes) == {5}, sizes
     config = json.loads((tmp_path / "g" / "config.json").read_text())
     assert config["grounding"]["model"] == str(identifier.resolve()) and config["grounding"]["kind"] == "catlip"
+    assert f"identifier (grounding): `{identifier.resolve()}`" in (tmp_path / "g" / "README.md").read_text()
 
     prompts, encode = [], vqa_module.encode
 

@@ -157,6 +157,7 @@ def model_towers(config: dict) -> dict[str, str]:
     lit = config.get("lit") or {}
     towers["text tower"] = lit.get("text_tower") or (config.get("training") or {}).get("text_tower")
     towers["language model"] = config.get("language_model")
+    towers["identifier (grounding)"] = (config.get("grounding") or {}).get("model")
     return {role: name for role, name in towers.items() if name}
 
 
