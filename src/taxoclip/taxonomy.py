@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 
+import numpy as np
+
 from taxoclip.errors import TaxoclipError
 
 
@@ -169,6 +171,14 @@ class ClassTable:
         """The class's name at every rank (empty where unknown)."""
         row = self.rows[index]
         return {rank: row.get(rank.column, "") for rank in Rank}
+
+    def values_at(self, column: str) -> tuple[list[str], np.ndarray]:
+        """A column's distinct non-empty values (sorted) and each class's index among them
+        (``len(values)`` for a class with none): per-value sums are then one bincount."""
+        names = [row.get(column, "") for row in self.rows]
+        distinct = sorted(set(names) - {""})
+        where = {v: i for i, v in enumerate(distinct)}
+        return distinct, np.array([where.get(n, len(distinct)) for n in names], dtype=np.int64)
 
     def filled_columns(self) -> list[str]:
         """Columns with a value for at least one class."""

@@ -125,12 +125,7 @@ class ProbeAnswers:
         self.choice_names = np.array([normalise_answer(name) for name in choice_names(self.rows)])
         # per rank: its distinct values and each class's among them, so a question's probability
         # per value is one bincount, not a pass over the classes per value
-        self.values: dict[str, tuple[list[str], np.ndarray]] = {}
-        for rank in {column for row in self.rows for column in row}:
-            names = [row.get(rank, "") for row in self.rows]
-            distinct = sorted(set(names) - {""})
-            where = {v: i for i, v in enumerate(distinct)}
-            self.values[rank] = (distinct, np.array([where.get(n, len(distinct)) for n in names]))
+        self.values = {rank: classes.values_at(rank) for rank in {column for row in self.rows for column in row}}
 
     def mass(self, p: np.ndarray, rank: str) -> dict[str, float]:
         """The probability of each value of ``rank`` (its classes' summed)."""

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from taxoclip.errors import TaxoclipError
+from taxoclip.models.model_card import write_open_clip_card
 from taxoclip.output_lock import FOLDER_LOCK, locks_output
 
 CONFIG, WEIGHTS, CHECK_TOLERANCE = "open_clip_config.json", "open_clip_model.safetensors", 1e-4
@@ -166,7 +167,7 @@ def write_folder(classifier, timm_name: str, out: Path, text_config_from_hub: bo
     }
     (out / CONFIG).write_text(json.dumps(record, indent=1))
     write_classes(classifier, out)
-    write_export_card(classifier, out, record)
+    write_open_clip_card(out, Path(classifier.name), record)
 
 
 def timm_pool_of(model) -> str:
@@ -200,8 +201,10 @@ def open_clip_state(classifier, clip) -> dict[str, torch.Tensor]:
             state[f"text.transformer.{key}"] = value
     state["text.proj.weight"] = lit_model.text_projection.weight.detach()
     state["logit_scale"] = torch.tensor(math.log(classifier.scale))
-    for key, value in clip.state_dict().items():  # buffers open_clip makes itself (position ids)
-        state.setdefault(key, value)
+    buffers = {key for key, _ in clip.named_buffers()}
+    for key, value in clip.state_dict().items():  # buffers open_clip makes itself; never a weight
+        if key in buffers:
+            state.setdefault(key, value)
     return state
 
 
@@ -240,9 +243,3 @@ def write_classes(classifier, out: Path) -> None:
     np.save(out / "class_embeddings.npy", classifier.class_embeddings.float().numpy())
     names = [row.get("scientific_name") or row["id"] for row in classifier.classes]
     (out / "classes.txt").write_text("\n".join(names) + "\n")
-
-
-def write_export_card(classifier, out: Path, record: dict) -> None:
-    from taxoclip.models.model_card import write_open_clip_card
-
-    write_open_clip_card(out, Path(classifier.name), record)

@@ -70,11 +70,8 @@ class Grounder:
         self.values: dict[str, list[str]] = {}
         self.value_of_class: dict[str, torch.Tensor] = {}
         for rank in RANKS:
-            names = [row.get(rank, "") for row in self.rows]
-            distinct = sorted(set(names) - {""})
-            where = {v: i for i, v in enumerate(distinct)}
-            self.values[rank] = distinct
-            self.value_of_class[rank] = torch.tensor([where.get(n, len(distinct)) for n in names], dtype=torch.long)
+            self.values[rank], index = classes.values_at(rank)
+            self.value_of_class[rank] = torch.from_numpy(index)
 
     @torch.no_grad()
     def summarise(self, probabilities: torch.Tensor) -> Summaries:
@@ -115,15 +112,17 @@ class Grounder:
     def sure_at(self, summaries: Summaries, i: int, rank: str) -> bool:
         if rank == "species":
             return bool(summaries.species_p[i, 0] >= self.threshold)
-        r = RANKS.index(rank) if rank in RANKS else -1
-        return r >= 0 and summaries.values[i, r] >= 0 and bool(summaries.masses[i, r] >= self.threshold)
+        return rank in RANKS and self.sure_at_index(summaries, i, RANKS.index(rank))
+
+    def sure_at_index(self, summaries: Summaries, i: int, r: int) -> bool:
+        return summaries.values[i, r] >= 0 and bool(summaries.masses[i, r] >= self.threshold)
 
     def hedged(self, summaries: Summaries, i: int, rank: str) -> str:
         """The answer when the identifier is unsure at ``rank``: the deepest broader rank it is sure
         of, in words."""
         start = RANKS.index(rank) + 1 if rank in RANKS else 0
         for r in range(start, len(RANKS)):
-            if summaries.values[i, r] >= 0 and summaries.masses[i, r] >= self.threshold:
+            if self.sure_at_index(summaries, i, r):
                 return f"probably {self.values[RANKS[r]][summaries.values[i, r]]}; the {rank} is uncertain"
         return f"not sure; the {rank} is uncertain"
 

@@ -240,7 +240,7 @@ def write_open_clip_card(folder: Path, source: Path, record: dict) -> Path:
     from huggingface_hub import ModelCard
 
     source_card = source / CARD
-    card = ModelCard.load(source_card) if source_card.exists() else ModelCard(str(ModelCard("")))
+    card = ModelCard.load(source_card) if source_card.exists() else ModelCard("")  # a model from before cards
     card.data.library_name = "open_clip"
     card.data.tags = sorted({*(card.data.tags or []), "open_clip", "clip", "zero-shot-image-classification"})
     crop = record["taxoclip"]["crop_pct"]

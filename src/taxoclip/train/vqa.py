@@ -66,7 +66,8 @@ class VQATrainer(Trainer):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # training questions grouped by photo (once: a conversation takes one photo's slice)
         self.by_photo = self.train_positions[np.argsort(self.questions.rows[self.train_positions], kind="stable")]
-        self.photo_starts = np.searchsorted(self.questions.rows[self.by_photo], self.train_photo_rows)
+        starts = np.searchsorted(self.questions.rows[self.by_photo], self.train_photo_rows)
+        self.photo_bounds = np.append(starts, len(self.by_photo))  # photo p: by_photo[bounds[p]:bounds[p + 1]]
         self.grounder = None
         if config.grounding:
             self.ground(config)
@@ -177,9 +178,7 @@ class VQATrainer(Trainer):
         """Each photo's questions (at most --turns, in a fresh order each epoch) as one conversation."""
         rows, encoded = [], []
         for photo in photos:
-            start = self.photo_starts[photo]
-            stop = self.photo_starts[photo + 1] if photo + 1 < len(self.photo_starts) else len(self.by_photo)
-            positions = rng.permutation(self.by_photo[start:stop])
+            positions = rng.permutation(self.by_photo[self.photo_bounds[photo] : self.photo_bounds[photo + 1]])
             if self.config.turns:
                 positions = positions[: self.config.turns]
             records = self.questions.records(positions)
