@@ -134,7 +134,15 @@ def test_predict_says_unknown_for_a_species_never_trained_on_and_names_its_famil
     assert main(["eval", "--model", str(model), "--data", str(colour_features), "-o", str(report), "-q"]) == 0
     section = json.loads((report / "open_set.json").read_text())
     assert set(section["scores"]) == set(SCORES) and (report / "open_set.png").exists()
-    assert section["unknown_photos"] == 5 and "open set" in (report / "report.md").read_text()
+    from taxoclip.data.features import load_features
+
+    evaluation_class = json.loads((model / RECORD).read_text())["evaluation_classes"]
+    # every photo of the held-out species left for eval, in every split: none trained or chose anything
+    assert section["unknown_photos"] == int(np.isin(load_features(colour_features).labels, evaluation_class).sum())
+    assert section["unknown_photos"] > 5 and section["unknown_splits"].startswith("every split")
+    assert "open set" in (report / "report.md").read_text()
+    answers = section["rank_answers_for_flagged_unknowns"]["family"]
+    assert answers["given"] > 0 and answers["right"] is not None
     assert "open set (" in capsys.readouterr().out
     # --unknown: photos of other species altogether (another folder), embedded with the model's tower
     other = tmp_path / "other-report"
@@ -171,3 +179,41 @@ def test_predict_says_unknown_for_a_species_never_trained_on_and_names_its_famil
     assert main(["predict", str(tmp_path / "known.jpg"), "--model", str(copy), "--format", "json"]) == 0
     said = capsys.readouterr()
     assert "known" not in json.loads(said.out)[0] and "no open-set score" in said.err
+
+
+def test_the_logit_scores_and_the_rank_answer_read_only_the_trained_species():
+    """Held-out species stand for species outside the class table: a photo whose probability goes
+    to one of them (a LiT model names some zero-shot) is unsure among the trained ones, and its
+    rank answer sums only the trained species. A record from before the rule keeps every class."""
+    from taxoclip.data.preprocess import Preprocess
+    from taxoclip.inference.predict import OpenSetRule, Predictor
+    from taxoclip.models.novelty import KNOWN_LOGITS
+    from taxoclip.taxonomy import ClassTable
+
+    rows = elongated_clusters()
+    detector = detector_for(rows)
+    detector.known_classes = torch.tensor([0, 1])
+    logits = torch.tensor([[0.0, 0.0, 9.0]])  # classes 0 and 1 trained, 2 held out and most probable
+    legacy = detector.scores(torch.zeros(1, 8), logits)["max-softmax"]
+    detector.record = {"logits": KNOWN_LOGITS}
+    trained = detector.scores(torch.zeros(1, 8), logits)
+    assert float(legacy) < 0.01 and float(trained["max-softmax"]) == pytest.approx(0.5)
+    assert float(trained["energy"]) == pytest.approx(-float(torch.logsumexp(torch.zeros(2), 0)))
+    assert detector.trained_subset(3) == [0, 1] and detector.trained_subset(2) is None
+
+    table = ClassTable.from_records(
+        [
+            {"id": "a", "family": "Rosaceae", "genus": "Rosa", "species": "canina"},
+            {"id": "b", "family": "Asteraceae", "genus": "Bellis", "species": "perennis"},
+            {"id": "c", "family": "Asteraceae", "genus": "Aster", "species": "alpinus"},
+        ],
+        origin="test",
+    )
+    probabilities = torch.tensor([0.3, 0.05, 0.65])  # most of it on the held-out Aster
+    answers = {}
+    for known in (None, (0, 1)):
+        rule = OpenSetRule("max-softmax", 0.1, 2, known)
+        predictor = Predictor(table, Preprocess(), lambda p: p, open_set=rule)
+        answers[known] = predictor.describe(probabilities, "photo", novelty=0.9).confident["name"]
+    # every class: the held-out species' own genus (0.65); trained ones only: Rosa (0.86)
+    assert answers == {None: "Aster", (0, 1): "Rosa"}

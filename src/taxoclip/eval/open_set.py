@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from taxoclip.eval.metrics import RankCodes, rollup
-from taxoclip.models.novelty import SCORES, auroc, calibration_half, open_set_for, scores_of
+from taxoclip.models.novelty import SCORES, auroc, calibration_half, open_set_for, scores_of, trained_only
+from taxoclip.taxonomy import HONEST_THRESHOLD
 
 ANSWER_RANKS = ("genus", "family", "order")
 
@@ -32,15 +33,22 @@ def open_set_report(classifier, cache, rows: np.ndarray, mode: str, out: Path, u
     evaluation_classes = np.array(record.get("evaluation_classes") or classifier.held_out, dtype=np.int64)
     labels = cache.labels[rows].astype(np.int64)
     known_mask = np.isin(labels, detector.known_classes.numpy())
-    if record.get("cache_key") == cache.meta.get("cache_key"):  # the same photos: leave out the calibration half
+    same_cache = record.get("cache_key") == cache.meta.get("cache_key")
+    if same_cache:  # the same photos: leave out the calibration half
         known_mask &= ~calibration_half([cache.keys[int(r)] for r in rows], record.get("seed", 0))
     known_rows = rows[known_mask]
     if unknown_cache is not None:  # every photo of the other species given
         unknown_from, unknown_rows = unknown_cache, np.arange(len(unknown_cache.labels))
         unknown_names = sorted(set(unknown_cache.classes.ids))
+        unknown_splits = "every photo given"
     else:
-        unknown_from, unknown_rows = cache, rows[np.isin(labels, evaluation_classes)]
-        unknown_names = [classifier.classes.ids[int(c)] for c in evaluation_classes]
+        unknown_from, unknown_names = cache, [classifier.classes.ids[int(c)] for c in evaluation_classes]
+        if same_cache:  # no photo of a held-out species trained anything or chose the score: use them all
+            unknown_rows = np.flatnonzero(np.isin(cache.labels, evaluation_classes))
+            unknown_splits = "every split (the model never trained on these species)"
+        else:
+            unknown_rows = rows[np.isin(labels, evaluation_classes)]
+            unknown_splits = "the evaluated split"
     if not len(known_rows) or not len(unknown_rows):
         return None
     known_scores = scores_of(detector, classifier, cache, known_rows)
@@ -64,11 +72,14 @@ def open_set_report(classifier, cache, rows: np.ndarray, mode: str, out: Path, u
         "unknown_photos": len(unknown_rows),
         "unknown_classes": unknown_names,
         "unknown_from": str(unknown_from.path),
+        "unknown_splits": unknown_splits,
         "scores": per_score,
     }
     section |= known_accuracy(classifier, cache, known_rows, known_scores[chosen] > thresholds[chosen])
+    flagged = unknown_scores[chosen] > thresholds[chosen]
+    section["flagged_unknowns"] = int(flagged.sum())
     section["rank_answers_for_flagged_unknowns"] = rank_answers(
-        classifier, unknown_from, unknown_rows[unknown_scores[chosen] > thresholds[chosen]]
+        classifier, unknown_from, unknown_rows[flagged], detector.trained_subset(len(classifier.classes))
     )
     (out / "open_set.json").write_text(json.dumps(section, indent=1))
     plot_open_set(out / "open_set.png", known_scores, unknown_scores, thresholds, per_score)
@@ -99,23 +110,41 @@ def known_accuracy(classifier, cache, rows: np.ndarray, rejected: np.ndarray) ->
     }
 
 
-def rank_answers(classifier, cache, rows: np.ndarray) -> dict:
-    """For unknown photos the score flagged: how often the most probable genus, family and order
-    (probability summed over the known species) is the photo's own (by name, from ``cache``'s own
-    class table: the other species' data need not share the model's)."""
+def rank_answers(classifier, cache, rows: np.ndarray, known_classes: list[int] | None = None) -> dict:
+    """For unknown photos the score flagged, at genus, family and order (each from the trained
+    species' probabilities summed up the tree, by name against ``cache``'s own class table: the
+    other species' data need not share the model's):
+
+    ``given``   the share whose answer names that rank's taxon: its probability clears predict's
+                honest threshold, so predict says "an unknown member of ..." there or deeper;
+    ``right``   how often the taxon named is the photo's own, among those given;
+    ``most_probable_right``  how often the most probable taxon is the photo's own, given or not.
+    """
     if not len(rows):
         return {}
     truth_table = cache.classes
     codes = {rank: RankCodes.of(classifier.classes, rank) for rank in ANSWER_RANKS}
     codes = {rank: c for rank, c in codes.items() if c.known}
-    right = {rank: 0 for rank in codes}
+    counts = {rank: {"given": 0, "given_right": 0, "most_probable_right": 0} for rank in codes}
     for labels, probabilities in probability_chunks(classifier, cache, rows):
+        probabilities = trained_only(probabilities, known_classes)
         for rank, rank_codes in codes.items():
-            grouped = rollup(probabilities, rank_codes).argmax(-1).numpy()
-            named = [rank_codes.groups[int(g)] for g in grouped]
-            truth = [truth_table.rows[int(c)].get(rank, "") for c in labels]
-            right[rank] += sum(n == t for n, t in zip(named, truth, strict=True))
-    return {rank: right[rank] / len(rows) for rank in codes}
+            grouped = rollup(probabilities, rank_codes)
+            mass, best = (t.numpy() for t in grouped.max(-1))
+            named = np.array([rank_codes.groups[int(g)] for g in best])
+            truth = np.array([truth_table.rows[int(c)].get(rank, "") for c in labels])
+            right, given = named == truth, mass >= HONEST_THRESHOLD
+            counts[rank]["given"] += int(given.sum())
+            counts[rank]["given_right"] += int((right & given).sum())
+            counts[rank]["most_probable_right"] += int(right.sum())
+    return {
+        rank: {
+            "given": c["given"] / len(rows),
+            "right": c["given_right"] / c["given"] if c["given"] else None,
+            "most_probable_right": c["most_probable_right"] / len(rows),
+        }
+        for rank, c in counts.items()
+    }
 
 
 def plot_open_set(path: Path, known: dict, unknown: dict, thresholds: dict, per_score: dict) -> None:
@@ -156,7 +185,8 @@ def markdown(section: dict) -> str:
         "## Species the model never trained on (open set)",
         "",
         f"{section['unknown_photos']} photos of {len(section['unknown_classes'])} species the model was not trained "
-        f"on (`{section['unknown_from']}`; never used to choose) against {section['known_photos']} photos of trained "
+        f"on (`{section['unknown_from']}`, {section.get('unknown_splits', 'the evaluated split')}; never used to "
+        "choose) against {section['known_photos']} photos of trained "
         "species. The score used: "
         f"**{section['chosen']}** ({section['chosen_by']}); threshold keeps {100 * section['keep']:.0f}% of known "
         "photos on calibration photos.",
@@ -182,7 +212,19 @@ def markdown(section: dict) -> str:
     ]
     answers = section.get("rank_answers_for_flagged_unknowns") or {}
     if answers:
-        shown = ", ".join(f"{rank} {100 * value:.1f}%" for rank, value in answers.items())
-        lines.append(f"For flagged unknown photos, the most probable known taxon is their own: {shown}.")
+        lines += [
+            "",
+            f"What the answer says for the {section.get('flagged_unknowns', '')} flagged unknown photos, from the "
+            'trained species\' probabilities summed up the tree: a taxon is named ("an unknown member of ...") '
+            f'where its probability reaches {HONEST_THRESHOLD}, else the answer stays wider or "unknown".',
+            "",
+            "| rank | named for | right when named | most probable taxon right |",
+            "|---|---|---|---|",
+        ]
+        for rank, value in answers.items():
+            right = "–" if value["right"] is None else f"{100 * value['right']:.1f}%"
+            lines.append(
+                f"| {rank} | {100 * value['given']:.1f}% | {right} | {100 * value['most_probable_right']:.1f}% |"
+            )
     lines += ["", "![open set](open_set.png)", ""]
     return "\n".join(lines)

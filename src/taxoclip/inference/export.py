@@ -84,6 +84,7 @@ def export_onnx(model: str | Path, output: str | Path, *, opset: int = 18, open_
             "score": novelty.score,
             "threshold": novelty.threshold,
             "trained_species": len(novelty.known_classes),
+            "known_classes": novelty.trained_subset(len(classifier.classes)),
         }
     Path(str(output) + ".json").write_text(json.dumps(sidecar, indent=1))
     return output
@@ -126,7 +127,10 @@ class OnnxClassifier:
         rule = self.meta.get("open_set")
         if not rule or len(self.session.get_outputs()) < 2:
             return None
-        return OpenSetRule(rule["score"], float(rule["threshold"]), rule.get("trained_species"))
+        known = rule.get("known_classes")
+        return OpenSetRule(
+            rule["score"], float(rule["threshold"]), rule.get("trained_species"), tuple(known) if known else None
+        )
 
     def __call__(self, pixels: torch.Tensor):
         outputs = self.session.run(None, {"pixels": pixels.float().numpy().astype(np.float32)})

@@ -21,6 +21,7 @@ from taxoclip.data.images import BadImage, check_image, decode_image, read_photo
 from taxoclip.data.preprocess import Preprocess
 from taxoclip.errors import TaxoclipError
 from taxoclip.eval.metrics import ROLLUP_RANKS, RankCodes, rollup
+from taxoclip.models.novelty import trained_only
 from taxoclip.taxonomy import HONEST_THRESHOLD, ClassTable, Rank
 
 # Measured on flowers valid (LiT with the defaults: efficientnet-lite0 + minilm-l6, image projection,
@@ -133,7 +134,7 @@ class Predictor:
         prediction.novelty = {"score": rule.score, "value": round(novelty, 6), "threshold": round(rule.threshold, 6)}
         if prediction.known:
             return
-        above = self.deepest_confident(probabilities, above_species=True)
+        above = self.deepest_confident(trained_only(probabilities, rule.known_classes), above_species=True)
         trained = rule.trained_species or len(self.classes)
         unknown = f"not one of the {trained} species this model was trained on"
         if above["rank"] == "none":
@@ -249,6 +250,9 @@ class OpenSetRule:
     score: str
     threshold: float
     trained_species: int | None = None  # how many species its training photos showed
+    # the class indices of those species when the class table has others (held out at training):
+    # an unknown photo's rank answer then sums only the trained species' probabilities
+    known_classes: tuple[int, ...] | None = None
 
 
 def torch_predictor(model, *, novelty=None, **options) -> Predictor:
@@ -263,7 +267,12 @@ def torch_predictor(model, *, novelty=None, **options) -> Predictor:
         probabilities = logits.softmax(-1)
         return (probabilities, novelty.novelty(features, logits)) if novelty is not None else probabilities
 
-    rule = OpenSetRule(novelty.score, novelty.threshold, len(novelty.known_classes)) if novelty is not None else None
+    rule = None
+    if novelty is not None:
+        subset = novelty.trained_subset(len(model.classes))
+        rule = OpenSetRule(
+            novelty.score, novelty.threshold, len(novelty.known_classes), tuple(subset) if subset else None
+        )
     return Predictor(model.classes, tower.preprocess, run, open_set=rule, **options)
 
 

@@ -23,6 +23,12 @@ of the classes the model was trained without (``--holdout``); the other half, an
 photos, are left for `eval` to report on, never used to choose. Without held-out classes the
 default score is used and the record says so.
 
+The logit scores (max-softmax, energy) read only the logits of the species the model trained on:
+for a model trained with ``--holdout`` the held-out species stand for species outside the class
+table, so they must not be there to catch a photo's probability (a LiT model would name some of
+them zero-shot). Directories fitted before this rule keep their own (``"logits"`` absent from the
+record: every class), so their thresholds stay the ones they were set with.
+
 Kept in the model directory as ``novelty.json`` (the choice, threshold, what it rests on) and
 ``novelty.safetensors`` (whitened class means, whitening, centre).
 """
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +57,19 @@ CLASS_CHUNK = 2048  # class means compared per pass: bounded memory at 10,000 cl
 SCORE_CHUNK = 4096  # photos scored per pass: their logits over 10,000 classes stay ~160 MB
 STATISTICS_CHUNK = 16384  # training rows per pass of the statistics: 170 MB as float64 at 1,280-d
 RECORD, WEIGHTS = "novelty.json", "novelty.safetensors"
+KNOWN_LOGITS = "trained species"  # the record's "logits": the scores read only the trained species'
+
+
+def trained_only(probabilities: torch.Tensor, known_classes: Sequence[int] | None) -> torch.Tensor:
+    """Probabilities renormalised over the trained species (the others set to 0): what a model
+    whose class table held only those would say. Unchanged when ``known_classes`` is None."""
+    if known_classes is None:
+        return probabilities
+    index = torch.as_tensor(known_classes, dtype=torch.long)
+    out = torch.zeros_like(probabilities)
+    kept = probabilities.index_select(-1, index)
+    out.index_copy_(-1, index, kept / kept.sum(-1, keepdim=True).clamp(min=1e-12))
+    return out
 
 
 def calibration_half(keys, seed: int = 0) -> np.ndarray:
@@ -92,6 +112,7 @@ class NoveltyDetector:
 
     def scores(self, features: torch.Tensor, logits: torch.Tensor) -> dict[str, torch.Tensor]:
         features, logits = torch.as_tensor(features).float(), torch.as_tensor(logits).float()
+        logits = self.known_logits(logits)
         scores = {
             "max-softmax": 1 - logits.softmax(-1).max(-1).values,
             "energy": -torch.logsumexp(logits, -1),
@@ -102,6 +123,20 @@ class NoveltyDetector:
         if spread:
             scores["combined"] = sum((scores[n] - spread[n][0]) / spread[n][1] for n in COMBINED)
         return scores
+
+    def known_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits of the species the model trained on (all of them for a model fitted before
+        that rule, or one without held-out species)."""
+        if self.record.get("logits") != KNOWN_LOGITS or len(self.known_classes) == logits.shape[-1]:
+            return logits
+        return logits.index_select(-1, self.known_classes)
+
+    def trained_subset(self, n_classes: int) -> list[int] | None:
+        """The trained species' class indices when the scores leave others of the ``n_classes``
+        out (a model with held-out species), else None."""
+        if self.record.get("logits") != KNOWN_LOGITS or len(self.known_classes) == n_classes:
+            return None
+        return self.known_classes.tolist()
 
     def mahalanobis(self, features: torch.Tensor) -> torch.Tensor:
         """The squared distance to the nearest class mean, class chunk by class chunk."""
@@ -235,7 +270,15 @@ def fit_novelty(classifier, cache, *, keep: float = DEFAULT_KEEP, seed: int = 0)
         raise TaxoclipError(f"{cache.path}: no training photo of the model's classes to measure novelty against")
     centre, whitening, means, background, background_centre = class_statistics(cache, train, known)
     detector = NoveltyDetector(
-        DEFAULT_SCORE, float("inf"), centre, whitening, means, torch.from_numpy(known), background, background_centre
+        DEFAULT_SCORE,
+        float("inf"),
+        centre,
+        whitening,
+        means,
+        torch.from_numpy(known),
+        background,
+        background_centre,
+        {"logits": KNOWN_LOGITS},
     )
     valid = np.flatnonzero(cache.split_mask("valid") & np.isin(labels, known)) if "valid" in cache.split_names else []
     valid = np.asarray(valid, dtype=np.int64)
@@ -246,7 +289,7 @@ def fit_novelty(classifier, cache, *, keep: float = DEFAULT_KEEP, seed: int = 0)
             f"it needs at least {MIN_CALIBRATION}"
         )
     known_scores = scores_of(detector, classifier, cache, calibrating)
-    detector.record = {
+    detector.record |= {
         "standardise": {n: [float(known_scores[n].mean()), float(known_scores[n].std()) or 1.0] for n in COMBINED}
     }
     known_scores = scores_of(detector, classifier, cache, calibrating)  # now with the combined score
