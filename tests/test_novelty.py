@@ -217,3 +217,24 @@ def test_the_logit_scores_and_the_rank_answer_read_only_the_trained_species():
         answers[known] = predictor.describe(probabilities, "photo", novelty=0.9).confident["name"]
     # every class: the held-out species' own genus (0.65); trained ones only: Rosa (0.86)
     assert answers == {None: "Aster", (0, 1): "Rosa"}
+
+
+def test_a_model_without_held_out_species_gets_its_kinds_measured_default_score(colour_features, tmp_path):
+    """No held-out species to choose on: LiT takes max-softmax, other kinds combined (the open-set
+    study's means), and the record says why."""
+    from taxoclip.apps.cli import main
+    from taxoclip.data.features import load_features
+    from taxoclip.models.novelty import DEFAULT_SCORE, DEFAULT_SCORES, fit_novelty
+    from taxoclip.models.registry import load_classifier
+
+    model = tmp_path / "m"
+    assert main(["train", "catlip", "--features", str(colour_features), "-o", str(model), "--epochs", "3", "-q"]) == 0
+    classifier, cache = load_classifier(model), load_features(colour_features)
+    chosen = {}
+    for kind in ("catlip", "lit"):
+        classifier.kind = kind  # the same weights: only the kind decides the default
+        detector = fit_novelty(classifier, cache)
+        chosen[kind] = detector.score
+        assert f"default for {kind} models" in detector.record["chosen_by"]
+        assert detector.trained_subset(len(classifier.classes)) is None  # every class was trained on
+    assert chosen == {"catlip": DEFAULT_SCORE, "lit": DEFAULT_SCORES["lit"]} and DEFAULT_SCORE != DEFAULT_SCORES["lit"]
