@@ -237,4 +237,4 @@ def test_a_model_without_held_out_species_gets_its_kinds_measured_default_score(
         chosen[kind] = detector.score
         assert f"default for {kind} models" in detector.record["chosen_by"]
         assert detector.trained_subset(len(classifier.classes)) is None  # every class was trained on
-    assert chosen == {"catlip": DEFAULT_SCORE, "lit": DEFAULT_SCORES["lit"]} and DEFAULT_SCORE != DEFAULT_SCORES["lit"]
+    assert chosen == {"catlip": DEFAULT_SCORE, "lit": DEFAULT_SCORES["lit"]} and DEFAULT_SCORES["lit"] != DEFAULT_SCORE
