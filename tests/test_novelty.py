@@ -118,6 +118,9 @@ def test_predict_says_unknown_for_a_species_never_trained_on_and_names_its_famil
     )
     results = json.loads(capsys.readouterr().out)
     assert (model / RECORD).exists()  # computed from the training cache on first use, and kept
+    record = json.loads((model / RECORD).read_text())  # the temperature with the best calibration AUROC
+    by_temperature = {float(t): a for t, a in record["temperature_auroc"].items()}
+    assert by_temperature[record["softmax_temperature"]] == max(by_temperature.values()) and len(by_temperature) == 4
     by_photo = {Path(r["source"]).name: r for r in results}
     assert by_photo["unknown.jpg"]["known"] is False and by_photo["known.jpg"]["known"] is True
     answer = by_photo["unknown.jpg"]["confident"]
@@ -200,6 +203,12 @@ def test_the_logit_scores_and_the_rank_answer_read_only_the_trained_species():
     assert float(legacy) < 0.01 and float(trained["max-softmax"]) == pytest.approx(0.5)
     assert float(trained["energy"]) == pytest.approx(-float(torch.logsumexp(torch.zeros(2), 0)))
     assert detector.trained_subset(3) == [0, 1] and detector.trained_subset(2) is None
+    # the max-softmax score at the record's temperature: 1 - sigmoid(2 / T) for logits (2, 0)
+    two = torch.tensor([[2.0, 0.0]])
+    detector.record["softmax_temperature"] = 2.0
+    assert float(detector.scores(torch.zeros(1, 8), two)["max-softmax"]) == pytest.approx(
+        1 - torch.sigmoid(torch.tensor(1.0))
+    )
 
     table = ClassTable.from_records(
         [
@@ -224,7 +233,7 @@ def test_a_model_without_held_out_species_gets_its_kinds_measured_default_score(
     study's means), and the record says why."""
     from taxoclip.apps.cli import main
     from taxoclip.data.features import load_features
-    from taxoclip.models.novelty import DEFAULT_SCORE, DEFAULT_SCORES, fit_novelty
+    from taxoclip.models.novelty import DEFAULT_SCORE, DEFAULT_SCORES, DEFAULT_TEMPERATURES, fit_novelty
     from taxoclip.models.registry import load_classifier
 
     model = tmp_path / "m"
@@ -236,5 +245,6 @@ def test_a_model_without_held_out_species_gets_its_kinds_measured_default_score(
         detector = fit_novelty(classifier, cache)
         chosen[kind] = detector.score
         assert f"default for {kind} models" in detector.record["chosen_by"]
+        assert detector.record["softmax_temperature"] == DEFAULT_TEMPERATURES.get(kind, 1.0)
         assert detector.trained_subset(len(classifier.classes)) is None  # every class was trained on
     assert chosen == {"catlip": DEFAULT_SCORE, "lit": DEFAULT_SCORES["lit"]} and DEFAULT_SCORES["lit"] != DEFAULT_SCORE

@@ -325,6 +325,11 @@ def cmd_openset(args: argparse.Namespace) -> int:
     print(f"open-set score: {detector.score} ({record['chosen_by']}), threshold {detector.threshold:.4g}")
     for name, area in record.get("calibration_auroc", {}).items():
         print(f"  {name:12s} AUROC on the calibration classes {area:.3f}")
+    tried = ", ".join(f"{t}: {a:.3f}" for t, a in record.get("temperature_auroc", {}).items())
+    print(
+        f"max-softmax at temperature {record['softmax_temperature']:g}"
+        + (f" (AUROC by temperature {tried})" if tried else "")
+    )
     print(f"kept {100 * record['keep']:.0f}% of {record['calibration_photos']} known calibration photos")
     print(f"-> {Path(args.model) / RECORD}")
     return 0
