@@ -233,18 +233,19 @@ def test_a_model_without_held_out_species_gets_its_kinds_measured_default_score(
     study's means), and the record says why."""
     from taxoclip.apps.cli import main
     from taxoclip.data.features import load_features
-    from taxoclip.models.novelty import DEFAULT_SCORE, DEFAULT_SCORES, DEFAULT_TEMPERATURES, fit_novelty
+    from taxoclip.models.novelty import DEFAULT_SCORE, DEFAULT_SCORES, fit_novelty
     from taxoclip.models.registry import load_classifier
 
     model = tmp_path / "m"
     assert main(["train", "catlip", "--features", str(colour_features), "-o", str(model), "--epochs", "3", "-q"]) == 0
     classifier, cache = load_classifier(model), load_features(colour_features)
-    chosen = {}
+    chosen, temperatures = {}, {}
     for kind in ("catlip", "lit"):
         classifier.kind = kind  # the same weights: only the kind decides the default
         detector = fit_novelty(classifier, cache)
         chosen[kind] = detector.score
         assert f"default for {kind} models" in detector.record["chosen_by"]
-        assert detector.record["softmax_temperature"] == DEFAULT_TEMPERATURES.get(kind, 1.0)
+        temperatures[kind] = detector.record["softmax_temperature"]
         assert detector.trained_subset(len(classifier.classes)) is None  # every class was trained on
+    assert temperatures == {"catlip": 1.0, "lit": 2.0}  # LiT's measured default softmax temperature
     assert chosen == {"catlip": DEFAULT_SCORE, "lit": DEFAULT_SCORES["lit"]} and DEFAULT_SCORES["lit"] != DEFAULT_SCORE
