@@ -226,6 +226,36 @@ def test_the_logit_scores_and_the_rank_answer_read_only_the_trained_species():
         answers[known] = predictor.describe(probabilities, "photo", novelty=0.9).confident["name"]
     # every class: the held-out species' own genus (0.65); trained ones only: Rosa (0.86)
     assert answers == {None: "Aster", (0, 1): "Rosa"}
+    # the rule's rank threshold, not the predictor's 0.5, decides what is named for an unknown photo
+    for rank_threshold, said in ((0.8, "Rosa"), (0.9, "")):
+        rule = OpenSetRule("max-softmax", 0.1, 2, (0, 1), rank_threshold)
+        answer = Predictor(table, Preprocess(), lambda p: p, open_set=rule).describe(probabilities, "p", novelty=0.9)
+        assert answer.confident["name"] == said and answer.known is False
+
+
+def test_an_unknown_photos_taxon_is_named_at_the_lowest_threshold_its_calibration_answers_were_right():
+    from taxoclip.models.novelty import NEVER, lowest_precise_threshold, named_answers
+    from taxoclip.taxonomy import ClassTable
+
+    # (named, right) at each threshold: 0.5 names many but wrongly, 0.7 too few to judge
+    assert lowest_precise_threshold({0.5: (40, 12), 0.6: (20, 17), 0.8: (10, 10), 0.9: (3, 3)}) == 0.6
+    assert lowest_precise_threshold({0.5: (40, 12), 0.6: (20, 15), 0.7: (3, 3)}) == NEVER
+    table = ClassTable.from_records(
+        [
+            {"id": "a", "order": "Rosales", "family": "Rosaceae", "genus": "Rosa", "species": "canina"},
+            {"id": "b", "order": "Rosales", "family": "Rosaceae", "genus": "Prunus", "species": "avium"},
+            {"id": "c", "order": "Asterales", "family": "Asteraceae", "genus": "Bellis", "species": "perennis"},
+        ],
+        origin="test",
+    )
+    answers = named_answers(torch.tensor([[0.45, 0.4, 0.15], [0.2, 0.1, 0.7]]), table, (0.5, 0.8, 0.9))
+    named, rank, taxon = answers[0.5]
+    assert (
+        named.tolist() == [True, True] and list(rank) == ["family", "genus"] and list(taxon) == ["Rosaceae", "Bellis"]
+    )
+    named, rank, taxon = answers[0.8]  # the first photo's family (0.85) still, the second nothing
+    assert named.tolist() == [True, False] and list(taxon) == ["Rosaceae", ""]
+    assert not answers[0.9][0].any()
 
 
 def test_a_model_without_held_out_species_gets_its_kinds_measured_default_score(colour_features, tmp_path):

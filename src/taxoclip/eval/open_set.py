@@ -83,8 +83,13 @@ def open_set_report(classifier, cache, rows: np.ndarray, mode: str, out: Path, u
     section |= known_accuracy(classifier, cache, known_rows, known_scores[chosen] > thresholds[chosen])
     flagged = unknown_scores[chosen] > thresholds[chosen]
     section["flagged_unknowns"] = int(flagged.sum())
+    section["rank_threshold"] = record.get("rank_threshold", HONEST_THRESHOLD)
     section["rank_answers_for_flagged_unknowns"] = rank_answers(
-        classifier, unknown_from, unknown_rows[flagged], detector.trained_subset(len(classifier.classes))
+        classifier,
+        unknown_from,
+        unknown_rows[flagged],
+        detector.trained_subset(len(classifier.classes)),
+        section["rank_threshold"],
     )
     (out / "open_set.json").write_text(json.dumps(section, indent=1))
     plot_open_set(out / "open_set.png", known_scores, unknown_scores, thresholds, per_score)
@@ -115,13 +120,15 @@ def known_accuracy(classifier, cache, rows: np.ndarray, rejected: np.ndarray) ->
     }
 
 
-def rank_answers(classifier, cache, rows: np.ndarray, known_classes: list[int] | None = None) -> dict:
+def rank_answers(
+    classifier, cache, rows: np.ndarray, known_classes: list[int] | None = None, threshold: float = HONEST_THRESHOLD
+) -> dict:
     """For unknown photos the score flagged, at genus, family and order (each from the trained
     species' probabilities summed up the tree, by name against ``cache``'s own class table: the
     other species' data need not share the model's):
 
-    ``given``   the share whose answer names that rank's taxon: its probability clears predict's
-                honest threshold, so predict says "an unknown member of ..." there or deeper;
+    ``given``   the share whose answer names that rank's taxon: its probability reaches the open-set
+                rule's ``threshold``, so predict says "an unknown member of ..." there or deeper;
     ``right``   how often the taxon named is the photo's own, among those given;
     ``most_probable_right``  how often the most probable taxon is the photo's own, given or not.
     """
@@ -138,7 +145,7 @@ def rank_answers(classifier, cache, rows: np.ndarray, known_classes: list[int] |
             mass, best = (t.numpy() for t in grouped.max(-1))
             named = np.array([rank_codes.groups[int(g)] for g in best])
             truth = np.array([truth_table.rows[int(c)].get(rank, "") for c in labels])
-            right, given = named == truth, mass >= HONEST_THRESHOLD
+            right, given = named == truth, mass >= threshold
             counts[rank]["given"] += int(given.sum())
             counts[rank]["given_right"] += int((right & given).sum())
             counts[rank]["most_probable_right"] += int(right.sum())
@@ -222,7 +229,8 @@ def markdown(section: dict) -> str:
             "",
             f"What the answer says for the {section.get('flagged_unknowns', '')} flagged unknown photos, from the "
             'trained species\' probabilities summed up the tree: a taxon is named ("an unknown member of ...") '
-            f'where its probability reaches {HONEST_THRESHOLD}, else the answer stays wider or "unknown".',
+            f"where its probability reaches {section['rank_threshold']:g} (the open-set rule's, chosen on the "
+            'calibration species), else the answer stays wider or "unknown".',
             "",
             "| rank | named for | right when named | most probable taxon right |",
             "|---|---|---|---|",

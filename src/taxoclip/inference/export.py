@@ -85,6 +85,7 @@ def export_onnx(model: str | Path, output: str | Path, *, opset: int = 18, open_
             "threshold": novelty.threshold,
             "trained_species": len(novelty.known_classes),
             "known_classes": novelty.trained_subset(len(classifier.classes)),
+            "rank_threshold": novelty.record.get("rank_threshold"),
         }
     Path(str(output) + ".json").write_text(json.dumps(sidecar, indent=1))
     return output
@@ -129,7 +130,11 @@ class OnnxClassifier:
             return None
         known = rule.get("known_classes")
         return OpenSetRule(
-            rule["score"], float(rule["threshold"]), rule.get("trained_species"), tuple(known) if known else None
+            rule["score"],
+            float(rule["threshold"]),
+            rule.get("trained_species"),
+            tuple(known) if known else None,
+            rule.get("rank_threshold"),
         )
 
     def __call__(self, pixels: torch.Tensor):

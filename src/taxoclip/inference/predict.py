@@ -134,7 +134,9 @@ class Predictor:
         prediction.novelty = {"score": rule.score, "value": round(novelty, 6), "threshold": round(rule.threshold, 6)}
         if prediction.known:
             return
-        above = self.deepest_confident(trained_only(probabilities, rule.known_classes), above_species=True)
+        above = self.deepest_confident(
+            trained_only(probabilities, rule.known_classes), above_species=True, threshold=rule.rank_threshold
+        )
         trained = rule.trained_species or len(self.classes)
         unknown = f"not one of the {trained} species this model was trained on"
         if above["rank"] == "none":
@@ -159,11 +161,15 @@ class Predictor:
         best = int(grouped.argmax())
         return {"rank": rank, "name": codes.groups[best], "probability": round(float(grouped[best]), 6)}
 
-    def deepest_confident(self, probabilities: torch.Tensor, above_species: bool = False) -> dict:
+    def deepest_confident(
+        self, probabilities: torch.Tensor, above_species: bool = False, threshold: float | None = None
+    ) -> dict:
         """The narrowest answer whose probability (summed up the tree) reaches the threshold
-        (``above_species``: a genus or wider, for a photo of a species the model does not know)."""
+        (``above_species``: a genus or wider, for a photo of a species the model does not know, at
+        the open-set rule's own ``threshold``)."""
+        threshold = self.threshold if threshold is None else threshold
         best = int(probabilities.argmax())
-        if not above_species and float(probabilities[best]) >= self.threshold:
+        if not above_species and float(probabilities[best]) >= threshold:
             row = self.classes.rows[best]
             level = (
                 "species"
@@ -183,7 +189,7 @@ class Predictor:
                 continue
             grouped = rollup(probabilities[None], codes)[0]
             group = int(grouped.argmax())
-            if float(grouped[group]) >= self.threshold:
+            if float(grouped[group]) >= threshold:
                 name = codes.groups[group]
                 return {
                     "rank": rank.column,
@@ -253,6 +259,9 @@ class OpenSetRule:
     # the class indices of those species when the class table has others (held out at training):
     # an unknown photo's rank answer then sums only the trained species' probabilities
     known_classes: tuple[int, ...] | None = None
+    # the summed probability at which an unknown photo's genus, family or order is named (chosen
+    # on the calibration species, `taxoclip.models.novelty`); None: the predictor's own threshold
+    rank_threshold: float | None = None
 
 
 def torch_predictor(model, *, novelty=None, **options) -> Predictor:
@@ -271,7 +280,11 @@ def torch_predictor(model, *, novelty=None, **options) -> Predictor:
     if novelty is not None:
         subset = novelty.trained_subset(len(model.classes))
         rule = OpenSetRule(
-            novelty.score, novelty.threshold, len(novelty.known_classes), tuple(subset) if subset else None
+            novelty.score,
+            novelty.threshold,
+            len(novelty.known_classes),
+            tuple(subset) if subset else None,
+            novelty.record.get("rank_threshold"),
         )
     return Predictor(model.classes, tower.preprocess, run, open_set=rule, **options)
 

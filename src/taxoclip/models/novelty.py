@@ -47,6 +47,7 @@ import torch
 
 from taxoclip.errors import TaxoclipError
 from taxoclip.models.novelty_names import NOVELTY_SCORES
+from taxoclip.taxonomy import HONEST_THRESHOLD
 
 SCORES = NOVELTY_SCORES
 COMBINED = ("max-softmax", "relative-mahalanobis")  # the scores "combined" adds, each standardised
@@ -61,6 +62,18 @@ DEFAULT_SCORE = "combined"  # every other kind
 # classes a kind takes its measured default.
 TEMPERATURES = (0.5, 1.0, 2.0, 4.0)
 DEFAULT_TEMPERATURES = {"lit": 2.0}
+# An unknown photo's answer names the deepest genus, family or order whose trained species' summed
+# probability reaches the rule's rank threshold: the lowest of RANK_THRESHOLDS at which at least
+# RANK_PRECISION of such answers were right on the flagged photos of the calibration species (at
+# least MIN_NAMED of them), else none ("unknown", or a class or wider). Predict's honest threshold
+# (0.5) named a wrong genus or family for most unknown flowers; on flowers' calibration species LiT
+# chose 0.7, 0.7 and 0.6 over three seeds, CatLIP 0.9 or none: their defaults without held-out species.
+RANK_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+RANK_PRECISION = 0.8
+MIN_NAMED = 5
+NAMED_RANKS = ("genus", "family", "order")  # deepest first: the answers worth naming
+NEVER = 1.01  # a rank threshold no probability reaches
+DEFAULT_RANK_THRESHOLDS = {"lit": 0.7, "catlip": 0.9}
 DEFAULT_KEEP = 0.95
 MIN_CALIBRATION = 8  # known photos the threshold is set on, at the least (the record says how many)
 SHRINKAGE = 1e-3  # added to the covariance's eigenvalues (relative to their mean): a stable inverse
@@ -286,6 +299,54 @@ def choose_temperature(detector, classifier, cache, known_rows: np.ndarray, unkn
     return {t: auroc(np.concatenate(values["known"][t]), np.concatenate(values["unknown"][t])) for t in TEMPERATURES}
 
 
+def named_answers(probabilities: torch.Tensor, classes, thresholds=RANK_THRESHOLDS) -> dict[float, tuple]:
+    """For each threshold: (named, rank, taxon) per photo, where ``named`` says whether a genus,
+    family or order reaches it (the deepest such ``rank`` and its ``taxon``), from class
+    ``probabilities`` (trained species only) summed up ``classes``' tree."""
+    masses = {}
+    for rank in NAMED_RANKS:
+        values, index = classes.values_at(rank)
+        if not values:
+            continue
+        summed = torch.zeros(len(probabilities), len(values) + 1).index_add_(
+            1, torch.from_numpy(index), probabilities.float()
+        )[:, :-1]  # the last column: classes with no name at this rank
+        best_mass, best = summed.max(-1)
+        masses[rank] = (best_mass.numpy(), np.array(values, dtype=object)[best.numpy()])
+    out = {}
+    for t in thresholds:
+        named = np.zeros(len(probabilities), dtype=bool)
+        rank = np.full(len(probabilities), "", dtype=object)
+        taxon = np.full(len(probabilities), "", dtype=object)
+        for r, (mass, value) in masses.items():  # deepest first: a photo keeps its first named rank
+            new = ~named & (mass >= t)
+            rank[new], taxon[new], named = r, value[new], named | new
+        out[t] = (named, rank, taxon)
+    return out
+
+
+def choose_rank_threshold(detector, classifier, cache, flagged_rows: np.ndarray) -> tuple[float, dict]:
+    """The lowest of RANK_THRESHOLDS whose named answers for the flagged calibration-species photos
+    were right at least RANK_PRECISION of the time (NEVER when none), and each one's record."""
+    counts = {t: [0, 0] for t in RANK_THRESHOLDS}
+    for part, x in cache.chunks(np.sort(flagged_rows), SCORE_CHUNK):
+        logits = classifier.logits_from_features(torch.from_numpy(x)).float()
+        probabilities = trained_only(logits.softmax(-1), detector.trained_subset(logits.shape[-1]))
+        truth = [classifier.classes.rows[int(c)] for c in cache.labels[part]]
+        for t, (named, rank, taxon) in named_answers(probabilities, classifier.classes).items():
+            counts[t][0] += int(named.sum())
+            counts[t][1] += sum(truth[i].get(rank[i], "") == taxon[i] for i in np.flatnonzero(named))
+    record = {str(t): {"named": n, "right": r / n if n else None} for t, (n, r) in counts.items()}
+    return lowest_precise_threshold(counts), record
+
+
+def lowest_precise_threshold(counts: dict[float, list[int] | tuple[int, int]]) -> float:
+    """The lowest threshold whose (named, right) answers number at least MIN_NAMED and are right at
+    least RANK_PRECISION of the time; NEVER when none is."""
+    good = [t for t, (n, r) in counts.items() if n >= MIN_NAMED and r / n >= RANK_PRECISION]
+    return min(good) if good else NEVER
+
+
 def fit_novelty(classifier, cache, *, keep: float = DEFAULT_KEEP, seed: int = 0) -> NoveltyDetector:
     """The detector for ``classifier`` from its training cache (see the module docstring)."""
     if not 0 < keep < 1:
@@ -349,9 +410,17 @@ def fit_novelty(classifier, cache, *, keep: float = DEFAULT_KEEP, seed: int = 0)
         unknown_scores = scores_of(detector, classifier, cache, unknown_rows)
         areas = {name: auroc(known_scores[name], unknown_scores[name]) for name in SCORES}
         best = max(SCORES, key=lambda name: areas[name])
-        record |= {"calibration_auroc": areas, "chosen_by": "AUROC on the calibration classes"}
+        flagged = unknown_rows[unknown_scores[best] > thresholds[best]]
+        rank_threshold, by_threshold = choose_rank_threshold(detector, classifier, cache, flagged)
+        record |= {
+            "calibration_auroc": areas,
+            "chosen_by": "AUROC on the calibration classes",
+            "rank_threshold": rank_threshold,
+            "rank_answers_by_threshold": by_threshold,
+        }
     else:
         best = DEFAULT_SCORES.get(kind, DEFAULT_SCORE)
+        record["rank_threshold"] = DEFAULT_RANK_THRESHOLDS.get(kind, HONEST_THRESHOLD)
         record |= {
             "chosen_by": f"the default for {kind or 'this'} models (it has no held-out classes to choose on; "
             "see the open-set study)"
