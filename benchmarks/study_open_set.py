@@ -99,10 +99,10 @@ def study_open_set(args) -> list[dict]:
     ]
     lines += [
         "| model | chosen AUROC (mean) | max-softmax AUROC (mean) | unknown flagged (chosen, per seed) | "
-        "known flagged | at exactly 95% kept | known top-1 / among kept | "
+        "known flagged | at exactly 95% kept | known top-1 / among kept | rank threshold | "
         + " | ".join(f"{rank} named for / right when named" for rank in RANKS)
         + " |",
-        "|---|---|---|---|---|---|---|" + "---|" * len(RANKS),
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(RANKS),
     ]
     summary = []
     for kind in kinds:
@@ -118,6 +118,7 @@ def study_open_set(args) -> list[dict]:
             "unknown_flagged_at_keep": [round(c["unknown_flagged_at_keep"], 3) for c in chosen],
             "known_top1": [round(s["known_top1"], 3) for s in mine],
             "known_top1_kept": [round(s["known_top1_kept"] or 0, 3) for s in mine],
+            "rank_threshold": [s.get("rank_threshold") for s in mine],
             "answers": {rank: [s["rank_answers_for_flagged_unknowns"].get(rank) for s in mine] for rank in RANKS},
             "pooled_right": {rank: pooled_right(mine, rank) for rank in RANKS},
         }
@@ -137,6 +138,8 @@ def study_open_set(args) -> list[dict]:
                 f"{percent(a)} / {percent(b)}"
                 for a, b in zip(entry["known_top1"], entry["known_top1_kept"], strict=True)
             )
+            + " | "
+            + ", ".join("none" if t > 1 else f"{t:g}" for t in entry["rank_threshold"])
             + " | "
             + " | ".join(answers)
             + " |"
