@@ -11,6 +11,7 @@ from contextlib import nullcontext
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from taxoclip.allocator import configure as configure_allocator
 from taxoclip.apps.data_commands import add_data_parsers, build_verify_parser
 from taxoclip.apps.train_commands import add_train_parser
 from taxoclip.data.labels import SCORINGS
@@ -549,6 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        configure_allocator()  # TAXOCLIP_MALLOC: how much freed memory a long job hands back
         check_output(args)
         output = getattr(args, "output", None)
         with output_lock(output, folder=writes_folder(args)) if output else nullcontext():

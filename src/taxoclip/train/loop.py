@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from taxoclip.allocator import after_step
 from taxoclip.errors import TaxoclipError
 from taxoclip.runtime import Runtime, seed_everything, setup
 from taxoclip.train.checkpoint import load_checkpoint, load_extra, read_state, save_checkpoint
@@ -257,6 +258,7 @@ def train_epoch(
         optimizer.step()
         if average is not None:
             average.update()
+        after_step()  # TAXOCLIP_MALLOC=trim gives the step's freed memory back here
         bar.update()
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
