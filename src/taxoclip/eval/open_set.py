@@ -15,11 +15,19 @@ from pathlib import Path
 
 import numpy as np
 
-from taxoclip.eval.metrics import RankCodes, rollup
-from taxoclip.models.novelty import SCORES, auroc, calibration_half, open_set_for, scores_of, trained_only
+from taxoclip.models.novelty import (
+    NAMED_RANKS,
+    SCORES,
+    auroc,
+    calibration_half,
+    open_set_for,
+    scores_of,
+    taxon_masses,
+    trained_only,
+)
 from taxoclip.taxonomy import HONEST_THRESHOLD
 
-ANSWER_RANKS = ("genus", "family", "order")
+ANSWER_RANKS = NAMED_RANKS  # genus, family, order: what an unknown photo's answer may name
 
 
 def open_set_report(classifier, cache, rows: np.ndarray, mode: str, out: Path, unknown_cache=None) -> dict | None:
@@ -135,17 +143,13 @@ def rank_answers(
     if not len(rows):
         return {}
     truth_table = cache.classes
-    codes = {rank: RankCodes.of(classifier.classes, rank) for rank in ANSWER_RANKS}
-    codes = {rank: c for rank, c in codes.items() if c.known}
-    counts = {rank: {"given": 0, "given_right": 0, "most_probable_right": 0} for rank in codes}
+    counts: dict[str, dict[str, int]] = {}
     for labels, probabilities in probability_chunks(classifier, cache, rows):
-        probabilities = trained_only(probabilities, known_classes)
-        for rank, rank_codes in codes.items():
-            grouped = rollup(probabilities, rank_codes)
-            mass, best = (t.numpy() for t in grouped.max(-1))
-            named = np.array([rank_codes.groups[int(g)] for g in best])
-            truth = np.array([truth_table.rows[int(c)].get(rank, "") for c in labels])
+        masses = taxon_masses(trained_only(probabilities, known_classes), classifier.classes, ANSWER_RANKS)
+        for rank, (mass, named) in masses.items():
+            truth = np.array([truth_table.rows[int(c)].get(rank, "") for c in labels], dtype=object)
             right, given = named == truth, mass >= threshold
+            counts.setdefault(rank, {"given": 0, "given_right": 0, "most_probable_right": 0})
             counts[rank]["given"] += int(given.sum())
             counts[rank]["given_right"] += int((right & given).sum())
             counts[rank]["most_probable_right"] += int(right.sum())

@@ -80,13 +80,9 @@ def export_onnx(model: str | Path, output: str | Path, *, opset: int = 18, open_
         "input": "float32 pixels 0-255, (N, 3, H, W), resized and cropped",
     }
     if novelty is not None:  # the "novelty" output's meaning: above the threshold, no known species
-        sidecar["open_set"] = {
-            "score": novelty.score,
-            "threshold": novelty.threshold,
-            "trained_species": len(novelty.known_classes),
-            "known_classes": novelty.trained_subset(len(classifier.classes)),
-            "rank_threshold": novelty.record.get("rank_threshold"),
-        }
+        from taxoclip.inference.predict import OpenSetRule
+
+        sidecar["open_set"] = asdict(OpenSetRule.of(novelty, len(classifier.classes)))
     Path(str(output) + ".json").write_text(json.dumps(sidecar, indent=1))
     return output
 
@@ -128,14 +124,7 @@ class OnnxClassifier:
         rule = self.meta.get("open_set")
         if not rule or len(self.session.get_outputs()) < 2:
             return None
-        known = rule.get("known_classes")
-        return OpenSetRule(
-            rule["score"],
-            float(rule["threshold"]),
-            rule.get("trained_species"),
-            tuple(known) if known else None,
-            rule.get("rank_threshold"),
-        )
+        return OpenSetRule.from_json(rule)
 
     def __call__(self, pixels: torch.Tensor):
         outputs = self.session.run(None, {"pixels": pixels.float().numpy().astype(np.float32)})

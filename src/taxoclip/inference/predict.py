@@ -263,6 +263,30 @@ class OpenSetRule:
     # on the calibration species, `taxoclip.models.novelty`); None: the predictor's own threshold
     rank_threshold: float | None = None
 
+    @classmethod
+    def of(cls, novelty, n_classes: int) -> OpenSetRule:
+        """The rule a fitted `NoveltyDetector` gives a model of ``n_classes`` classes."""
+        subset = novelty.trained_subset(n_classes)
+        return cls(
+            novelty.score,
+            novelty.threshold,
+            len(novelty.known_classes),
+            tuple(subset) if subset else None,
+            novelty.record.get("rank_threshold"),
+        )
+
+    @classmethod
+    def from_json(cls, rule: dict) -> OpenSetRule:
+        """Back from `dataclasses.asdict` in JSON (an ONNX sidecar; older ones lack the later fields)."""
+        known = rule.get("known_classes")
+        return cls(
+            rule["score"],
+            float(rule["threshold"]),
+            rule.get("trained_species"),
+            tuple(known) if known else None,
+            rule.get("rank_threshold"),
+        )
+
 
 def torch_predictor(model, *, novelty=None, **options) -> Predictor:
     """A Predictor over a loaded model (`taxoclip.load`); with ``novelty`` (a
@@ -276,16 +300,7 @@ def torch_predictor(model, *, novelty=None, **options) -> Predictor:
         probabilities = logits.softmax(-1)
         return (probabilities, novelty.novelty(features, logits)) if novelty is not None else probabilities
 
-    rule = None
-    if novelty is not None:
-        subset = novelty.trained_subset(len(model.classes))
-        rule = OpenSetRule(
-            novelty.score,
-            novelty.threshold,
-            len(novelty.known_classes),
-            tuple(subset) if subset else None,
-            novelty.record.get("rank_threshold"),
-        )
+    rule = OpenSetRule.of(novelty, len(model.classes)) if novelty is not None else None
     return Predictor(model.classes, tower.preprocess, run, open_set=rule, **options)
 
 

@@ -302,12 +302,11 @@ def choose_temperature(detector, classifier, cache, known_rows: np.ndarray, unkn
     return {t: auroc(np.concatenate(values["known"][t]), np.concatenate(values["unknown"][t])) for t in TEMPERATURES}
 
 
-def named_answers(probabilities: torch.Tensor, classes, thresholds=RANK_THRESHOLDS) -> dict[float, tuple]:
-    """For each threshold: (named, rank, taxon) per photo, where ``named`` says whether a genus,
-    family or order reaches it (the deepest such ``rank`` and its ``taxon``), from class
-    ``probabilities`` (trained species only) summed up ``classes``' tree."""
+def taxon_masses(probabilities: torch.Tensor, classes, ranks=NAMED_RANKS) -> dict[str, tuple]:
+    """Per rank with names in ``classes``: each photo's most probable taxon there, as (its summed
+    probability, its name), from class ``probabilities`` summed up the tree."""
     masses = {}
-    for rank in NAMED_RANKS:
+    for rank in ranks:
         values, index = classes.values_at(rank)
         if not values:
             continue
@@ -316,6 +315,14 @@ def named_answers(probabilities: torch.Tensor, classes, thresholds=RANK_THRESHOL
         )[:, :-1]  # the last column: classes with no name at this rank
         best_mass, best = summed.max(-1)
         masses[rank] = (best_mass.numpy(), np.array(values, dtype=object)[best.numpy()])
+    return masses
+
+
+def named_answers(probabilities: torch.Tensor, classes, thresholds=RANK_THRESHOLDS) -> dict[float, tuple]:
+    """For each threshold: (named, rank, taxon) per photo, where ``named`` says whether a genus,
+    family or order reaches it (the deepest such ``rank`` and its ``taxon``), from class
+    ``probabilities`` (trained species only) summed up ``classes``' tree."""
+    masses = taxon_masses(probabilities, classes)
     out = {}
     for t in thresholds:
         named = np.zeros(len(probabilities), dtype=bool)
