@@ -348,3 +348,39 @@ def test_the_last_evaluation_and_the_saved_model_share_one_encoding_of_the_capti
     with torch.no_grad():
         model.logit_scale += 1  # a 0-d weight counts too
     assert lit_module.weights_fingerprint(model) != before
+
+
+def test_a_step_pads_its_distinct_captions_to_a_few_shapes_and_the_loss_ignores_the_padding(tiny_text_tower):
+    """The text tower sees a bucketed number of captions (a few repeated shapes: glibc's heap
+    stops fragmenting at 10,000 classes), and the loss is the one of the distinct captions alone."""
+    from taxoclip.models.lit import CaptionBank, LiTConfig, LiTModel
+    from taxoclip.models.losses import bucket_size
+    from taxoclip.models.towers import create_text_tower
+
+    assert [bucket_size(n) for n in (5, 9, 100, 497, 513)] == [8, 16, 104, 512, 576]
+    tower = create_text_tower(tiny_text_tower)
+    model = LiTModel(
+        LiTConfig(image_tower="x", text_tower=tiny_text_tower, image_width=16, text_width=tower.width, embed_dim=16),
+        tower,
+        image_mean=torch.zeros(16),
+    )
+    bank = CaptionBank(model.text_tower, [[f"a photo of species number {i}" for i in range(40)]], torch.device("cpu"))
+    seen = []
+    encode = model.encode_text_prefix
+    model.encode_text_prefix = lambda prefix: seen.append(len(next(iter(prefix.values())))) or encode(prefix)
+    torch.manual_seed(0)
+    styles = torch.zeros(40, dtype=torch.long)
+    for distinct in (9, 13, 17):
+        labels = torch.arange(distinct).repeat(2)
+        features = torch.randn(len(labels), 16)
+        with torch.no_grad():
+            loss = model(features, labels, bank, styles)
+            classes, targets = unique_targets(labels)
+            alone = class_contrastive_loss(
+                model.encode_image_features(features),
+                encode(bank.select(classes, styles[classes])),
+                targets,
+                model.scale(),
+            )
+        assert float(loss) == pytest.approx(float(alone), rel=1e-5)
+    assert seen == [16, 16, 24]  # 9 and 13 distinct captions share one shape, 17 the next

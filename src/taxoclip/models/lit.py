@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from taxoclip.models.classifier import DirectoryClassifier, EmbeddingClassifier
-from taxoclip.models.losses import class_contrastive_loss, clip_loss, unique_targets
+from taxoclip.models.losses import bucketed, class_contrastive_loss, clip_loss, unique_targets
 from taxoclip.models.towers import TextTower
 
 
@@ -122,7 +122,8 @@ class LiTModel(nn.Module):
             image, labels = gather(image, labels)
         if loss == "class":
             classes, targets = unique_targets(labels)
-            text = self.encode_text_prefix(captions.select(classes, style_of_class[classes]))
+            padded = bucketed(classes)
+            text = self.encode_text_prefix(captions.select(padded, style_of_class[padded]))[: len(classes)]
             total = class_contrastive_loss(image, text, targets, self.scale())
             for bank, value_of_class in ranks.banks if ranks is not None and rank_weight else ():
                 values = value_of_class.to(labels.device)[labels]
@@ -130,7 +131,8 @@ class LiTModel(nn.Module):
                 if known.sum() < 2:
                     continue
                 distinct, value_targets = unique_targets(values[known])
-                text = self.encode_text_prefix(bank.select(distinct, torch.zeros_like(distinct)))
+                padded = bucketed(distinct)
+                text = self.encode_text_prefix(bank.select(padded, torch.zeros_like(padded)))[: len(distinct)]
                 total = total + rank_weight * class_contrastive_loss(image[known], text, value_targets, self.scale())
             return total
         if loss == "clip":
