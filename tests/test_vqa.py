@@ -524,3 +524,55 @@ def test_the_caption_stage_answers_describe_this_photo_with_the_photos_class_cap
     captions = {c for entry in load_features(colour_features).meta["captions"]["by_class"] for c in entry.values()}
     assert seen and {q for q, _ in seen} == {trainer_module.CAPTION_PROMPT} and {a for _, a in seen} <= captions
     assert len({a for _, a in seen}) > 6  # several styles, not one caption a class
+
+
+def test_the_names_stage_makes_a_photos_image_tokens_read_as_its_class_line(
+    stage_one, colour_features, tiny_language_model, tmp_path
+):
+    """--stage names regresses the projector's tokens onto the language model's embeddings of the
+    photo's class line: held-out photos' tokens decode (nearest vocabulary token) to their own
+    class's line, and stage 2 starts from that projector."""
+    from taxoclip.data.features import load_features
+    from taxoclip.models.language import load_language_model
+    from taxoclip.models.name_alignment import class_line, filler_id, name_token_ids, nearest_lines, nearest_tokens
+    from taxoclip.models.vqa import load_vqa_model
+    from taxoclip.train.vqa import train_vqa
+
+    row = {
+        "id": "7",
+        "genus": "Oenothera",
+        "species": "Oenothera speciosa",
+        "common_name": "pink primrose",
+        "family": "Onagraceae",
+    }
+    assert class_line(row) == "Oenothera speciosa (pink primrose); genus Oenothera; family Onagraceae"
+    cache = load_features(colour_features)
+    _, tokenizer = load_language_model(tiny_language_model)
+    ids, longest = name_token_ids(tokenizer, cache.classes, 24)
+    assert longest <= 24 and (ids[:, -1] == filler_id(tokenizer)).all()
+    assert len({tuple(r) for r in ids}) == len(cache.classes)  # every class its own line
+
+    folder, _ = stage_one
+    settings = vqa_settings(
+        colour_features, folder / "qa.jsonl", tmp_path / "n", tiny_language_model, image_tokens=24, epochs=40
+    )
+    final = train_vqa(settings.__class__(**vars(settings) | {"stage": "names", "batch_size": 8, "lr": 3e-3}))
+    # a random 32-wide language model: nearest-token decoding among 49,152 tokens is brittle, the
+    # nearest class line is not (flowers with SmolLM2: docs/questions.md)
+    assert final["name_tokens_right"] >= 0.8 and final["name_class_right"] >= 0.9, final
+
+    model, _ = load_vqa_model(tmp_path / "n")  # the saved directory: its projector reads held-out photos
+    held = np.flatnonzero(~cache.split_mask("train"))
+    with torch.no_grad():
+        projected = model.projector(torch.from_numpy(np.asarray(cache.features[held], np.float32)))
+    embeddings = model.lm.get_input_embeddings().weight
+    decoded = nearest_tokens(projected, embeddings).numpy()
+    assert (decoded == ids[cache.labels[held]]).mean() >= 0.8
+    assert (nearest_lines(projected, embeddings, torch.from_numpy(ids)).numpy() == cache.labels[held]).mean() >= 0.9
+
+    stage_two = vqa_settings(
+        colour_features, folder / "qa.jsonl", tmp_path / "s2", tiny_language_model, image_tokens=24, epochs=1
+    )
+    train_vqa(stage_two.__class__(**vars(stage_two) | {"lora_rank": 2, "init_from": str(tmp_path / "n")}))
+    with pytest.raises(TaxoclipError, match="--stage names trains the projector alone"):
+        stage_two.__class__(**vars(stage_two) | {"stage": "names", "lora_rank": 2}).check()

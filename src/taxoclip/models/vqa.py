@@ -26,6 +26,7 @@ from torch import nn
 from taxoclip.data.chat import IGNORE, collate, encode, end_of_turn
 from taxoclip.data.questions import candidates_of
 from taxoclip.errors import TaxoclipError
+from taxoclip.models.name_alignment import alignment_loss
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -93,8 +94,12 @@ class VQAModel(nn.Module):
         ones = torch.ones(len(input_ids), image.shape[1], dtype=attention_mask.dtype, device=attention_mask.device)
         return torch.cat([image, text], 1), torch.cat([ones, attention_mask], 1)
 
-    def forward(self, features, input_ids, attention_mask, labels) -> torch.Tensor:
-        """The answer tokens' mean cross-entropy (the language model shifts the labels itself)."""
+    def forward(self, features, input_ids=None, attention_mask=None, labels=None, name_ids=None) -> torch.Tensor:
+        """The answer tokens' mean cross-entropy (the language model shifts the labels itself);
+        with ``name_ids`` (stage 1 by name alignment), the image tokens' distance to the language
+        model's embeddings of those ids instead."""
+        if name_ids is not None:
+            return alignment_loss(self.projector(features), self.lm.get_input_embeddings().weight, name_ids)
         embeddings, mask = self.inputs(features, input_ids, attention_mask)
         if features is not None:
             prefix = torch.full((len(labels), self.projector.tokens), IGNORE, dtype=labels.dtype, device=labels.device)

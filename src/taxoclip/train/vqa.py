@@ -28,6 +28,7 @@ from taxoclip.train.vqa_config import VQAConfig
 
 __all__ = ["VQAConfig", "VQATrainer", "train_vqa"]
 CAPTION_PROMPT = "Describe this photo."
+NAME_EVAL_PHOTOS = 512  # held-out photos whose decoded class lines each evaluation checks
 
 
 class VQATrainer(Trainer):
@@ -71,6 +72,24 @@ class VQATrainer(Trainer):
         self.grounder = None
         if config.grounding:
             self.ground(config)
+        if config.stage == "names":
+            self.align_names(config)
+
+    def align_names(self, config: VQAConfig) -> None:
+        """Stage 1 by name alignment: each class's line as K target token ids, and the photos
+        whose decoded lines evaluation checks (never training photos)."""
+        from taxoclip.models.name_alignment import filler_id, name_token_ids
+
+        self.name_ids, longest = name_token_ids(self.tokenizer, self.cache.classes, config.image_tokens)
+        self.filler = filler_id(self.tokenizer)
+        if longest > config.image_tokens:
+            self.runtime.print(
+                f"note: the longest class line is {longest} tokens; --image-tokens {config.image_tokens} keeps the "
+                f"first {config.image_tokens} of each (give --image-tokens {longest} for whole lines)"
+            )
+        held = np.flatnonzero(~self.cache.split_mask("train"))
+        order = sorted(held, key=lambda row: stable(config.seed, "names eval", self.cache.keys[int(row)]))
+        self.name_eval_rows = np.sort(np.asarray(order[:NAME_EVAL_PHOTOS], dtype=np.int64))
 
     def ground(self, config: VQAConfig) -> None:
         """Each photo's identifier line: cross-fitted for the training photos (from probes that
@@ -143,7 +162,7 @@ class VQATrainer(Trainer):
         return groups
 
     def conversation_mode(self) -> bool:
-        return self.config.stage == "captions" or self.config.turns != 1
+        return self.config.stage in ("captions", "names") or self.config.turns != 1
 
     def steps_per_epoch(self) -> int:
         units = len(self.train_photo_rows) if self.conversation_mode() else len(self.train_positions)
@@ -159,6 +178,12 @@ class VQATrainer(Trainer):
         size = min(config.batch_size, len(order))
         for step in range(min(len(order) // size, self.steps_per_epoch())):
             mine = runtime.share(order[step * size : (step + 1) * size])
+            if config.stage == "names":
+                rows = np.sort(self.train_photo_rows[mine])
+                features = torch.from_numpy(np.asarray(self.cache.features[rows], np.float32))
+                ids = torch.from_numpy(self.name_ids[self.cache.labels[rows].astype(np.int64)])
+                yield Batch({"features": features.to(device), "name_ids": ids.to(device)}, len(rows))
+                continue
             if config.stage == "captions":
                 rows, encoded = self.caption_examples(mine, epoch)
             elif self.conversation_mode():
@@ -206,6 +231,8 @@ class VQATrainer(Trainer):
     def evaluate(self, epoch: int) -> dict:
         """Normalised exact match on valid questions, overall and by type: closed questions
         (yes/no, multiple choice) answered by the most likely candidate, open ones greedily."""
+        if self.config.stage == "names":
+            return self.evaluate_names()
         if not self.eval_records:
             return {}
         self.module.eval()
@@ -217,6 +244,26 @@ class VQATrainer(Trainer):
         self.module.train()
         every = [x for values in right.values() for x in values]
         return {"exact_match": float(np.mean(every))} | {f"exact_{t}": float(np.mean(v)) for t, v in right.items()}
+
+    @torch.no_grad()
+    def evaluate_names(self) -> dict:
+        """Held-out photos' image tokens decoded to the nearest vocabulary token: the share of
+        their class lines' tokens that come out right, and of whole lines."""
+        from taxoclip.models.name_alignment import nearest_lines, tokens_right
+
+        if not len(self.name_eval_rows):
+            return {}
+        rows = self.name_eval_rows
+        features = torch.from_numpy(np.asarray(self.cache.features[rows], np.float32)).to(self.runtime.device)
+        ids = torch.from_numpy(self.name_ids[self.cache.labels[rows].astype(np.int64)])
+        self.module.eval()
+        projected = self.module.projector(features).cpu()
+        self.module.train()
+        embeddings = self.module.lm.get_input_embeddings().weight.cpu()
+        tokens, lines = tokens_right(projected, embeddings, ids, self.filler)
+        named = nearest_lines(projected, embeddings, torch.from_numpy(self.name_ids)).numpy()
+        right_class = float(np.mean(named == self.cache.labels[rows]))
+        return {"name_tokens_right": tokens, "name_lines_right": lines, "name_class_right": right_class}
 
 
 def train_vqa(config: VQAConfig) -> dict:

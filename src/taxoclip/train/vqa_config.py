@@ -38,8 +38,9 @@ class VQAConfig(LoopSettings):
     stage: str = option(
         "questions",
         "--stage",
-        help="questions, or captions: LLaVA's stage 1, the projector aligned on each photo's class captions",
-        choices=("questions", "captions"),
+        help="questions; captions: LLaVA's stage 1, the projector aligned on each photo's class captions; names: "
+        "the projector's tokens regressed onto the language model's embeddings of the class's names (seconds a pass)",
+        choices=("questions", "captions", "names"),
     )
     turns: int = option(
         0,
@@ -66,6 +67,11 @@ class VQAConfig(LoopSettings):
             raise TaxoclipError("--lora-rank must be 0 (stage 1) or more, --lora-alpha positive")
         if self.grounding and self.grounding_folds < 2:
             raise TaxoclipError("--grounding-folds must be at least 2: each fold's line comes from the others' probe")
+        if self.stage == "names" and (self.lora_rank or self.grounding):
+            raise TaxoclipError(
+                "--stage names trains the projector alone, without the language model's pass: drop --lora-rank "
+                "and --grounding, and give its directory to stage 2's --init-from"
+            )
         if not [t for t in self.lora_targets.split(",") if t.strip()]:
             raise TaxoclipError("--lora-targets names no layer; e.g. q_proj,k_proj,v_proj,o_proj")
 
@@ -79,4 +85,10 @@ def summary(final: dict, settings: VQAConfig) -> list[str]:
     lines = []
     if "exact_match" in final:
         lines.append(f"valid questions answered exactly: {100 * final['exact_match']:.1f}%")
+    if "name_tokens_right" in final:
+        lines.append(
+            f"held-out photos' class lines read from their image tokens: {100 * final['name_tokens_right']:.1f}% "
+            f"of tokens, {100 * final['name_lines_right']:.1f}% of whole lines; the nearest line is their class's for "
+            f"{100 * final['name_class_right']:.1f}%"
+        )
     return [*lines, f"model in {settings.output} (kind vqa: taxoclip ask PHOTO QUESTION --model {settings.output})"]
