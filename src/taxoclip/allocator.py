@@ -6,7 +6,8 @@ A training step allocates and frees tensors whose shapes change with its batch. 
 in its heap for reuse, and raises the size above which blocks get their own mapping to the largest
 block freed (up to 32 MiB). So the big per-step tensors live in the heap, their shapes change, and
 the freed space fragments. `train lit` at 100k rows grew from ~2.1 GB at its first steps to a
-3.2–3.4 GB peak after 40 (docs/measured.md).
+3.1–3.4 GB peak after 40 (docs/measured.md). It now pads each step's captions to a few bucketed
+counts (`models.losses.bucketed`), so shapes repeat: 2.7 GB by default. These modes give back more:
 
   default  glibc as it is: the fastest steps (the baseline below)
   trim     after every training step, give the heap's free pages back (malloc_trim): peak

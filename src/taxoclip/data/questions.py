@@ -124,7 +124,9 @@ class QuestionMaker:
                 if row.get(rank):
                     members.setdefault(row[rank], []).append(c)
         self.near: dict[int, list[int]] = {}
+        self.others: dict[tuple[int, str], str] = {}
         self.choice_names = choice_names(self.rows)
+        self.ids = classes.ids  # a list built once: the table's property builds it anew each call
 
     def relatives(self, c: int) -> list[int]:
         """Up to RELATIVES other classes, closest first (same genus, then family, order, class,
@@ -133,6 +135,8 @@ class QuestionMaker:
         if c not in self.near:
             row, chosen, seen = self.rows[c], [], {c}
             for rank in ("genus", "family", "order", "class"):
+                if len(chosen) == RELATIVES:  # full: the wider ranks' groups (thousands) need no sorting
+                    break
                 group = self.groups[rank].get(row.get(rank) or "", []) if row.get(rank) else []
                 for other in sorted(group, key=lambda o: stable(self.seed, "relative", c, o)):
                     if other not in seen and len(chosen) < RELATIVES:
@@ -156,7 +160,7 @@ class QuestionMaker:
         """This photo's questions. ``position_in_class`` (its place among its class's photos in
         hash order) alternates yes and no, so each class and rank is balanced."""
         row, c = self.rows[photo.label], photo.label
-        base = {"key": photo.key, "split": photo.split, "class_index": c, "class_id": self.classes.ids[c]}
+        base = {"key": photo.key, "split": photo.split, "class_index": c, "class_id": self.ids[c]}
         species = species_name(row)
         if "species" in self.types and species:
             yield base | {
@@ -214,7 +218,13 @@ class QuestionMaker:
 
     def other_value(self, c: int, rank: str) -> str:
         """A value of ``rank`` that is not this class's: its closest relative's that differs, else
-        any other in the table (hash order); "" when the whole table shares this class's value."""
+        any other in the table (hash order); "" when the whole table shares this class's value.
+        Once per class and rank: the fallback hashes every value of the rank (4,884 genera)."""
+        if (c, rank) not in self.others:
+            self.others[c, rank] = self.find_other_value(c, rank)
+        return self.others[c, rank]
+
+    def find_other_value(self, c: int, rank: str) -> str:
         mine = self.rows[c].get(rank)
         for other in self.relatives(c):
             value = self.rows[other].get(rank)
