@@ -144,3 +144,41 @@ def test_questions_about_shards_name_the_same_photos_as_their_feature_cache(colo
 
     write_questions(colour_shards, tmp_path / "qa.jsonl", types=("rank",))
     assert {r["key"] for r in read(tmp_path / "qa.jsonl")} == set(load_features(colour_features).keys)
+
+
+def test_a_photos_questions_cost_the_same_at_300_and_3000_classes(monkeypatch):
+    """The same 20 classes' photos asked about within a table of 300 or of 3,000 classes (genera
+    of 3, families of 30, one order): the hashes drawn and the class-id lists built do not grow
+    with the table (iNat2021's 10,000 classes made `questions` ~10x slower a photo before)."""
+    import taxoclip.data.questions as questions_module
+    from taxoclip.data.questions import Photo, QuestionMaker
+    from taxoclip.taxonomy import ClassTable
+
+    def table(n: int) -> ClassTable:
+        rows = [
+            {"id": str(i), "kingdom": "Animalia", "class": "Aves", "order": "Passeriformes",
+             "family": f"Family{i // 30}", "genus": f"Genus{i // 3}", "specific_epithet": f"e{i}",
+             "common_name": f"bird {i}"}
+            for i in range(n)
+        ]  # fmt: skip
+        return ClassTable.from_records(rows, origin="test")
+
+    def cost(n: int) -> tuple[int, int]:
+        counts = Counter()
+        stable, ids = questions_module.stable, ClassTable.ids
+
+        def counting_stable(*parts):
+            counts["hashes"] += 1
+            return stable(*parts)
+
+        monkeypatch.setattr(questions_module, "stable", counting_stable)
+        monkeypatch.setattr(ClassTable, "ids", property(lambda self: counts.update(["ids"]) or ids.fget(self)))
+        maker = QuestionMaker(table(n))
+        asked = [q for i in range(200) for q in maker.questions(Photo(f"p{i}", (i % 20) * 7, "train"), i)]
+        monkeypatch.undo()
+        assert {q["type"] for q in asked} == {"species", "common_name", "rank", "yes_no", "multiple_choice"}
+        return counts["hashes"], counts["ids"]
+
+    (small, small_ids), (large, large_ids) = cost(300), cost(3000)
+    assert large <= 1.1 * small, (small, large)
+    assert small_ids == large_ids == 1

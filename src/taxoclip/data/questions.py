@@ -18,6 +18,7 @@ always give the same questions, and a photo's questions never depend on other ph
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import re
@@ -124,7 +125,7 @@ class QuestionMaker:
                 if row.get(rank):
                     members.setdefault(row[rank], []).append(c)
         self.near: dict[int, list[int]] = {}
-        self.others: dict[tuple[int, str], str] = {}
+        self.value_lists: dict[str, list[str]] = {}
         self.choice_names = choice_names(self.rows)
         self.ids = classes.ids  # a list built once: the table's property builds it anew each call
 
@@ -218,20 +219,27 @@ class QuestionMaker:
 
     def other_value(self, c: int, rank: str) -> str:
         """A value of ``rank`` that is not this class's: its closest relative's that differs, else
-        any other in the table (hash order); "" when the whole table shares this class's value.
-        Once per class and rank: the fallback hashes every value of the rank (4,884 genera)."""
-        if (c, rank) not in self.others:
-            self.others[c, rank] = self.find_other_value(c, rank)
-        return self.others[c, rank]
-
-    def find_other_value(self, c: int, rank: str) -> str:
+        any other in the table (drawn by hash); "" when the whole table shares this class's value."""
         mine = self.rows[c].get(rank)
         for other in self.relatives(c):
             value = self.rows[other].get(rank)
             if value and value != mine:
                 return value
-        others = [v for v in self.groups[rank] if v != mine]
-        return min(others, key=lambda v: stable(self.seed, "other", c, rank, v)) if others else ""
+        values = self.sorted_values(rank)
+        if not values or values == [mine]:
+            return ""
+        # any other value, drawn by one hash (hashing all 4,884 genera per class made the table's
+        # set-up grow as classes x values): position i of the values without this class's own
+        has_mine = mine in self.groups[rank]
+        pick = stable(self.seed, "other", c, rank) % (len(values) - has_mine)
+        if has_mine and pick >= bisect.bisect_left(values, mine):
+            pick += 1
+        return values[pick]
+
+    def sorted_values(self, rank: str) -> list[str]:
+        if rank not in self.value_lists:
+            self.value_lists[rank] = sorted(self.groups[rank])
+        return self.value_lists[rank]
 
 
 @dataclass
