@@ -285,6 +285,23 @@ def run_size(work: Path, classes, rows: int, tower: dict, steps: int, *, heavy: 
                     **{"exact match": metrics.get("exact_match")},
                 ),
             )
+            names = work / f"vqa-names-{n_classes}-{rows}"
+            command = [*command, "--stage", "names", "--image-tokens", "56", "--batch-size", "64"]  # iNat2021: 49 at most
+            result = measured([*command, "-o", str(names), "--epochs", "1", "--steps-per-epoch", str(steps), "-q"])
+            metrics = last_metrics(names) if result["rc"] == 0 else {}
+            add(
+                out,
+                row_of(
+                    "train vqa --stage names",
+                    n_classes,
+                    rows,
+                    result,
+                    per="s/step",
+                    count=steps,
+                    seconds=metrics.get("seconds"),
+                    **{"nearest line right": metrics.get("name_class_right")},
+                ),
+            )
     return out
 
 
