@@ -286,7 +286,8 @@ def run_size(work: Path, classes, rows: int, tower: dict, steps: int, *, heavy: 
                 ),
             )
             names = work / f"vqa-names-{n_classes}-{rows}"
-            command = [*command, "--stage", "names", "--image-tokens", "56", "--batch-size", "64"]  # iNat2021: 49 at most
+            # iNat2021's longest class line is 49 tokens
+            command = [*command, "--stage", "names", "--image-tokens", "56", "--batch-size", "64"]
             result = measured([*command, "-o", str(names), "--epochs", "1", "--steps-per-epoch", str(steps), "-q"])
             metrics = last_metrics(names) if result["rc"] == 0 else {}
             add(
