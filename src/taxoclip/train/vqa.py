@@ -1,5 +1,7 @@
 """Species question answering on the shared loop. Stage 1: the projector learns to turn cached
-image embeddings into tokens the frozen language model answers from. Stage 2 (``lora_rank > 0``,
+image embeddings into tokens the frozen language model answers from (``--stage captions``: through
+the language model's loss on class captions, as LLaVA; ``--stage names``: regressed onto the
+language model's own embeddings of the class line, `models/name_alignment.py`). Stage 2 (``lora_rank > 0``,
 optionally starting from a stage-1 directory's projector): LoRA adapters on the language model
 train with it. Questions come from 'taxoclip questions' (keys of the same feature cache); training
 uses the train split's photos, evaluation answers valid photos' questions (closed ones by the most
