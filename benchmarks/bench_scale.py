@@ -149,10 +149,25 @@ def row_of(
     return row | extra
 
 
+EXACT = {"exact match": "exact_match"}
+NAMED = {"nearest line right": "name_class_right"}
+
+
 def add(out: list[dict], row: dict) -> None:
     """One measured row: kept, and printed at once (a size can take an hour)."""
     out.append(row)
     print(json.dumps(row), flush=True)
+
+
+def trained_row(
+    command: str, argv: list[str], model: Path, n_classes: int, rows: int, steps: int, **columns: str
+) -> dict:
+    """Run a trainer for its step budget: its row, costed per step from the epoch's own seconds,
+    with ``columns`` (column -> metrics key) read from its last metrics."""
+    result = measured(argv)
+    metrics = last_metrics(model) if result["rc"] == 0 else {}
+    values = {column: metrics.get(key) for column, key in columns.items()}
+    return row_of(command, n_classes, rows, result, per="s/step", count=steps, seconds=metrics.get("seconds"), **values)
 
 
 def run_size(work: Path, classes, rows: int, tower: dict, steps: int, *, heavy: bool) -> list[dict]:
@@ -173,57 +188,17 @@ def run_size(work: Path, classes, rows: int, tower: dict, steps: int, *, heavy: 
     ]
     budget = ["--epochs", "1", "--steps-per-epoch", str(steps), "-q"]
     lit = work / f"lit-{n_classes}-{rows}"
-    result = measured([*TAXOCLIP, "train", "lit", "--features", str(cache), "-o", str(lit), *budget])
-    metrics = last_metrics(lit) if result["rc"] == 0 else {}
-    add(
-        out,
-        row_of(
-            "train lit",
-            n_classes,
-            rows,
-            result,
-            per="s/step",
-            count=steps,
-            seconds=metrics.get("seconds"),
-            top1=metrics.get("top1"),
-            loss=metrics.get("train_loss"),
-            # labels are uniform over the classes, so a batch of B holds C(1 - (1 - 1/C)^B) captions
-            **{"captions/batch": round(n_classes * (1 - (1 - 1 / n_classes) ** LIT_BATCH))},
-        ),
-    )
+    argv = [*TAXOCLIP, "train", "lit", "--features", str(cache), "-o", str(lit), *budget]
+    row = trained_row("train lit", argv, lit, n_classes, rows, steps, top1="top1", loss="train_loss")
+    # labels are uniform over the classes, so a batch of B holds C(1 - (1 - 1/C)^B) captions
+    add(out, row | {"captions/batch": round(n_classes * (1 - (1 - 1 / n_classes) ** LIT_BATCH))})
     catlip = work / f"catlip-{n_classes}-{rows}"
-    result = measured([*TAXOCLIP, "train", "catlip", "--features", str(cache), "-o", str(catlip), *budget])
-    metrics = last_metrics(catlip) if result["rc"] == 0 else {}
-    add(
-        out,
-        row_of(
-            "train catlip",
-            n_classes,
-            rows,
-            result,
-            per="s/step",
-            count=steps,
-            seconds=metrics.get("seconds"),
-            top1=metrics.get("top1"),
-        ),
-    )
+    argv = [*TAXOCLIP, "train", "catlip", "--features", str(cache), "-o", str(catlip), *budget]
+    add(out, trained_row("train catlip", argv, catlip, n_classes, rows, steps, top1="top1"))
     finetune = work / f"ft-{n_classes}-{rows}"
     command = [*TAXOCLIP, "train", "finetune", "--features", str(cache), "-o", str(finetune), "--depth", "head"]
-    result = measured([*command, "--balance", "100", *budget])
-    metrics = last_metrics(finetune) if result["rc"] == 0 else {}
-    add(
-        out,
-        row_of(
-            "train finetune --balance 100",
-            n_classes,
-            rows,
-            result,
-            per="s/step",
-            count=steps,
-            seconds=metrics.get("seconds"),
-            top1=metrics.get("top1"),
-        ),
-    )
+    argv = [*command, "--balance", "100", *budget]
+    add(out, trained_row("train finetune --balance 100", argv, finetune, n_classes, rows, steps, top1="top1"))
     add(out, openset_row(finetune, n_classes, rows))
     if heavy:
         report = work / f"eval-{n_classes}-{rows}"
@@ -270,39 +245,13 @@ def run_size(work: Path, classes, rows: int, tower: dict, steps: int, *, heavy: 
             vqa_steps = max(1, steps // 4)  # a language-model step costs ~10 label-layer steps
             command = [*TAXOCLIP, "train", "vqa", "--features", str(cache), "--questions", str(questions)]
             budget_vqa = ["--epochs", "1", "--steps-per-epoch", str(vqa_steps), "--eval-questions", "20", "-q"]
-            result = measured([*command, "-o", str(vqa), *budget_vqa])
-            metrics = last_metrics(vqa) if result["rc"] == 0 else {}
-            add(
-                out,
-                row_of(
-                    "train vqa (stage 1)",
-                    n_classes,
-                    rows,
-                    result,
-                    per="s/step",
-                    count=vqa_steps,
-                    seconds=metrics.get("seconds"),
-                    **{"exact match": metrics.get("exact_match")},
-                ),
-            )
+            argv = [*command, "-o", str(vqa), *budget_vqa]
+            add(out, trained_row("train vqa (stage 1)", argv, vqa, n_classes, rows, vqa_steps, **EXACT))
             names = work / f"vqa-names-{n_classes}-{rows}"
             # iNat2021's longest class line is 49 tokens
-            command = [*command, "--stage", "names", "--image-tokens", "56", "--batch-size", "64"]
-            result = measured([*command, "-o", str(names), "--epochs", "1", "--steps-per-epoch", str(steps), "-q"])
-            metrics = last_metrics(names) if result["rc"] == 0 else {}
-            add(
-                out,
-                row_of(
-                    "train vqa --stage names",
-                    n_classes,
-                    rows,
-                    result,
-                    per="s/step",
-                    count=steps,
-                    seconds=metrics.get("seconds"),
-                    **{"nearest line right": metrics.get("name_class_right")},
-                ),
-            )
+            argv = [*command, "--stage", "names", "--image-tokens", "56", "--batch-size", "64", "-o", str(names)]
+            argv += ["--epochs", "1", "--steps-per-epoch", str(steps), "-q"]
+            add(out, trained_row("train vqa --stage names", argv, names, n_classes, rows, steps, **NAMED))
     return out
 
 
