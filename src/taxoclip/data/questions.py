@@ -124,8 +124,8 @@ class QuestionMaker:
             for rank, members in self.groups.items():
                 if row.get(rank):
                     members.setdefault(row[rank], []).append(c)
+        self.sorted_values = {rank: sorted(members) for rank, members in self.groups.items()}
         self.near: dict[int, list[int]] = {}
-        self.value_lists: dict[str, list[str]] = {}
         self.choice_names = choice_names(self.rows)
         self.ids = classes.ids  # a list built once: the table's property builds it anew each call
 
@@ -225,7 +225,7 @@ class QuestionMaker:
             value = self.rows[other].get(rank)
             if value and value != mine:
                 return value
-        values = self.sorted_values(rank)
+        values = self.sorted_values[rank]
         if not values or values == [mine]:
             return ""
         # any other value, drawn by one hash (hashing all 4,884 genera per class made the table's
@@ -235,11 +235,6 @@ class QuestionMaker:
         if has_mine and pick >= bisect.bisect_left(values, mine):
             pick += 1
         return values[pick]
-
-    def sorted_values(self, rank: str) -> list[str]:
-        if rank not in self.value_lists:
-            self.value_lists[rank] = sorted(self.groups[rank])
-        return self.value_lists[rank]
 
 
 @dataclass

@@ -91,9 +91,7 @@ class Grounder:
         return out
 
     def species_label(self, c: int) -> str:
-        row = self.rows[c]
-        name = species_name(row) or row.get("scientific_name") or row["id"]
-        return f"{name} ({row['common_name']})" if row.get("common_name") else name
+        return species_label(self.rows[c])
 
     def text(self, summaries: Summaries, i: int) -> str:
         """The identifier's line for photo ``i`` of ``summaries``."""
@@ -146,6 +144,12 @@ class Grounder:
             }
             for c, p in zip(best.indices, best.values, strict=True)
         ]
+
+
+def species_label(row: dict) -> str:
+    """A class's species name with its common name: "Helianthus annuus (common sunflower)"."""
+    name = species_name(row) or row.get("scientific_name") or row["id"]
+    return f"{name} ({row['common_name']})" if row.get("common_name") else name
 
 
 def asked_rank(record: dict) -> str | None:

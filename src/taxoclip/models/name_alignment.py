@@ -23,20 +23,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from taxoclip.data.questions import species_name
+from taxoclip.models.grounding import RANKS, species_label
 from taxoclip.taxonomy import ClassTable
 
-LINE_RANKS = ("genus", "family", "order", "class")
 VOCABULARY_CHUNK = 8192  # vocabulary rows compared at a time when decoding tokens
 CLASS_CHUNK = 512  # class lines compared at a time (10,000 lines x 40 tokens x 576 floats is 0.9 GB)
 
 
 def class_line(row: dict) -> str:
-    """A class's names in one line: species (common name); genus …; family …; order …; class …"""
-    name = species_name(row) or row.get("scientific_name") or row["id"]
-    parts = [f"{name} ({row['common_name']})" if row.get("common_name") else name]
-    parts += [f"{rank} {row[rank]}" for rank in LINE_RANKS if row.get(rank)]
-    return "; ".join(parts)
+    """A class's names in one line: species (common name); genus …; family …; order …; class …
+    (the identifier line's names and ranks, without its probabilities)."""
+    return "; ".join([species_label(row), *(f"{rank} {row[rank]}" for rank in RANKS if row.get(rank))])
 
 
 def filler_id(tokenizer) -> int:
