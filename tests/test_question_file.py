@@ -25,18 +25,17 @@ def write(path, count: int, splits=("train", "valid")) -> list[dict]:
 
 
 class Cache:
-    """What `QuestionFile` asks of a feature cache: its rows by key, labels, classes, photo set."""
+    """What `QuestionFile` asks of a feature cache: its keys, labels, classes, photo set."""
 
-    def __init__(self, photos: int, photo_set: str = "data:test"):
+    def __init__(self, photos: int, photo_set: str = "data:test", shuffle: bool = False):
         from taxoclip import ClassTable
+        from taxoclip.data.features import CacheKeys
 
         self.path, self.photo_set = "the-cache", photo_set
         self.labels = np.zeros(photos, np.int64)
         self.classes = ClassTable.from_records([{"id": "1", "species": "S"}], origin="test")
-        self.rows = {f"photo-{p:07d}": p for p in range(photos)}
-
-    def row_of(self) -> dict[str, int]:
-        return self.rows
+        order = np.random.default_rng(0).permutation(photos) if shuffle else np.arange(photos)
+        self.keys = CacheKeys([f"photo-{p:07d}" for p in order])
 
 
 def test_records_come_back_from_disk_as_written(tmp_path):
@@ -79,7 +78,7 @@ def test_sample_streams_to_the_sorted_answer(tmp_path):
 
 
 def test_indexing_holds_no_records(tmp_path):
-    """60,000 questions (~13 MB of JSON, ~60 MB as dicts) index in a few MB: 17 bytes a question."""
+    """60,000 questions (~13 MB of JSON, ~60 MB as dicts) index in a few MB: 13 bytes a question."""
     from taxoclip.data.question_file import QuestionFile
 
     path = tmp_path / "qa.jsonl"
@@ -91,6 +90,48 @@ def test_indexing_holds_no_records(tmp_path):
     tracemalloc.stop()
     assert len(questions) == 60_000
     assert peak < 4 * 2**20, f"indexing peaked at {peak / 2**20:.1f} MB"
+    index_bytes = questions.offsets.nbytes + questions.rows.nbytes + questions.split_codes.nbytes
+    assert index_bytes == 13 * len(questions)  # int64 offset, int32 row, int8 split
+    assert questions.in_split("train").dtype == np.int32
+
+
+def test_indexing_builds_no_key_dict_of_the_whole_cache(tmp_path):
+    """A few questions about a cache of 300,000 photos: the photos' keys are searched where they
+    lie, so indexing costs well under what a key -> row dict of them all would (~30 MB)."""
+    from taxoclip.data.question_file import QuestionFile
+
+    path = tmp_path / "qa.jsonl"
+    write(path, 2_000)
+    cache = Cache(300_000)
+    tracemalloc.start()
+    questions = QuestionFile(path, cache)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(questions) == 2_000 and questions.missing == 0
+    assert peak < 3 * 2**20, f"indexing peaked at {peak / 2**20:.1f} MB"
+
+
+def test_keys_are_found_in_any_order_and_unknown_ones_are_missing():
+    from taxoclip.data.features import CacheKeys
+
+    keys = [f"photo-{p:07d}" for p in np.random.default_rng(1).permutation(500)]
+    table = CacheKeys(keys)
+    wanted = [keys[7], keys[499], "photo-0000500", keys[0], "photo-00000011", "", keys[7]]
+    assert table.rows_of(wanted).tolist() == [7, 499, -1, 0, -1, -1, 7]
+    assert table.rows_of(keys).tolist() == list(range(500))
+    assert CacheKeys(sorted(keys)).rows_of(["photo-0000042"]).tolist() == [42]
+    assert CacheKeys([]).rows_of(["a"]).tolist() == [-1]
+
+
+def test_a_cache_in_any_key_order_gives_each_question_its_row(tmp_path):
+    from taxoclip.data.question_file import QuestionFile
+
+    path = tmp_path / "qa.jsonl"
+    records = write(path, 300)
+    cache = Cache(30, shuffle=True)
+    questions = QuestionFile(path, cache)
+    got = questions.records(range(len(questions)))
+    assert [cache.keys[r["row"]] for r in got] == [r["key"] for r in records]
 
 
 def test_questions_about_other_photos_are_refused_with_both_named(tmp_path):

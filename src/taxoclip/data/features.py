@@ -242,6 +242,27 @@ class CacheKeys(Sequence):
             for i in range(0, len(keys), STREAM_CHUNK)
         ]
         self.array = np.concatenate(parts) if parts else np.zeros(0, "S1")
+        self._sorted: tuple[np.ndarray, np.ndarray | None] | None = None
+
+    def rows_of(self, keys: Sequence[str]) -> np.ndarray:
+        """The cache row of each key (-1 where the cache has none), by binary search over the keys
+        in sorted order: a dict of iNat2021's 2.7M keys would take ~350 MB, this ~20 MB (nothing
+        when the keys are already sorted, as a cache written split by split usually is)."""
+        if self._sorted is None:
+            array = self.array
+            if len(array) < 2 or bool(np.all(array[1:] >= array[:-1])):
+                self._sorted = (array, None)
+            else:
+                order = np.argsort(array, kind="stable").astype(np.int32 if len(array) < 2**31 else np.int64)
+                self._sorted = (array[order], order)
+        ordered, order = self._sorted
+        wanted = np.array([k.encode() for k in keys], dtype=bytes)
+        if not len(wanted) or not len(ordered):
+            return np.full(len(wanted), -1, np.int64)
+        at = np.minimum(np.searchsorted(ordered, wanted), len(ordered) - 1)
+        found = ordered[at] == wanted  # fixed-width bytes: a longer key never matches a cut one
+        rows = at if order is None else order[at]
+        return np.where(found, rows, -1).astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.array)

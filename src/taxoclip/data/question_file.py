@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import heapq
 import json
-from array import array
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -17,6 +16,9 @@ import numpy as np
 from taxoclip.errors import TaxoclipError
 
 REQUIRED = ("key", "question", "answer")
+INDEXED = ("key", "split", "class_index", "class_id")  # what indexing keeps of a record, briefly
+POSITION = np.int32  # a question's position in the index (iNat2021's 27M questions fit)
+INDEX_CHUNK = 8192  # lines looked up together (a few MB of their indexed fields)
 
 
 class QuestionFile:
@@ -37,13 +39,10 @@ class QuestionFile:
                 f"{self.path}: no such questions file; make one with 'taxoclip questions FEATURES -o {self.path}'"
             )
         self.check_source(cache)
-        row_of, labels, class_ids = cache.row_of(), cache.labels, cache.classes.ids
-        wrong_class, first_wrong = 0, ""
-        # typed arrays, 17 bytes a question (a list of Python ints would take ~100)
-        offsets, rows, splits = array("q"), array("q"), array("b")
-        self.split_names: list[str] = []
-        code_of: dict[str, int] = {}
-        self.missing = 0  # questions about photos the cache does not hold (counted, not kept)
+        index = Index(cache.keys, cache.labels, cache.classes.ids)
+        # a chunk of lines at a time: their keys are looked up together in the cache's sorted keys
+        # (never a key -> row dict of every photo), and only the fields indexing needs are kept
+        chunk: list[tuple] = []  # (line number, byte offset, *INDEXED fields)
         with open(self.path, "rb") as handle:
             offset = 0
             for line_number, line in enumerate(handle, 1):
@@ -53,37 +52,26 @@ class QuestionFile:
                         f"{self.path}, line {line_number}: not a question record ({', '.join(REQUIRED)}); "
                         "make the file with 'taxoclip questions'"
                     )
-                row = row_of.get(record["key"])
-                if row is None:
-                    self.missing += 1
-                elif not same_class(record, int(labels[row]), class_ids):
-                    wrong_class += 1
-                    first_wrong = first_wrong or (
-                        f"line {line_number}: photo {record['key']} is class {record.get('class_id')} in the "
-                        f"questions, {class_ids[int(labels[row])]} in the cache"
-                    )
-                else:
-                    split = str(record.get("split"))
-                    if split not in code_of:
-                        code_of[split] = len(self.split_names)
-                        self.split_names.append(split)
-                    offsets.append(offset)
-                    rows.append(row)
-                    splits.append(code_of[split])
+                chunk.append((line_number, offset, *(record.get(k) for k in INDEXED)))
                 offset += len(line)
-        if wrong_class:
+                if len(chunk) == INDEX_CHUNK:
+                    index.add(chunk)
+                    chunk = []
+        index.add(chunk)
+        if index.wrong_class:
             raise TaxoclipError(
-                f"{self.path}: {wrong_class} questions name another class than {cache.path} holds for their photo "
-                f"({first_wrong}): they were made from other photos; make them with 'taxoclip questions {cache.path}'"
+                f"{self.path}: {index.wrong_class} questions name another class than {cache.path} holds for their "
+                f"photo ({index.first_wrong}): they were made from other photos; make them with "
+                f"'taxoclip questions {cache.path}'"
             )
-        if not offsets:
+        self.missing = index.missing  # questions about photos the cache does not hold (counted, not kept)
+        self.split_names = index.split_names
+        self.offsets, self.rows, self.split_codes = index.arrays()
+        if not len(self.offsets):
             raise TaxoclipError(
                 f"{self.path}: none of its {self.missing} questions names a photo of the feature cache; "
                 "make the questions from it"
             )
-        self.offsets = np.frombuffer(offsets, dtype=np.int64)
-        self.rows = np.frombuffer(rows, dtype=np.int64)
-        self.split_codes = np.frombuffer(splits, dtype=np.int8)
 
     def check_source(self, cache) -> None:
         """Refuse a file whose source record names other photos than the cache's (keys such as
@@ -110,7 +98,12 @@ class QuestionFile:
     def in_split(self, split: str, *, keep: bool = True) -> np.ndarray:
         """Positions of the questions about ``split`` photos (``keep=False``: all the others)."""
         code = self.split_names.index(split) if split in self.split_names else -1
-        return np.flatnonzero((self.split_codes == code) == keep)
+        step = 1 << 20  # a chunk at a time, so no int64 position array of the whole file exists
+        parts = [
+            np.flatnonzero((self.split_codes[start : start + step] == code) == keep).astype(POSITION) + start
+            for start in range(0, len(self), step)
+        ]
+        return np.concatenate(parts) if parts else np.zeros(0, POSITION)
 
     def records(self, positions: Iterable[int]) -> list[dict]:
         """These questions' records (in the order given), each with its cache ``row``."""
@@ -135,9 +128,51 @@ class QuestionFile:
         return heapq.nsmallest(count, stream, key=key)
 
 
-def same_class(record: dict, label: int, class_ids: list[str]) -> bool:
+class Index:
+    """The growing index of a questions file: per kept question its byte offset (int64), cache row
+    (int32) and split code (int8), 13 bytes; plus what was not kept, counted."""
+
+    def __init__(self, keys, labels: np.ndarray, class_ids: list[str]):
+        self.keys, self.labels, self.class_ids = keys, labels, class_ids
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.split_names: list[str] = []
+        self.missing = self.wrong_class = 0
+        self.first_wrong = ""
+
+    def add(self, chunk: list[tuple]) -> None:
+        """Index one chunk of lines, each (line number, byte offset, *INDEXED fields)."""
+        if not chunk:
+            return
+        found = self.keys.rows_of([str(entry[2]) for entry in chunk])
+        offsets, rows, splits = [], [], []
+        for (line_number, offset, key, split, class_index, class_id), row in zip(chunk, found.tolist(), strict=True):
+            if row < 0:
+                self.missing += 1
+            elif not same_class(class_index, class_id, int(self.labels[row]), self.class_ids):
+                self.wrong_class += 1
+                self.first_wrong = self.first_wrong or (
+                    f"line {line_number}: photo {key} is class {class_id} in the questions, "
+                    f"{self.class_ids[int(self.labels[row])]} in the cache"
+                )
+            else:
+                if str(split) not in self.split_names:
+                    self.split_names.append(str(split))
+                offsets.append(offset)
+                rows.append(row)
+                splits.append(self.split_names.index(str(split)))
+        self.parts.append((np.array(offsets, np.int64), np.array(rows, np.int32), np.array(splits, np.int8)))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Offsets, rows and split codes, each one array."""
+        types = (np.int64, np.int32, np.int8)
+        return tuple(
+            np.concatenate([part[i] for part in self.parts]).astype(t, copy=False) if self.parts else np.zeros(0, t)
+            for i, t in enumerate(types)
+        )
+
+
+def same_class(index: int | None, class_id: str | None, label: int, class_ids: list[str]) -> bool:
     """Whether a question's class (index and id, where it records them) is the cache's label."""
-    index, class_id = record.get("class_index"), record.get("class_id")
     return (index is None or index == label) and (class_id is None or str(class_id) == class_ids[label])
 
 
