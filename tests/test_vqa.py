@@ -573,6 +573,14 @@ def test_the_names_stage_makes_a_photos_image_tokens_read_as_its_class_line(
     stage_two = vqa_settings(
         colour_features, folder / "qa.jsonl", tmp_path / "s2", tiny_language_model, image_tokens=24, epochs=1
     )
-    train_vqa(stage_two.__class__(**vars(stage_two) | {"lora_rank": 2, "init_from": str(tmp_path / "n")}))
+    # --lr 0: stage 2 starts from the names projector and keeps it; only the adapters learn
+    train_vqa(stage_two.__class__(**vars(stage_two) | {"lora_rank": 2, "init_from": str(tmp_path / "n"), "lr": 0.0}))
+    after, _ = load_vqa_model(tmp_path / "s2")
+    names_state, kept_state = model.projector.state_dict(), after.projector.state_dict()
+    assert all(torch.equal(names_state[k], kept_state[k]) for k in names_state)
+    trained = [p.abs().sum() > 0 for n, p in after.adapters.named_parameters() if "B" in n.split(".")]
+    assert trained and all(trained), "LoRA's B starts at zero: the adapters did not train"
     with pytest.raises(TaxoclipError, match="--stage names trains the projector alone"):
         stage_two.__class__(**vars(stage_two) | {"stage": "names", "lora_rank": 2}).check()
+    with pytest.raises(TaxoclipError, match="--lr 0 keeps the projector fixed"):
+        stage_two.__class__(**vars(stage_two) | {"lr": 0.0}).check()

@@ -150,13 +150,17 @@ class VQATrainer(Trainer):
         return read_seen_photos(folder)
 
     def param_groups(self) -> list[dict]:
-        groups = [
-            {
-                "params": list(self.module.projector.parameters()),
-                "lr": self.config.lr,
-                "weight_decay": self.config.weight_decay,
-            }
-        ]
+        groups = []
+        if self.config.lr > 0:
+            groups.append(
+                {
+                    "params": list(self.module.projector.parameters()),
+                    "lr": self.config.lr,
+                    "weight_decay": self.config.weight_decay,
+                }
+            )
+        else:  # --lr 0: the projector stays as --init-from left it (no gradient, no optimiser state)
+            self.module.projector.requires_grad_(False)
         if len(self.module.adapters):
             groups.append(
                 {"params": list(self.module.adapters.parameters()), "lr": self.config.lora_lr, "weight_decay": 0.0}

@@ -19,7 +19,12 @@ class VQAConfig(LoopSettings):
         LoopSettings, "batch_size", 8, help="photos a step: each one conversation of its questions (see --turns)"
     )
     epochs: int = redefault(LoopSettings, "epochs", 2)
-    lr: float = redefault(LoopSettings, "lr", 1e-3, help="learning rate of the projector")
+    lr: float = redefault(
+        LoopSettings,
+        "lr",
+        1e-3,
+        help="learning rate of the projector (0: keep --init-from's projector as it is, e.g. after --stage names)",
+    )
     weight_decay: float = redefault(LoopSettings, "weight_decay", 0.0)
     eval_questions: int = option(
         100, "--eval-questions", help="valid questions answered at each evaluation", type=NON_NEGATIVE
@@ -72,6 +77,8 @@ class VQAConfig(LoopSettings):
                 "--stage names trains the projector alone, without the language model's pass: drop --lora-rank "
                 "and --grounding, and give its directory to stage 2's --init-from"
             )
+        if self.lr == 0 and not self.lora_rank:
+            raise TaxoclipError("--lr 0 keeps the projector fixed: with no --lora-rank nothing would train")
         if not [t for t in self.lora_targets.split(",") if t.strip()]:
             raise TaxoclipError("--lora-targets names no layer; e.g. q_proj,k_proj,v_proj,o_proj")
 
