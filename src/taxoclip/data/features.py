@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from taxoclip.data.device_decode import device_decodable, pixels_on_device
 from taxoclip.data.images import IMAGE_KEYS, BadImage, decode_image, read_photo
+from taxoclip.data.keyset import locate
 from taxoclip.data.preprocess import Preprocess
 from taxoclip.data.shards import MANIFEST, check_shard_files, iter_tar_samples, read_manifest, sample_problem
 from taxoclip.errors import TaxoclipError
@@ -256,11 +257,7 @@ class CacheKeys(Sequence):
                 order = np.argsort(array, kind="stable").astype(np.int32 if len(array) < 2**31 else np.int64)
                 self._sorted = (array[order], order)
         ordered, order = self._sorted
-        wanted = np.array([k.encode() for k in keys], dtype=bytes)
-        if not len(wanted) or not len(ordered):
-            return np.full(len(wanted), -1, np.int64)
-        at = np.minimum(np.searchsorted(ordered, wanted), len(ordered) - 1)
-        found = ordered[at] == wanted  # fixed-width bytes: a longer key never matches a cut one
+        at, found = locate(ordered, keys)
         rows = at if order is None else order[at]
         return np.where(found, rows, -1).astype(np.int64)
 

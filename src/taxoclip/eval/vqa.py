@@ -24,7 +24,7 @@ import csv
 import heapq
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from taxoclip.data.features import load_features
+from taxoclip.data.keyset import KeySet
 from taxoclip.data.question_file import QuestionFile
 from taxoclip.data.questions import candidates_of, choice_names, normalise_answer, species_name, stable
 from taxoclip.errors import TaxoclipError
@@ -70,9 +71,9 @@ def tower_trained_on(record: dict) -> str:
     return "unknown"
 
 
-def guard(keys: Iterable[str], seen: set[str], force: bool, model: str) -> None:
+def guard(keys: Sequence[str], seen: KeySet, force: bool, model: str) -> None:
     """Refuses questions about photos (``keys``) the model trained on, unless forced."""
-    leaked = sorted({key for key in keys if key in seen})
+    leaked = sorted(np.asarray(keys, dtype=object)[seen.which(keys)].tolist()) if len(keys) else []
     if leaked and not force:
         raise TaxoclipError(
             f"{len(leaked)} of the photos asked about trained the model {model} (e.g. {leaked[0]}): its "
@@ -208,7 +209,7 @@ def run_vqa_evaluation(config: VQAEvalConfig) -> dict:
             f"{config.questions}: no question about a {config.split!r} photo (splits: {have}); use --split"
         )
     seen = read_seen_photos(Path(config.model))
-    guard((cache.keys[row] for row in np.unique(questions.rows[asked])), seen, config.force, config.model)
+    guard([cache.keys[int(row)] for row in np.unique(questions.rows[asked])], seen, config.force, config.model)
     records = sample(questions.iterate(asked), config.per_type, config.seed)
     leaked = sum(r["key"] in seen for r in records)
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from taxoclip.data.chat import IGNORE, collate, encode, end_of_turn
+from taxoclip.data.keyset import KeySet
 from taxoclip.data.questions import candidates_of
 from taxoclip.errors import TaxoclipError
 from taxoclip.models.name_alignment import alignment_loss
@@ -186,7 +187,7 @@ def save_vqa(
     tower: dict,
     language_model: str,
     training: dict,
-    seen_photos: list[str],
+    seen_photos: KeySet,
     lora: dict | None = None,
 ) -> None:
     from taxoclip.models.bundle import save_weights, write_config
@@ -196,7 +197,7 @@ def save_vqa(
     if lora:
         save_weights(out / "adapters.safetensors", model.adapters)
     with gzip.open(out / SEEN_PHOTOS, "wt") as handle:
-        handle.writelines(f"{key}\n" for key in sorted(seen_photos))
+        handle.writelines(f"{key}\n" for key in seen_photos)  # sorted
     classes.to_csv(out / "classes.csv")
     projector = model.projector
     fields = {
@@ -210,15 +211,16 @@ def save_vqa(
     write_config(out, "vqa", fields)
 
 
-def read_seen_photos(path: Path) -> set[str]:
-    """The keys of the photos a vqa model directory's projector and adapters trained on."""
+def read_seen_photos(path: Path) -> KeySet:
+    """The keys of the photos a vqa model directory's projector and adapters trained on (a sorted
+    array, not a set of strings: iNat2021's 2.7M would take 270 MB)."""
     file = Path(path) / SEEN_PHOTOS
     if not file.exists():
         raise TaxoclipError(
             f"{path}: no {SEEN_PHOTOS}, so nothing says which photos trained it; retrain it with this taxoclip"
         )
     with gzip.open(file, "rt") as handle:
-        return {line.rstrip("\n") for line in handle if line.strip()}
+        return KeySet.of(line.rstrip("\n") for line in handle if line.strip())
 
 
 def load_vqa_model(path) -> tuple[VQAModel, dict]:

@@ -19,6 +19,7 @@ import torch
 
 from taxoclip.data.chat import collate, encode, encode_conversation
 from taxoclip.data.features import load_features
+from taxoclip.data.keyset import KeySet
 from taxoclip.data.question_file import QuestionFile
 from taxoclip.data.questions import normalise_answer, stable
 from taxoclip.errors import TaxoclipError
@@ -60,7 +61,7 @@ class VQATrainer(Trainer):
         sample = torch.from_numpy(np.asarray(self.cache.features[rows], np.float32))
         hidden = lm.get_input_embeddings().embedding_dim
         projector = Projector(sample.shape[1], hidden, config.image_tokens, sample.mean(0), sample.std(0))
-        self.earlier_photos: set[str] = set()
+        self.earlier_photos = KeySet.of([])
         if config.init_from:
             self.earlier_photos = self.start_from(projector, Path(config.init_from))
         adapters = attach_lora(lm, config.lora_rank, config.lora_alpha, config.targets) if config.lora_rank else None
@@ -124,7 +125,7 @@ class VQATrainer(Trainer):
     def target(self, record: dict, place: int) -> str:
         return record["answer"] if self.grounder is None else self.grounder.target(record, self.train_summaries, place)
 
-    def start_from(self, projector: Projector, folder: Path) -> set[str]:
+    def start_from(self, projector: Projector, folder: Path) -> KeySet:
         """Load a stage-1 directory's projector (LLaVA's stage 2 starts there); the photos it saw."""
         from taxoclip.models.bundle import read_config
         from taxoclip.tensor_files import load_tensors, load_weights_into
@@ -278,7 +279,7 @@ def train_vqa(config: VQAConfig) -> dict:
     if runtime.is_main:
         # the leakage guard: every photo whose embedding trained the projector or the adapters,
         # in this run and in the stage-1 run it started from
-        seen = {trainer.cache.keys[row] for row in trainer.train_photo_rows} | trainer.earlier_photos
+        seen = KeySet(np.unique(trainer.cache.keys.array[trainer.train_photo_rows])).union(trainer.earlier_photos)
         training = asdict(config) | {
             "world_size": runtime.world_size,
             "saw": {"cache_key": trainer.cache.meta["cache_key"], "split": "train", "photos": len(seen)},
@@ -302,7 +303,7 @@ def train_vqa(config: VQAConfig) -> dict:
             trainer.cache.meta["tower"],
             config.language_model,
             training,
-            sorted(seen),
+            seen,
             lora,
         )
     runtime.barrier()
