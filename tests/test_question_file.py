@@ -77,17 +77,23 @@ def test_sample_streams_to_the_sorted_answer(tmp_path):
     assert smallest == sorted(every, key=lambda r: stable(1, r["question"]))[:5]
 
 
-def test_indexing_holds_no_records(tmp_path):
-    """60,000 questions (~13 MB of JSON, ~60 MB as dicts) index in a few MB: 13 bytes a question."""
+def indexed_with_peak(tmp_path, questions: int, photos: int):
+    """A file of ``questions`` about a cache of ``photos``, indexed; and indexing's peak traced bytes."""
     from taxoclip.data.question_file import QuestionFile
 
     path = tmp_path / "qa.jsonl"
-    write(path, 60_000)
-    cache = Cache(6_000)
+    write(path, questions)
+    cache = Cache(photos)
     tracemalloc.start()
-    questions = QuestionFile(path, cache)
+    indexed = QuestionFile(path, cache)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    return indexed, peak
+
+
+def test_indexing_holds_no_records(tmp_path):
+    """60,000 questions (~13 MB of JSON, ~60 MB as dicts) index in a few MB: 13 bytes a question."""
+    questions, peak = indexed_with_peak(tmp_path, 60_000, 6_000)
     assert len(questions) == 60_000
     assert peak < 4 * 2**20, f"indexing peaked at {peak / 2**20:.1f} MB"
     index_bytes = questions.offsets.nbytes + questions.rows.nbytes + questions.split_codes.nbytes
@@ -98,15 +104,7 @@ def test_indexing_holds_no_records(tmp_path):
 def test_indexing_builds_no_key_dict_of_the_whole_cache(tmp_path):
     """A few questions about a cache of 300,000 photos: the photos' keys are searched where they
     lie, so indexing costs well under what a key -> row dict of them all would (~30 MB)."""
-    from taxoclip.data.question_file import QuestionFile
-
-    path = tmp_path / "qa.jsonl"
-    write(path, 2_000)
-    cache = Cache(300_000)
-    tracemalloc.start()
-    questions = QuestionFile(path, cache)
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    questions, peak = indexed_with_peak(tmp_path, 2_000, 300_000)
     assert len(questions) == 2_000 and questions.missing == 0
     assert peak < 3 * 2**20, f"indexing peaked at {peak / 2**20:.1f} MB"
 
