@@ -384,3 +384,24 @@ def test_a_step_pads_its_distinct_captions_to_a_few_shapes_and_the_loss_ignores_
             )
         assert float(loss) == pytest.approx(float(alone), rel=1e-5)
     assert seen == [16, 16, 24]  # 9 and 13 distinct captions share one shape, 17 the next
+
+
+def test_the_weights_fingerprint_hashes_each_tensor_where_it_lies():
+    """The end-of-epoch check of whether the weights changed reads them in place: copying each to
+    bytes added the text tower's largest table (100 MB) to LiT's peak at 10,000 classes."""
+    import hashlib
+    import tracemalloc
+
+    from taxoclip.train import lit as lit_module
+
+    module = torch.nn.Linear(2048, 4096)  # a 32 MB weight
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in module.state_dict().items():  # the hash of the bytes, as it always was
+        digest.update(name.encode())
+        digest.update(tensor.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    tracemalloc.start()
+    fingerprint = lit_module.weights_fingerprint(module)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert fingerprint == digest.hexdigest()
+    assert peak < 2**20, f"fingerprinting peaked at {peak / 2**20:.1f} MB of copies"
