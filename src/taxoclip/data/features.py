@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from taxoclip.data.device_decode import device_decodable, pixels_on_device
 from taxoclip.data.images import IMAGE_KEYS, BadImage, decode_image, read_photo
-from taxoclip.data.keyset import locate
+from taxoclip.data.keyset import encoded, locate
 from taxoclip.data.preprocess import Preprocess
 from taxoclip.data.shards import MANIFEST, check_shard_files, iter_tar_samples, read_manifest, sample_problem
 from taxoclip.errors import TaxoclipError
@@ -238,11 +238,7 @@ class CacheKeys(Sequence):
     that opens the cache)."""
 
     def __init__(self, keys: list[str]):
-        parts = [  # a chunk at a time, so the encoded copies never all exist at once
-            np.array([k.encode() for k in keys[i : i + STREAM_CHUNK]], dtype=bytes)
-            for i in range(0, len(keys), STREAM_CHUNK)
-        ]
-        self.array = np.concatenate(parts) if parts else np.zeros(0, "S1")
+        self.array = encoded(keys)
         self._sorted: tuple[np.ndarray, np.ndarray | None] | None = None
 
     def rows_of(self, keys: Sequence[str]) -> np.ndarray:

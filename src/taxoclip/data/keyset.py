@@ -21,11 +21,7 @@ class KeySet:
     @classmethod
     def of(cls, keys: Iterable[str]) -> KeySet:
         """The set of ``keys`` (any iterable of strings, streamed a chunk at a time)."""
-        iterator, parts = iter(keys), []
-        while chunk := list(islice(iterator, CHUNK)):
-            parts.append(np.array([k.encode() for k in chunk], dtype=bytes))
-        array = np.concatenate(parts) if parts else np.zeros(0, "S1")
-        del parts
+        array = encoded(keys)
         if len(array) > 1 and not bool(np.all(array[1:] > array[:-1])):
             array = np.unique(array)  # keys saved by `save_vqa` come sorted: no sort, no second copy
         return cls(array)
@@ -46,6 +42,15 @@ class KeySet:
     def __iter__(self) -> Iterator[str]:
         for start in range(0, len(self.array), CHUNK):
             yield from (k.decode() for k in self.array[start : start + CHUNK].tolist())
+
+
+def encoded(keys: Iterable[str]) -> np.ndarray:
+    """``keys`` as one fixed-width bytes array, encoded a chunk at a time (so the encoded copies of
+    every key never all exist at once as Python objects)."""
+    iterator, parts = iter(keys), []
+    while chunk := list(islice(iterator, CHUNK)):
+        parts.append(np.array([k.encode() for k in chunk], dtype=bytes))
+    return np.concatenate(parts) if parts else np.zeros(0, "S1")
 
 
 def locate(ordered: np.ndarray, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -166,7 +166,7 @@ class Index:
         """Offsets, rows and split codes, each one array."""
         types = (np.int64, np.int32, np.int8)
         return tuple(
-            np.concatenate([part[i] for part in self.parts]).astype(t, copy=False) if self.parts else np.zeros(0, t)
+            np.concatenate([part[i] for part in self.parts]) if self.parts else np.zeros(0, t)
             for i, t in enumerate(types)
         )
 
